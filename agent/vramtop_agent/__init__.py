@@ -1,0 +1,43 @@
+"""vramtop's in-process agent.
+
+    import vramtop_agent
+    with vramtop_agent.watch(model, optimizer):
+        train()
+
+It categorizes the job's memory (parameters, gradients, optimizer states,
+activations, other), tracks the forward / backward / optimizer phases and
+their peaks, and publishes versioned snapshots over ZeroMQ for `vramtop
+attach`. It imports torch, pyzmq, msgpack, psutil and pynvml lazily, and
+nothing of the viewer.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["watch", "Agent", "__version__"]
+
+
+def watch(model=None, optimizer=None, **options):
+    """Start watching this process; returns the Agent (also a context manager).
+
+    model:     the root module whose forward is one training forward pass
+               (found automatically later when omitted, see `vramtop run`).
+    optimizer: the optimizer whose step ends a training step (any optimizer
+               that steps is adopted when omitted).
+    options:   endpoint="tcp://127.0.0.1:5555" (default: an ipc socket in a
+               per-user 0700 directory), publish=True, sample_hz=10.0,
+               hwm=1000, allow_remote=False, curve_secret_key=None,
+               track_activations=True, reset_peaks=True, record=None (path of
+               a recording; VRAMTOP_RECORD in the environment does the same).
+    """
+    from vramtop_agent.agent import Agent
+
+    return Agent(model, optimizer, **options)
+
+
+def __getattr__(name):
+    if name == "Agent":
+        from vramtop_agent.agent import Agent
+
+        return Agent
+    raise AttributeError(name)

@@ -1,0 +1,623 @@
+"""The in-process agent: hooks, phase tracking, a sampler thread, publishing.
+
+Threads:
+- the training thread (and, on CUDA, autograd's device threads) run the hooks.
+  They do bookkeeping only and append finished messages to a bounded deque;
+  they never touch a socket, a file or a lock that another thread could hold
+  for long.
+- the agent's sampler thread takes a categorized sample at `sample_hz`,
+  drains the deque and hands every message to the sinks (ZeroMQ publisher,
+  recorder). It is a daemon thread: it never keeps a finished job alive.
+
+Every hook body runs under `_guard`: an exception inside vramtop is counted,
+reported in the stream and swallowed; the training job never sees it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from vramtop_agent import devices
+from vramtop_agent.accounting import Accountant, Breakdown
+from vramtop_agent.saved import SavedTensorTracker
+from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
+
+AGENT_VERSION = "0.1.0"
+OUTBOX_LIMIT = 10_000
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class Agent:
+    """Watches one training process. Create it with `vramtop_agent.watch()`."""
+
+    def __init__(
+        self,
+        model=None,
+        optimizer=None,
+        *,
+        endpoint: str | None = None,
+        publish: bool = True,
+        sample_hz: float = 10.0,
+        hwm: int = 1000,
+        allow_remote: bool = False,
+        curve_secret_key: bytes | None = None,
+        track_activations: bool = True,
+        reset_peaks: bool = True,
+        record: str | None = None,
+        sinks: list | None = None,
+    ):
+        self.pid = os.getpid()
+        self.rank = _env_int("RANK", 0)
+        self.local_rank = _env_int("LOCAL_RANK", self.rank)
+        self.world_size = _env_int("WORLD_SIZE", 1)
+        self.sample_hz = float(sample_hz)
+        self.reset_peaks = reset_peaks
+
+        self.saved = SavedTensorTracker()
+        self.saved.enabled = track_activations
+        self.acct = Accountant(None, None, self.saved)
+        self.model = None
+        self.optimizer = None
+        self.device = "cpu"
+        self._cuda_index: int | None = None
+
+        # Counters reported in every sample.
+        self.errors = 0
+        self.last_error: str | None = None
+        self.dropped = 0
+        self._error_counts: collections.Counter = collections.Counter()
+
+        # Phase state, touched by the training/autograd threads.
+        self.step = 0
+        self.phase = "idle"
+        self.batch: list[int] | None = None
+        self._fwd_depth = 0
+        self._step_started: float | None = None
+        self._last_step_end: float | None = None
+        self._micro_steps = 0
+        self._optimizer_seen = False
+        self._backward_done = False
+        self._phase_peak: dict[str, int] = {}
+        self._phase_start_level = 0
+        self._eof_level = 0
+        self._eof_blocks: dict | None = None
+        self._best_level = -1
+        self._best_blocks: dict | None = None
+        self._best_phase = "forward"
+        self.steps: collections.deque = collections.deque(maxlen=10_000)  # step summaries, newest last
+
+        self._eseq = 0
+        self._seq = 0
+        self._outbox: collections.deque = collections.deque()
+        self._hooks: list = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started_at = time.time()
+        self._sinks: list = list(sinks or [])
+        self._closed = False
+        self.endpoint: str | None = None
+        self._info_written = False
+        self.estimate: dict | None = None
+
+        if publish:
+            self._start_publisher(endpoint, hwm, allow_remote, curve_secret_key)
+        record = record or os.environ.get("VRAMTOP_RECORD")
+        if record:
+            self._start_recorder(record)
+
+        self._install_optimizer_hooks()
+        if model is not None:
+            self.attach_model(model)
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+        if self._sinks:
+            self._thread = threading.Thread(target=self._run, name="vramtop-agent", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ setup
+
+    def _start_publisher(self, endpoint, hwm, allow_remote, curve_secret_key) -> None:
+        from vramtop_agent import discovery
+        from vramtop_agent.publisher import Publisher
+
+        endpoint = endpoint or os.environ.get("VRAMTOP_ENDPOINT") or discovery.ipc_endpoint(self.pid, self.rank)
+        pub = Publisher(endpoint, hwm=hwm, allow_remote=allow_remote, curve_secret_key=curve_secret_key)
+        self.endpoint = pub.endpoint
+        self._sinks.append(pub)
+        self._info = discovery.make_info(self.endpoint, self.rank, self.local_rank, self.world_size)
+        discovery.write_info(self._info)
+        self._info_written = True
+
+    def _start_recorder(self, path: str) -> None:
+        try:
+            from vramtop_agent.recorder import Recorder  # added by the recordings work
+        except ImportError:
+            self._error("recorder", RuntimeError("recording is not available in this vramtop_agent"))
+            return
+        try:
+            self._sinks.append(Recorder(path))
+        except Exception as exc:  # a bad path must not stop the job
+            self._error("recorder", exc)
+
+    def attach_model(self, model) -> None:
+        """Watch this module as the root: its forward marks the forward phase."""
+        if self.model is model:
+            return
+        for h in self._hooks_model():
+            h.remove()
+        self.model = model
+        self.acct.model = model
+        self.device = self._primary_device(model)
+        self._cuda_index = int(self.device.split(":")[1]) if self.device.startswith("cuda") else None
+        h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
+        h2 = model.register_forward_hook(self._on_forward_post)
+        h1._vramtop_model = h2._vramtop_model = True
+        self._hooks += [h1, h2]
+        self._queue_hello()
+
+    def attach_optimizer(self, optimizer) -> None:
+        self.optimizer = optimizer
+        self.acct.optimizer = optimizer
+        self._queue_hello()
+
+    def _hooks_model(self):
+        keep, drop = [], []
+        for h in self._hooks:
+            (drop if getattr(h, "_vramtop_model", False) else keep).append(h)
+        self._hooks = keep
+        return drop
+
+    def _install_optimizer_hooks(self) -> None:
+        # Global hooks: catch whichever optimizer steps, even when none was passed.
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._hooks.append(register_optimizer_step_pre_hook(self._on_opt_pre))
+        self._hooks.append(register_optimizer_step_post_hook(self._on_opt_post))
+
+    @staticmethod
+    def _primary_device(model) -> str:
+        sizes: dict[str, int] = {}
+        for p in model.parameters():
+            d = str(p.device) if p.device.index is not None or p.device.type == "cpu" else f"{p.device.type}:0"
+            sizes[d] = sizes.get(d, 0) + p.numel() * p.element_size()
+        if not sizes:
+            return "cpu"
+        return max(sizes, key=sizes.get)
+
+    # ------------------------------------------------------------------ guard
+
+    def _guard(self, where: str, fn: Callable, *args):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._error(where, exc)
+            return None
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        try:
+            self.errors += 1
+            self._error_counts[where] += 1
+            n = self._error_counts[where]
+            text = f"{type(exc).__name__}: {exc}"[:500]
+            self.last_error = f"{where}: {text}"
+            # Report the first few of a kind, then one in a hundred: a hook that fails every op must not flood.
+            if n <= 5 or n % 100 == 0:
+                self._emit({"type": "error", "where": where, "message": text, "count": n,
+                            "trace": "".join(traceback.format_exception(exc))[-2000:]})
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ messages
+
+    def _base(self, kind: str) -> dict:
+        return {"v": SCHEMA_VERSION, "type": kind, "t": time.time(), "pid": self.pid, "rank": self.rank}
+
+    def _emit(self, fields: dict) -> None:
+        """Queue an event for the sampler thread. Never blocks, never grows without bound."""
+        if not self._sinks:
+            return
+        msg = self._base(fields["type"])
+        msg.update(fields)
+        self._eseq += 1
+        msg["eseq"] = self._eseq
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            self.dropped += 1
+            return
+        self._outbox.append(msg)
+
+    def _queue_hello(self) -> None:
+        self._emit(self.hello_fields())
+
+    def hello_fields(self) -> dict:
+        import sys
+
+        model_info = None
+        if self.model is not None:
+            model_info = self._guard("describe-model", self._describe_model)
+        opt_info = None
+        if self.optimizer is not None:
+            opt_info = {"class": type(self.optimizer).__name__}
+        try:
+            import torch
+
+            torch_version = torch.__version__
+        except Exception:
+            torch_version = None
+        return {
+            "type": "hello",
+            "host": getattr(self, "_info", {}).get("host") or __import__("socket").gethostname(),
+            "node": getattr(self, "_info", {}).get("node") or __import__("socket").gethostname(),
+            "cmdline": list(sys.argv),
+            "start_time": self._started_at,
+            "local_rank": self.local_rank,
+            "world_size": self.world_size,
+            "agent_version": AGENT_VERSION,
+            "torch_version": torch_version,
+            "device": self.device,
+            "device_name": devices.device_name(self.device),
+            "device_total": devices.device_total(self.device),
+            "model": model_info,
+            "optimizer": opt_info,
+            "sample_hz": self.sample_hz,
+            "estimate": self.estimate,
+            "endpoint": self.endpoint,
+        }
+
+    def _describe_model(self) -> dict:
+        total = trainable = 0
+        dtypes: collections.Counter = collections.Counter()
+        method = "full"
+        seen = set()
+        for name, p in self.model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":
+                n *= 2  # two 4-bit weights per stored byte
+                method = "qlora"
+            total += n
+            if p.requires_grad:
+                trainable += n
+            dtypes[str(p.dtype).replace("torch.", "")] += n
+            if "lora_" in name and method == "full":
+                method = "lora"
+        model = self.model
+        inner = getattr(model, "base_model", model)
+        inner = getattr(inner, "model", inner)
+        cls = type(model).__name__
+        if cls != type(inner).__name__:
+            cls = f"{cls}({type(inner).__name__})"
+        return {
+            "class": cls,
+            "params_total": total,
+            "params_trainable": trainable,
+            "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+            "method": method,
+            # HF sets `gradient_checkpointing = True` on the modules it checkpoints.
+            "grad_ckpt": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
+        }
+
+    # ------------------------------------------------------------------ measuring
+
+    def breakdown(self) -> Breakdown:
+        return self.acct.breakdown()
+
+    def _level(self, bd: Breakdown | None = None) -> tuple[int, dict]:
+        """Bytes in use on the primary device now, and the blocks that make it up."""
+        bd = bd or self.acct.breakdown()
+        blocks = bd.blocks(self.device)
+        if self._cuda_index is not None:
+            import torch
+
+            allocated = int(torch.cuda.memory_allocated(self._cuda_index))
+            four = sum(blocks[k] for k in BLOCK_KEYS if k != "other")
+            blocks["other"] = max(allocated - four, 0)
+            return allocated, blocks
+        return sum(blocks.values()), blocks
+
+    def snapshot(self) -> dict:
+        """The current sample: the same map that goes on the wire."""
+        bd = self.acct.breakdown()
+        level, blocks = self._level(bd)
+        self._seq += 1
+        msg = self._base("sample")
+        per_device = {dev: bd.blocks(dev) for dev in bd.devices}
+        per_device[self.device] = blocks
+        msg.update({
+            "seq": self._seq,
+            "step": self.step,
+            "phase": self.phase,
+            "device": self.device,
+            "blocks": blocks,
+            "params_split": {"trainable": bd.trainable, "frozen": bd.frozen, "quantized": bd.quantized},
+            "devices": per_device,
+            "host": devices.host_stats(),
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        })
+        if self.batch is not None:
+            msg["batch"] = list(self.batch)
+        if self._cuda_index is not None:
+            stats = devices.cuda_stats(self._cuda_index)
+            if stats:
+                msg["cuda"] = stats
+            nv = devices.nvml_stats(self._cuda_index)
+            if nv:
+                msg["nvml"] = nv
+        # A sample taken inside a phase can see a higher level than its edges (CPU bookkeeping).
+        if self.phase in PHASES:
+            self._note_level(level, blocks, self.phase)
+        return msg
+
+    # ------------------------------------------------------------------ phases
+
+    def _edge(self, phase: str, edge: str) -> None:
+        if self._cuda_index is not None:
+            import torch
+
+            if edge == "end" or phase == "backward":
+                peak = int(torch.cuda.max_memory_allocated(self._cuda_index))
+                ended = "forward" if (phase == "backward" and edge == "start") else phase
+                self._phase_peak[ended] = max(self._phase_peak.get(ended, 0), peak)
+            if edge == "start" and self.reset_peaks:
+                torch.cuda.reset_peak_memory_stats(self._cuda_index)
+        level, blocks = self._level()
+        if phase == "backward" and edge == "start":
+            self._eof_level = max(self._eof_level, level)
+            self._eof_blocks = blocks
+            self._note_level(level, blocks, "forward")
+            self._note_level(level, blocks, "backward")  # backward starts from the forward's level
+        else:
+            self._note_level(level, blocks, phase)
+        self._emit({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level})
+
+    def _note_level(self, level: int, blocks: dict, phase: str) -> None:
+        if self._cuda_index is None:
+            if level > self._phase_peak.get(phase, -1):
+                self._phase_peak[phase] = level
+        if level > self._best_level:
+            self._best_level, self._best_blocks, self._best_phase = level, blocks, phase
+
+    def _on_forward_pre(self, module, args, kwargs):
+        self._guard("forward-pre", self._forward_pre, args, kwargs)
+
+    def _forward_pre(self, args, kwargs) -> None:
+        import torch
+
+        if not torch.is_grad_enabled():
+            return  # evaluation / generation: not a training phase
+        self._fwd_depth += 1
+        if self._fwd_depth > 1:
+            return
+        if self._backward_done and not self._optimizer_seen:
+            self._finish_step()  # no optimizer in sight: one forward+backward is a step
+        if self._step_started is None:
+            self._step_started = time.time()
+        self.batch = _batch_shape(args, kwargs) or self.batch
+        self._micro_steps += 1
+        self.phase = "forward"
+        self._edge("forward", "start")
+        self.saved.enter()
+
+    def _on_forward_post(self, module, args, output):
+        self._guard("forward-post", self._forward_post, output)
+
+    def _forward_post(self, output) -> None:
+        if self._fwd_depth == 0:
+            return
+        self._fwd_depth -= 1
+        if self._fwd_depth > 0:
+            return
+        self.saved.exit()
+        # The first gradient to reach any output marks the start of backward.
+        self._bwd_started = False
+        for t in _output_tensors(output):
+            if t.requires_grad:
+                t.register_hook(self._on_backward_first)
+
+    def _on_backward_first(self, grad):
+        self._guard("backward-start", self._backward_start)
+        return None
+
+    def _backward_start(self) -> None:
+        if self._bwd_started:
+            return
+        self._bwd_started = True
+        import torch
+
+        self.phase = "backward"
+        self._edge("backward", "start")
+        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _on_backward_end(self):
+        self._guard("backward-end", self._backward_end)
+
+    def _backward_end(self) -> None:
+        self._edge("backward", "end")
+        self.phase = "idle"
+        self._backward_done = True
+
+    def _on_opt_pre(self, optimizer, args, kwargs):
+        self._guard("optimizer-pre", self._opt_pre, optimizer)
+
+    def _opt_pre(self, optimizer) -> None:
+        if self.optimizer is None:
+            self.attach_optimizer(optimizer)
+        if optimizer is not self.optimizer:
+            return
+        self._optimizer_seen = True
+        self.phase = "optimizer"
+        self._edge("optimizer", "start")
+
+    def _on_opt_post(self, optimizer, args, kwargs):
+        self._guard("optimizer-post", self._opt_post, optimizer)
+
+    def _opt_post(self, optimizer) -> None:
+        if optimizer is not self.optimizer:
+            return
+        self._edge("optimizer", "end")
+        self._finish_step()
+
+    def _finish_step(self) -> None:
+        now = time.time()
+        start = self._last_step_end or self._step_started or now
+        peaks = {p: int(self._phase_peak.get(p, 0)) for p in PHASES}
+        peak_phase = max(PHASES, key=lambda p: peaks[p])
+        peak = peaks[peak_phase]
+        blocks = dict(self._best_blocks or dict.fromkeys(BLOCK_KEYS, 0))
+        if self._cuda_index is not None:
+            # The allocator knows the peak, not its make-up: the blocks come from the
+            # highest edge we measured; the rest of the peak is transient ("other").
+            four = sum(blocks[k] for k in BLOCK_KEYS if k != "other")
+            blocks["other"] = max(peak - four, 0)
+        summary = {
+            "type": "step",
+            "step": self.step,
+            "step_time": now - start if (self._last_step_end or self._step_started) else None,
+            "micro_steps": self._micro_steps,
+            "batch": list(self.batch) if self.batch else None,
+            "peaks": peaks,
+            "end_of_forward": int(self._eof_level),
+            "backward_spike": max(peaks["backward"] - int(self._eof_level), 0),
+            "peak": peak,
+            "peak_phase": peak_phase,
+            "peak_blocks": blocks,
+            "eof_blocks": dict(self._eof_blocks or dict.fromkeys(BLOCK_KEYS, 0)),
+        }
+        self._emit(summary)
+        full = self._base("step")
+        full.update(summary)
+        self.steps.append(full)
+        self.step += 1
+        self.phase = "idle"
+        self._last_step_end = now
+        self._micro_steps = 0
+        self._backward_done = False
+        self._phase_peak = {}
+        self._eof_level = 0
+        self._eof_blocks = None
+        self._best_level, self._best_blocks = -1, None
+
+    # ------------------------------------------------------------------ sampler thread
+
+    def _run(self) -> None:
+        interval = 1.0 / self.sample_hz if self.sample_hz > 0 else 0.1
+        last_hello = 0.0
+        while not self._stop.is_set():
+            try:
+                now = time.time()
+                if now - last_hello >= 1.0:
+                    # Re-sent every second: a viewer that joins late learns who this is.
+                    self._queue_hello()
+                    last_hello = now
+                if self.sample_hz > 0:
+                    sample = self._guard("sampler", self.snapshot)
+                    if sample is not None:
+                        self._flush()
+                        self._send(sample)
+                self._flush()
+            except Exception as exc:  # the thread must outlive any bug
+                self._error("sampler", exc)
+            self._stop.wait(interval)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._outbox:
+            try:
+                msg = self._outbox.popleft()
+            except IndexError:
+                break
+            self._send(msg)
+
+    def _send(self, msg: dict) -> None:
+        for sink in self._sinks:
+            try:
+                sink.send(msg)
+            except Exception as exc:
+                self._error(f"sink-{type(sink).__name__}", exc)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Remove every hook, send a last message, close sockets and files."""
+        if self._closed:
+            return
+        self._closed = True
+        self.saved.exit()
+        for h in self._hooks:
+            try:
+                h.remove()
+            except Exception:
+                pass
+        self._hooks = []
+        self._emit({"type": "bye", "reason": reason})
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self._flush()
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception:
+                pass
+        if self._info_written:
+            from vramtop_agent import discovery
+
+            discovery.remove_files(self._info)
+
+    close = stop
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop("exception" if exc_type else "finished")
+
+
+def _batch_shape(args, kwargs) -> list[int] | None:
+    """batch x seq_len from the root module's input (input_ids, inputs_embeds or the first tensor)."""
+    cand = None
+    for name in ("input_ids", "inputs_embeds", "x", "input"):
+        if name in kwargs and hasattr(kwargs[name], "shape"):
+            cand = kwargs[name]
+            break
+    if cand is None:
+        for a in args:
+            if hasattr(a, "shape"):
+                cand = a
+                break
+    if cand is None or len(cand.shape) == 0:
+        return None
+    shape = list(cand.shape)
+    return [int(shape[0]), int(shape[1])] if len(shape) >= 2 else [int(shape[0])]
+
+
+def _output_tensors(output: Any, depth: int = 0) -> list:
+    """Tensors in a model output (tensor, tuple, dict or HF ModelOutput)."""
+    if depth > 3:
+        return []
+    if hasattr(output, "grad_fn") and hasattr(output, "register_hook"):
+        return [output]
+    if isinstance(output, dict):  # ModelOutput is an OrderedDict
+        items = list(output.values())
+    elif isinstance(output, (list, tuple)):
+        items = list(output)
+    else:
+        return []
+    out = []
+    for item in items:
+        out.extend(_output_tensors(item, depth + 1))
+    return out

@@ -1,0 +1,128 @@
+"""Where agents announce themselves so a viewer on the same machine finds them.
+
+Each agent writes `<runtime dir>/<pid>-<rank>.json` (pid, host, cmdline,
+ranks, endpoint, start time) and binds its ipc socket in the same directory.
+The directory is per user and mode 0700, so other users can neither read the
+stream nor plant a fake agent. A file whose process is gone (or whose pid was
+reused by another process) is stale: readers ignore and remove it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+# Keep ipc paths short: sun_path is limited to ~107 bytes.
+_IPC_NAME = "{pid}-{rank}.sock"
+_INFO_NAME = "{pid}-{rank}.json"
+
+
+def runtime_dir(create: bool = True) -> Path:
+    """The per-user directory (mode 0700) for sockets and discovery files."""
+    override = os.environ.get("VRAMTOP_RUNTIME_DIR")
+    if override:
+        path = Path(override)
+    else:
+        base = os.environ.get("XDG_RUNTIME_DIR")
+        if base and os.path.isdir(base) and os.access(base, os.W_OK):
+            path = Path(base) / "vramtop"
+        else:
+            path = Path(tempfile.gettempdir()) / f"vramtop-{os.getuid()}"
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+            raise PermissionError(f"{path} is not a directory owned by this user")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(path, 0o700)
+    return path
+
+
+def ipc_endpoint(pid: int, rank: int) -> str:
+    return "ipc://" + str(runtime_dir() / _IPC_NAME.format(pid=pid, rank=rank))
+
+
+def process_start_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def write_info(info: dict) -> Path:
+    """Atomically write this agent's discovery file (mode 0600)."""
+    d = runtime_dir()
+    path = d / _INFO_NAME.format(pid=info["pid"], rank=info.get("rank", 0))
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(info, fh)
+    os.replace(tmp, path)
+    return path
+
+
+def make_info(endpoint: str, rank: int, local_rank: int, world_size: int) -> dict:
+    import sys
+
+    pid = os.getpid()
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        "cmdline": list(sys.argv) if sys.argv and sys.argv != [""] else [sys.executable],
+        "rank": rank,
+        "local_rank": local_rank,
+        "world_size": world_size,
+        "endpoint": endpoint,
+        "start_time": time.time(),
+        "proc_start": process_start_time(pid),
+    }
+
+
+def _alive(info: dict) -> bool:
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    started = process_start_time(pid)
+    if started is None:
+        return False
+    recorded = info.get("proc_start")
+    # A reused pid belongs to a process created after the agent's.
+    return not isinstance(recorded, (int, float)) or abs(started - recorded) < 2.0
+
+
+def list_agents(clean: bool = True) -> list[dict]:
+    """Live agents on this machine, oldest first. Removes stale files when `clean`."""
+    d = runtime_dir(create=False)
+    if not d.is_dir():
+        return []
+    agents = []
+    for path in sorted(d.glob("*.json")):
+        try:
+            info = json.loads(path.read_text())
+            if not isinstance(info, dict) or not isinstance(info.get("endpoint"), str):
+                raise ValueError("not a discovery file")
+        except (OSError, ValueError):
+            continue
+        if _alive(info):
+            agents.append(info)
+        elif clean:
+            remove_files(info, d)
+    agents.sort(key=lambda i: (i.get("start_time") or 0, i.get("rank") or 0))
+    return agents
+
+
+def remove_files(info: dict, d: Path | None = None) -> None:
+    d = d or runtime_dir(create=False)
+    for name in (_INFO_NAME, _IPC_NAME):
+        try:
+            (d / name.format(pid=info.get("pid"), rank=info.get("rank", 0))).unlink()
+        except OSError:
+            pass

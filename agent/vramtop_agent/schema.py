@@ -1,0 +1,243 @@
+"""The wire schema: the one definition of every frame an agent publishes.
+
+A frame is a single ZeroMQ part: one topic byte followed by a msgpack map.
+Single-part frames let a viewer subscribe to samples with ZMQ_CONFLATE (only
+the newest sample matters) and to events without it (every step summary
+matters). The same maps are the rows of a recording.
+
+Topics:
+  b"S"  sample  - the periodic state (default 10 Hz); only the latest matters.
+  b"E"  events  - hello, phase, step, error, oom, bye; each carries `eseq`, a
+                  per-agent counter, so a viewer can count the ones it missed.
+
+Every map carries `v` (SCHEMA_VERSION), `type`, `t` (unix seconds), `pid` and
+`rank`. A reader accepts frames whose `v` is <= its own version (fields are
+only ever added within a major version) and rejects newer ones with a clear
+message. All sizes are integers in bytes. Fields that do not exist on a device
+(allocator stats on CPU, NVML without a driver) are absent, never zero.
+
+The fields of each type are documented in docs/wire-schema.md and checked by
+`validate()` below; the viewer runs every frame through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = 1
+
+TOPIC_SAMPLE = b"S"
+TOPIC_EVENT = b"E"
+
+# A frame larger than this is refused by the viewer (and by ZMQ_MAXMSGSIZE).
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+
+BLOCK_KEYS = ("parameters", "gradients", "optimizer", "activations", "other")
+PHASES = ("forward", "backward", "optimizer")
+EVENT_TYPES = ("hello", "phase", "step", "error", "oom", "bye")
+
+
+class SchemaError(ValueError):
+    """A frame that is not a valid vramtop message."""
+
+
+# --- encoding -----------------------------------------------------------------
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """Topic byte + msgpack body. Never pickle: frames cross process trust boundaries."""
+    topic = TOPIC_SAMPLE if msg.get("type") == "sample" else TOPIC_EVENT
+    return topic + msgpack.packb(msg, use_bin_type=True)
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
+    """Parse and validate one frame; raise SchemaError with a one-line reason."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise SchemaError("frame is not bytes")
+    frame = bytes(frame)
+    if len(frame) > max_bytes:
+        raise SchemaError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte cap")
+    if len(frame) < 2:
+        raise SchemaError("frame too short")
+    topic, body = frame[:1], frame[1:]
+    if topic not in (TOPIC_SAMPLE, TOPIC_EVENT):
+        raise SchemaError(f"unknown topic {topic!r}")
+    try:
+        # ext types refused: msgpack extension hooks are how deserialisers get tricked.
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, max_buffer_size=max_bytes,
+                              ext_hook=_refuse_ext)
+    except SchemaError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise SchemaError(f"not msgpack: {type(exc).__name__}") from None
+    validate(msg)
+    if (topic == TOPIC_SAMPLE) != (msg["type"] == "sample"):
+        raise SchemaError(f"{msg['type']} frame on topic {topic!r}")
+    return msg
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise SchemaError(f"msgpack extension type {code} not allowed")
+
+
+# --- validation ---------------------------------------------------------------
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_OPT_STR = (str, type(None))
+_OPT_INT = (int, type(None))
+_OPT_NUM = (int, float, type(None))
+_MAP = (dict,)
+_OPT_MAP = (dict, type(None))
+_LIST = (list, tuple)
+_OPT_LIST = (list, tuple, type(None))
+
+_COMMON = {"v": _INT, "type": _STR, "t": _NUM, "pid": _INT, "rank": _INT}
+
+# field -> (accepted types, required)
+_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "sample": {
+        "seq": (_INT, True),
+        "step": (_INT, True),
+        "phase": (_STR, True),          # forward | backward | optimizer | idle
+        "device": (_STR, True),         # primary device, e.g. "cuda:0" or "cpu"
+        "blocks": (_MAP, True),         # BLOCK_KEYS -> bytes, on the primary device
+        "params_split": (_MAP, True),   # trainable / frozen / quantized -> bytes
+        "devices": (_MAP, True),        # device -> {BLOCK_KEYS -> bytes}
+        "cuda": (_MAP, False),          # allocator stats of the primary CUDA device
+        "nvml": (_MAP, False),          # total / used / process_used of that device
+        "host": (_MAP, True),           # rss / total / available
+        "batch": (_OPT_LIST, False),    # [batch, seq_len] of the last forward input
+        "dropped": (_INT, True),        # frames the agent could not queue
+        "errors": (_INT, True),         # exceptions caught inside the agent
+        "last_error": (_OPT_STR, False),
+    },
+    "hello": {
+        "eseq": (_INT, True),
+        "host": (_STR, True),
+        "node": (_STR, False),
+        "cmdline": (_LIST, True),
+        "start_time": (_NUM, True),
+        "local_rank": (_INT, False),
+        "world_size": (_INT, False),
+        "agent_version": (_STR, True),
+        "torch_version": (_OPT_STR, False),
+        "device": (_STR, True),
+        "device_name": (_OPT_STR, False),
+        "device_total": (_OPT_INT, False),
+        "model": (_OPT_MAP, False),      # class, params_total, params_trainable, dtype, method, ...
+        "optimizer": (_OPT_MAP, False),  # class, state_dtype
+        "sample_hz": (_NUM, True),
+        "estimate": (_OPT_MAP, False),   # the estimator's prediction for this run
+    },
+    "phase": {
+        "eseq": (_INT, True),
+        "step": (_INT, True),
+        "phase": (_STR, True),
+        "edge": (_STR, True),            # start | end
+        "level": (_INT, True),           # bytes allocated (tracked on CPU) at the edge
+    },
+    "step": {
+        "eseq": (_INT, True),
+        "step": (_INT, True),
+        "step_time": (_OPT_NUM, True),   # seconds since the previous step ended
+        "micro_steps": (_INT, True),     # forward/backward passes in this optimizer step
+        "batch": (_OPT_LIST, False),
+        "peaks": (_MAP, True),           # PHASES -> peak bytes within the phase
+        "end_of_forward": (_INT, True),  # level when backward starts
+        "backward_spike": (_INT, True),  # backward peak - end_of_forward (>= 0)
+        "peak": (_INT, True),
+        "peak_phase": (_STR, True),
+        "peak_blocks": (_MAP, True),     # BLOCK_KEYS at the step's peak
+    },
+    "error": {
+        "eseq": (_INT, True),
+        "where": (_STR, True),
+        "message": (_STR, True),
+        "count": (_INT, True),
+    },
+    "oom": {
+        "eseq": (_INT, True),
+        "step": (_INT, True),
+        "phase": (_STR, True),
+        "requested": (_OPT_INT, True),
+        "message": (_STR, True),
+        "blocks": (_MAP, True),
+        "cuda": (_MAP, False),
+        "segments": (_LIST, False),
+    },
+    "bye": {
+        "eseq": (_INT, True),
+        "reason": (_STR, True),
+    },
+}
+
+
+def validate(msg: Any) -> dict[str, Any]:
+    """Check a decoded map against the schema. Returns it; raises SchemaError."""
+    if not isinstance(msg, dict):
+        raise SchemaError("message is not a map")
+    for key, types in _COMMON.items():
+        if key not in msg:
+            raise SchemaError(f"missing field {key!r}")
+        if not isinstance(msg[key], types) or isinstance(msg[key], bool):
+            raise SchemaError(f"field {key!r} has type {type(msg[key]).__name__}")
+    if msg["v"] > SCHEMA_VERSION:
+        raise SchemaError(
+            f"schema version {msg['v']} is newer than this vramtop's ({SCHEMA_VERSION}): upgrade vramtop"
+        )
+    if msg["v"] < 1:
+        raise SchemaError(f"invalid schema version {msg['v']}")
+    kind = msg["type"]
+    fields = _FIELDS.get(kind)
+    if fields is None:
+        raise SchemaError(f"unknown message type {kind[:40]!r}")
+    for key, (types, required) in fields.items():
+        if key not in msg:
+            if required:
+                raise SchemaError(f"{kind}: missing field {key!r}")
+            continue
+        value = msg[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise SchemaError(f"{kind}: field {key!r} has type {type(value).__name__}")
+    if kind == "sample":
+        _check_blocks(msg["blocks"], "sample.blocks")
+        for dev, blocks in msg["devices"].items():
+            if not isinstance(dev, str):
+                raise SchemaError("sample.devices: key is not a string")
+            _check_blocks(blocks, f"sample.devices[{dev[:20]}]")
+        _check_sizes(msg["params_split"], "sample.params_split")
+        _check_sizes(msg["host"], "sample.host")
+        for key in ("cuda", "nvml"):
+            if key in msg:
+                _check_sizes(msg[key], f"sample.{key}")
+    elif kind == "step":
+        _check_blocks(msg["peak_blocks"], "step.peak_blocks")
+        _check_sizes(msg["peaks"], "step.peaks")
+    elif kind == "oom":
+        _check_blocks(msg["blocks"], "oom.blocks")
+    return msg
+
+
+def _check_blocks(blocks: Any, where: str) -> None:
+    if not isinstance(blocks, dict):
+        raise SchemaError(f"{where} is not a map")
+    missing = [k for k in BLOCK_KEYS if k not in blocks]
+    if missing:
+        raise SchemaError(f"{where}: missing {', '.join(missing)}")
+    _check_sizes(blocks, where)
+
+
+def _check_sizes(sizes: Any, where: str) -> None:
+    if not isinstance(sizes, dict):
+        raise SchemaError(f"{where} is not a map")
+    for key, value in sizes.items():
+        if not isinstance(key, str):
+            raise SchemaError(f"{where}: key is not a string")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SchemaError(f"{where}.{key[:30]} is not a number")

@@ -1,0 +1,5 @@
+import sys
+
+from vramtop.cli import main
+
+sys.exit(main())
