@@ -38,8 +38,9 @@ def _dev(device) -> str:
 def _quant_state_tensors(param) -> list:
     """bitsandbytes Params4bit keep their block constants beside the packed weight."""
     qs = getattr(param, "quant_state", None)
-    if qs is None:
-        return []
+    if qs is None:  # bitsandbytes Int8Params keep their per-row scales (SCB) beside the int8 weight
+        scb = getattr(param, "SCB", None)
+        return [scb] if scb is not None and hasattr(scb, "untyped_storage") else []
     out = []
     for name in ("absmax", "code", "offset"):
         v = getattr(qs, name, None)
@@ -78,16 +79,43 @@ class Breakdown:
 
 
 class Accountant:
-    """Walks a model, its optimizer and the saved-tensor tracker on demand."""
+    """Walks a model, its optimizer and the saved-tensor tracker on demand.
+
+    Gradients need care: autograd assigns `param.grad` from C++ without the
+    GIL, so reading `p.grad` from another Python thread while a backward pass
+    runs races on the tensor's refcount and corrupts memory (reproduced with
+    torch 2.13). Only the training thread and autograd's own threads read
+    `p.grad`: at phase edges (`fresh=True`) and in post-accumulate-grad hooks;
+    the sampler thread uses the cache they leave behind.
+    """
 
     def __init__(self, model=None, optimizer=None, saved=None):
         self.model = model
         self.optimizer = optimizer
         self.saved = saved
+        self._grads: dict[int, tuple] = {}  # id(param) -> storage_key(param.grad)
 
-    def breakdown(self) -> Breakdown:
-        bd = Breakdown()
-        seen: set = set()
+    def note_grad(self, param) -> None:
+        """Post-accumulate-grad hook: runs on the thread that just wrote param.grad."""
+        g = param.grad
+        if g is None:
+            self._grads.pop(id(param), None)
+        else:
+            self._grads[id(param)] = storage_key(g)
+
+    def refresh_grads(self, params=None) -> None:
+        """Re-read every .grad; call only where no backward pass can be running."""
+        grads = {}
+        for p in params if params is not None else self._params():
+            g = p.grad
+            if g is not None:
+                try:
+                    grads[id(p)] = storage_key(g)
+                except Exception:
+                    pass
+        self._grads = grads
+
+    def _params(self) -> list:
         params = list(self.model.parameters()) if self.model is not None else []
         opt = self.optimizer
         if opt is not None:
@@ -98,6 +126,13 @@ class Accountant:
                     if id(p) not in known:
                         params.append(p)
                         known.add(id(p))
+        return params
+
+    def breakdown(self, fresh: bool = False) -> Breakdown:
+        bd = Breakdown()
+        seen: set = set()
+        params = self._params()
+        opt = self.optimizer
 
         for p in params:
             key, nbytes, dev = storage_key(p)
@@ -120,10 +155,12 @@ class Accountant:
                     bd.quantized += qbytes
         bd.param_keys = set(seen)
 
-        for p in params:
-            g = p.grad
-            if g is not None:
-                _count(bd, seen, g, "gradients")
+        if fresh:
+            self.refresh_grads(params)
+        for key, nbytes, dev in list(self._grads.values()):
+            if key not in seen:
+                seen.add(key)
+                bd.add(dev, "gradients", nbytes)
 
         if opt is not None:
             for state in list(opt.state.values()):

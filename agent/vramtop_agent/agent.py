@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from vramtop_agent import devices
 from vramtop_agent.accounting import Accountant, Breakdown
+from vramtop_agent.autodetect import defer_to_closure, watch_root
 from vramtop_agent.saved import SavedTensorTracker
 from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
 
@@ -117,8 +118,13 @@ class Agent:
             self._start_recorder(record)
 
         self._install_optimizer_hooks()
+        from vramtop_agent import oom  # OOM postmortem: excepthook chain (recordings work)
+
+        oom.install(self)
         if model is not None:
             self.attach_model(model)
+        else:  # zero-code use: the first training forward names the root module (autodetect.py)
+            self._guard("autodetect", watch_root, self)
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         if self._sinks:
@@ -162,8 +168,16 @@ class Agent:
         self._cuda_index = int(self.device.split(":")[1]) if self.device.startswith("cuda") else None
         h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
         h2 = model.register_forward_hook(self._on_forward_post)
-        h1._vramtop_model = h2._vramtop_model = True
-        self._hooks += [h1, h2]
+        handles = [h1, h2]
+        for p in model.parameters():
+            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
+                handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        for h in handles:
+            h._vramtop_model = True
+        self._hooks += handles
+        from vramtop_agent import oom
+
+        self._hooks += oom.model_hooks(self, model)  # records an OOM raised inside forward
         self._queue_hello()
 
     def attach_optimizer(self, optimizer) -> None:
@@ -247,7 +261,9 @@ class Agent:
             model_info = self._guard("describe-model", self._describe_model)
         opt_info = None
         if self.optimizer is not None:
-            opt_info = {"class": type(self.optimizer).__name__}
+            from vramtop_agent.introspect import describe_optimizer
+
+            opt_info = self._guard("describe-optimizer", describe_optimizer, self.optimizer)
         try:
             import torch
 
@@ -272,51 +288,26 @@ class Agent:
             "sample_hz": self.sample_hz,
             "estimate": self.estimate,
             "endpoint": self.endpoint,
+            **({"training": self.training_info} if getattr(self, "training_info", None) else {}),  # integrations/
         }
 
     def _describe_model(self) -> dict:
-        total = trainable = 0
-        dtypes: collections.Counter = collections.Counter()
-        method = "full"
-        seen = set()
-        for name, p in self.model.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n = p.numel()
-            if type(p).__name__ == "Params4bit":
-                n *= 2  # two 4-bit weights per stored byte
-                method = "qlora"
-            total += n
-            if p.requires_grad:
-                trainable += n
-            dtypes[str(p.dtype).replace("torch.", "")] += n
-            if "lora_" in name and method == "full":
-                method = "lora"
-        model = self.model
-        inner = getattr(model, "base_model", model)
-        inner = getattr(inner, "model", inner)
-        cls = type(model).__name__
-        if cls != type(inner).__name__:
-            cls = f"{cls}({type(inner).__name__})"
-        return {
-            "class": cls,
-            "params_total": total,
-            "params_trainable": trainable,
-            "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
-            "method": method,
-            # HF sets `gradient_checkpointing = True` on the modules it checkpoints.
-            "grad_ckpt": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
-        }
+        from vramtop_agent.introspect import describe_model  # LoRA, bitsandbytes, grad-ckpt, autocast, sharding
+
+        return describe_model(self.model)
 
     # ------------------------------------------------------------------ measuring
 
     def breakdown(self) -> Breakdown:
-        return self.acct.breakdown()
+        return self.acct.breakdown(fresh=threading.current_thread() is not self._thread)
 
     def _level(self, bd: Breakdown | None = None) -> tuple[int, dict]:
-        """Bytes in use on the primary device now, and the blocks that make it up."""
-        bd = bd or self.acct.breakdown()
+        """Bytes in use on the primary device now, and the blocks that make it up.
+
+        Without `bd` it is called at a phase edge, on the training thread or
+        from an autograd callback, where reading .grad is safe.
+        """
+        bd = bd or self.acct.breakdown(fresh=True)
         blocks = bd.blocks(self.device)
         if self._cuda_index is not None:
             import torch
@@ -327,9 +318,15 @@ class Agent:
             return allocated, blocks
         return sum(blocks.values()), blocks
 
-    def snapshot(self) -> dict:
-        """The current sample: the same map that goes on the wire."""
-        bd = self.acct.breakdown()
+    def snapshot(self, fresh: bool | None = None) -> dict:
+        """The current sample: the same map that goes on the wire.
+
+        Called from the training thread (the default outside the sampler), it
+        re-reads every gradient; the sampler thread uses the gradient cache.
+        """
+        if fresh is None:
+            fresh = threading.current_thread() is not self._thread
+        bd = self.acct.breakdown(fresh=fresh)
         level, blocks = self._level(bd)
         self._seq += 1
         msg = self._base("sample")
@@ -391,6 +388,12 @@ class Agent:
         if level > self._best_level:
             self._best_level, self._best_blocks, self._best_phase = level, blocks, phase
 
+    def _on_grad(self, param) -> None:
+        try:
+            self.acct.note_grad(param)
+        except Exception as exc:
+            self._error("grad-hook", exc)
+
     def _on_forward_pre(self, module, args, kwargs):
         self._guard("forward-pre", self._forward_pre, args, kwargs)
 
@@ -402,7 +405,7 @@ class Agent:
         self._fwd_depth += 1
         if self._fwd_depth > 1:
             return
-        if self._backward_done and not self._optimizer_seen:
+        if self._backward_done and self.optimizer is None:
             self._finish_step()  # no optimizer in sight: one forward+backward is a step
         if self._step_started is None:
             self._step_started = time.time()
@@ -451,6 +454,9 @@ class Agent:
         self._backward_done = True
 
     def _on_opt_pre(self, optimizer, args, kwargs):
+        deferred = defer_to_closure(self, optimizer, args, kwargs)  # step(closure): Lightning, LBFGS
+        if deferred is not None:
+            return deferred
         self._guard("optimizer-pre", self._opt_pre, optimizer)
 
     def _opt_pre(self, optimizer) -> None:
@@ -584,6 +590,10 @@ class Agent:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            from vramtop_agent import oom
+
+            oom.on_exception(self, exc)  # an OOM on its way out is recorded before the stop
         self.stop("exception" if exc_type else "finished")
 
 

@@ -66,7 +66,7 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
         raise SchemaError(f"unknown topic {topic!r}")
     try:
         # ext types refused: msgpack extension hooks are how deserialisers get tricked.
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, max_buffer_size=max_bytes,
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True,
                               ext_hook=_refuse_ext)
     except SchemaError:
         raise
@@ -132,6 +132,7 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "optimizer": (_OPT_MAP, False),  # class, state_dtype
         "sample_hz": (_NUM, True),
         "estimate": (_OPT_MAP, False),   # the estimator's prediction for this run
+        "training": (_OPT_MAP, False),   # set by an integration: batch, grad_accum, grad_ckpt, precision, optim, ...
     },
     "phase": {
         "eseq": (_INT, True),

@@ -1,0 +1,237 @@
+"""Find a training job's root module without being told (zero-code use).
+
+The root is the module whose forward is one training forward pass. Nobody
+passes it to us under `vramtop run`, `python -m vramtop_agent` or
+`VRAMTOP=1`, so PyTorch's process-wide module hooks watch every module call
+until one qualifies:
+
+- it is the outermost call: no other module's forward is running on this
+  thread (a depth counter kept by a global pre hook and an always-called
+  global post hook);
+- autograd is recording (`torch.is_grad_enabled()`): evaluation, generation
+  and `torch.no_grad()` forwards are not training;
+- it has a parameter that requires grad: a frozen teacher or reference model
+  run with grad enabled, a loss module, or a parameter-free preprocessing
+  module is not the model being trained.
+
+Wrappers are handled by taking the outermost qualifying module as it is:
+DistributedDataParallel, DataParallel, FSDP (1: the root FullyShardedDataParallel;
+2: the `fully_shard`ed model itself), DeepSpeedEngine, accelerate's prepared
+model (the same module with a wrapped `forward`) and torch.compile's
+OptimizedModule are all outermost, own the inner model's parameters and
+enclose its whole forward, so their pre/post hooks mark the forward phase
+correctly. `unwrap()` gives the inner model where a description needs it
+(introspect.py names "DistributedDataParallel(LlamaForCausalLM)").
+
+Cost: until the root is found every module call goes through PyTorch's
+slow hook path plus two tiny Python calls; the hooks are removed at the
+first qualifying call, after which there is no cost at all.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable
+
+# Attributes through which a wrapper holds the module it wraps.
+_WRAPPED_ATTRS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_WRAPPER_CLASSES = {
+    "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine",
+    "OptimizedModule", "CheckpointWrapper", "OffloadWrapper", "PipelineEngine",
+}
+
+
+def unwrap(module, limit: int = 8):
+    """The model inside known wrappers (DDP, DP, FSDP1, DeepSpeed, torch.compile); the module itself otherwise."""
+    for _ in range(limit):
+        inner = unwrap_once(module)
+        if inner is module:
+            break
+        module = inner
+    return module
+
+
+def wrappers(module, limit: int = 8) -> list[str]:
+    """Class names of the wrappers around the model, outermost first."""
+    out = []
+    for _ in range(limit):
+        inner = unwrap_once(module)
+        if inner is module:
+            break
+        out.append(type(module).__name__)
+        module = inner
+    return out
+
+
+def unwrap_once(module):
+    if type(module).__name__ not in _WRAPPER_CLASSES:
+        return module
+    for attr in _WRAPPED_ATTRS:
+        cand = getattr(module, attr, None)
+        if cand is not None and cand is not module and hasattr(cand, "named_parameters"):
+            return cand
+    return module
+
+
+def _has_trainable(module) -> bool:
+    for p in module.parameters():
+        if p.requires_grad:
+            return True
+    return False
+
+
+def _call_kwargs(args) -> dict:
+    """The keyword arguments of the module call being hooked.
+
+    Global forward pre hooks only receive positional args; HF models are
+    called with keywords (`model(**batch)`), and the batch shape lives there.
+    They are read once, from Module._call_impl's frame, when the root is
+    found; anything unexpected yields {}.
+    """
+    try:
+        frame = sys._getframe(2)
+        for _ in range(3):
+            if frame is None:
+                break
+            if frame.f_code.co_name in ("inner", "_call_impl"):
+                loc = frame.f_locals
+                if loc.get("args") is args and isinstance(loc.get("kwargs"), dict):
+                    return dict(loc["kwargs"])
+            frame = frame.f_back
+    except Exception:
+        pass
+    return {}
+
+
+class RootDetector:
+    """Calls `on_found(module, args, kwargs)` once, at the first call of the root module, then unhooks.
+
+    `on_found` runs inside the global forward pre hook of that call, before the
+    module's own pre hooks and its forward: hooks it registers on the module
+    itself miss this call's pre hooks (PyTorch iterates a snapshot) but not its
+    post hooks. Exceptions from `on_found` are passed to `on_error` (or
+    swallowed): a detector never disturbs the job.
+    """
+
+    def __init__(self, on_found: Callable, on_error: Callable | None = None):
+        self._on_found = on_found
+        self._on_error = on_error
+        self._local = threading.local()
+        self._handles: list = []
+        self._lock = threading.Lock()
+        self.done = False
+
+    def install(self) -> "RootDetector":
+        import torch
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._grad_enabled = torch.is_grad_enabled
+        self._handles = [
+            register_module_forward_pre_hook(self._pre),
+            register_module_forward_hook(self._post, always_call=True),
+        ]
+        return self
+
+    def remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            try:
+                h.remove()
+            except Exception:
+                pass
+
+    def _pre(self, module, args):
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
+        if depth or self.done:
+            return None
+        try:
+            if not self._grad_enabled() or not _has_trainable(module):
+                return None
+            with self._lock:
+                if self.done:
+                    return None
+                self.done = True
+            self.remove()
+            local.depth = 0
+            self._on_found(module, args, _call_kwargs(args))
+        except Exception as exc:
+            if self._on_error is not None:
+                try:
+                    self._on_error(exc)
+                except Exception:
+                    pass
+        return None
+
+    def _post(self, module, args, output):
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if depth > 0:
+            local.depth = depth - 1
+        return None
+
+
+def watch_root(agent) -> RootDetector:
+    """Attach the first training forward's root module to `agent` (an Agent created without a model)."""
+
+    def found(module, args, kwargs):
+        if getattr(agent, "_closed", False) or agent.model is not None:
+            return  # stopped, or someone attached a model explicitly meanwhile
+        agent.attach_model(module)
+        # The hooks attach_model just registered miss this call's pre hooks: replay the agent's.
+        agent._on_forward_pre(module, args, kwargs)
+
+    det = RootDetector(found, on_error=lambda exc: agent._error("autodetect", exc)).install()
+    agent._hooks.append(det)  # Agent.stop() removes it like any hook handle
+    return det
+
+
+def watched_by_agent(module) -> bool:
+    """True when some Agent already hooks this module or one inside it (an explicit `watch(model)`)."""
+    try:
+        for m in module.modules():
+            for hooks in (m._forward_pre_hooks, m._forward_hooks):
+                for h in hooks.values():
+                    owner = getattr(h, "__self__", None)
+                    if owner is not None and type(owner).__name__ == "Agent" \
+                            and type(owner).__module__ == "vramtop_agent.agent" and not owner._closed:
+                        return True
+    except Exception:
+        return False
+    return False
+
+
+def defer_to_closure(agent, optimizer, args, kwargs):
+    """`optimizer.step(closure)` runs forward and backward inside the step (Lightning's automatic
+    optimization, LBFGS): the optimizer phase starts when the closure returns, not when step() is entered.
+
+    Called from the agent's global optimizer step pre hook; returns replacement (args, kwargs) whose
+    closure marks the optimizer phase after its first call, or None when there is no closure.
+    """
+    try:
+        closure = kwargs.get("closure") if kwargs else None
+        in_kwargs = closure is not None
+        if closure is None and args:
+            closure = args[0]
+        if closure is None or not callable(closure):
+            return None
+        first = [True]
+
+        def closure_then_update(*a, **k):
+            result = closure(*a, **k)
+            if first[0]:
+                first[0] = False
+                agent._guard("optimizer-pre", agent._opt_pre, optimizer)
+            return result
+
+        if in_kwargs:
+            kwargs = dict(kwargs)
+            kwargs["closure"] = closure_then_update
+        else:
+            args = (closure_then_update, *tuple(args)[1:])
+        return tuple(args), kwargs
+    except Exception as exc:
+        agent._error("optimizer-pre", exc)
+        return None

@@ -1,0 +1,599 @@
+"""Recording: the agent's stream written to one SQLite file (WAL mode).
+
+The format is documented in docs/recording-format.md. In short: every wire
+message becomes one row, with the fields a reader queries on as columns and
+the full message as a msgpack BLOB (never pickle: a recording is untrusted
+input for whoever opens it). Tables: meta, sessions, samples, steps, events,
+allocator_snapshots.
+
+A Recorder is a sink of the Agent: the agent's sampler thread calls
+`send(msg)` (about 10 times a second) and `close()` at stop. Rows are batched
+in memory and committed at least every `commit_interval` seconds (0.25 s), so
+a SIGKILLed job loses at most the last commit interval plus one sample
+period. WAL with synchronous=NORMAL survives a killed process (only a power
+loss can drop the last commits); readers can open the file while it is
+being written.
+
+Failures never reach the training job. `send()` raises RecorderError when a
+commit fails (disk full, file removed, I/O error); the Agent counts and
+reports it. After `max_failures` consecutive failures the recorder gives up:
+it raises one last time and then drops everything quietly. What was
+committed before stays intact (SQLite transactions are atomic). A busy file
+(another rank writing the same recording) is not a failure: rows wait for
+the next commit.
+
+The path may contain {pid}, {rank} and {host}: `VRAMTOP_RECORD=run-{rank}.vramtop`
+gives each rank its own file. Several writers may also share one file; each
+process adds its own sessions.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import sqlite3
+import threading
+import time
+import weakref
+from typing import Any
+
+import msgpack
+
+from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION
+
+FORMAT_NAME = "vramtop-recording"
+# Bump RECORDING_SCHEMA_VERSION on every change of the tables. Bump
+# COMPATIBLE_VERSION only when an older reader would misread the new file
+# (a column changing meaning, a table removed); adding columns or tables
+# keeps it, so older readers still open newer files and ignore what they
+# do not know.
+RECORDING_SCHEMA_VERSION = 1
+COMPATIBLE_VERSION = 1
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id               INTEGER PRIMARY KEY,
+    pid              INTEGER NOT NULL,
+    rank             INTEGER NOT NULL,
+    host             TEXT,
+    cmdline          TEXT,
+    device           TEXT,
+    device_name      TEXT,
+    device_total     INTEGER,
+    model_class      TEXT,
+    params_total     INTEGER,
+    params_trainable INTEGER,
+    start_time       REAL,
+    first_t          REAL,
+    last_t           REAL,
+    hello            BLOB
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id          INTEGER PRIMARY KEY,
+    rseq        INTEGER NOT NULL,
+    session     INTEGER NOT NULL,
+    t           REAL NOT NULL,
+    seq         INTEGER,
+    step        INTEGER,
+    phase       TEXT,
+    device      TEXT,
+    parameters  INTEGER,
+    gradients   INTEGER,
+    optimizer   INTEGER,
+    activations INTEGER,
+    other       INTEGER,
+    total       INTEGER,
+    allocated   INTEGER,
+    reserved    INTEGER,
+    rss         INTEGER,
+    msg         BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_t ON samples (t);
+CREATE INDEX IF NOT EXISTS samples_step ON samples (step);
+CREATE INDEX IF NOT EXISTS samples_total ON samples (total);
+CREATE TABLE IF NOT EXISTS steps (
+    id               INTEGER PRIMARY KEY,
+    rseq             INTEGER NOT NULL,
+    session          INTEGER NOT NULL,
+    t                REAL NOT NULL,
+    step             INTEGER,
+    step_time        REAL,
+    micro_steps      INTEGER,
+    batch            INTEGER,
+    seq_len          INTEGER,
+    forward_peak     INTEGER,
+    backward_peak    INTEGER,
+    optimizer_peak   INTEGER,
+    peak             INTEGER,
+    peak_phase       TEXT,
+    end_of_forward   INTEGER,
+    backward_spike   INTEGER,
+    peak_parameters  INTEGER,
+    peak_gradients   INTEGER,
+    peak_optimizer   INTEGER,
+    peak_activations INTEGER,
+    peak_other       INTEGER,
+    msg              BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS steps_t ON steps (t);
+CREATE INDEX IF NOT EXISTS steps_step ON steps (step);
+CREATE INDEX IF NOT EXISTS steps_peak ON steps (peak);
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY,
+    rseq    INTEGER NOT NULL,
+    session INTEGER NOT NULL,
+    t       REAL NOT NULL,
+    type    TEXT NOT NULL,
+    eseq    INTEGER,
+    step    INTEGER,
+    phase   TEXT,
+    msg     BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_t ON events (t);
+CREATE INDEX IF NOT EXISTS events_type ON events (type);
+CREATE TABLE IF NOT EXISTS allocator_snapshots (
+    id      INTEGER PRIMARY KEY,
+    session INTEGER NOT NULL,
+    t       REAL NOT NULL,
+    event   INTEGER,
+    step    INTEGER,
+    format  TEXT NOT NULL,
+    data    BLOB NOT NULL
+);
+"""
+
+SEGMENTS_FORMAT = "vramtop-segments/1"  # msgpack list of segment maps, see docs/recording-format.md
+
+
+class RecorderError(RuntimeError):
+    """Recording failed; the Agent counts and reports it, the job never sees it."""
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack with a fallback that turns unknown objects (numpy scalars, dtypes) into plain values."""
+    return msgpack.packb(obj, use_bin_type=True, default=_plain)
+
+
+def _plain(obj: Any) -> Any:
+    for cast in (int, float):
+        try:
+            if hasattr(obj, "item"):
+                v = obj.item()
+                if isinstance(v, (int, float, str, bool)):
+                    return v
+            return cast(obj)
+        except Exception:
+            continue
+    return str(obj)
+
+
+def expand_path(path: str, pid: int | None = None, rank: int | None = None) -> str:
+    """Fill {pid}, {rank} and {host} in a recording path."""
+    path = os.fspath(path)
+    if "{" not in path:
+        return path
+    values = {
+        "pid": os.getpid() if pid is None else pid,
+        "rank": int(os.environ.get("RANK", "0") or 0) if rank is None else rank,
+        "host": socket.gethostname(),
+    }
+    for key, value in values.items():
+        path = path.replace("{" + key + "}", str(value))
+    return path
+
+
+def _int(x: Any) -> int | None:
+    return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _str(x: Any) -> str | None:
+    return x if isinstance(x, str) else None
+
+
+_LIVE: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+_ATEXIT_SET = False
+
+
+def _flush_all_at_exit() -> None:
+    for rec in list(_LIVE):
+        try:
+            rec.flush(timeout=1.0)
+        except Exception:
+            pass
+
+
+class Recorder:
+    """A sink that writes wire messages to a recording file."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        writer: str = "agent",
+        commit_interval: float = 0.25,
+        max_failures: int = 5,
+        max_pending: int = 100_000,
+        busy_timeout_ms: int = 200,
+    ):
+        global _ATEXIT_SET
+        self.path = os.path.abspath(expand_path(path))
+        self.commit_interval = float(commit_interval)
+        self.max_failures = int(max_failures)
+        self.max_pending = int(max_pending)
+        self.failures = 0  # consecutive
+        self.total_failures = 0
+        self.last_failure: str | None = None
+        self.disabled = False
+        self.dropped = 0  # rows never written (pending overflow, or given up)
+        self.written = 0
+        self.closed = False
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, dict]] = []
+        self._last_commit = time.monotonic()
+        # (pid, rank) -> [session id, start_time, hello signature]
+        self._sessions: dict[tuple[int, int], list] = {}
+
+        self._check_existing(self.path)
+        parent = os.path.dirname(self.path)
+        if parent and not os.path.isdir(parent):
+            os.makedirs(parent, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000.0, check_same_thread=False,
+                             isolation_level=None)
+        try:
+            db.execute(f"PRAGMA busy_timeout={max(int(busy_timeout_ms), 2000)}")  # setup may wait longer
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            self._init_schema(db, writer)
+            db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        except Exception as exc:
+            try:
+                db.execute("ROLLBACK")
+            except Exception:
+                pass
+            db.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise RecorderError(f"cannot record to {self.path}: {exc}") from None
+            raise
+        self._db = db
+        st = os.stat(self.path)
+        self._ino = (st.st_dev, st.st_ino)
+        self._rseq = self._max_rseq()
+        _LIVE.add(self)
+        if not _ATEXIT_SET:
+            atexit.register(_flush_all_at_exit)
+            _ATEXIT_SET = True
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _check_existing(path: str) -> None:
+        """Refuse to write into a file that is not a recording (never clobber a user's file)."""
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return
+        if size == 0:
+            return
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        if head != SQLITE_MAGIC:
+            raise RecorderError(f"{path} exists and is not a vramtop recording; not overwriting it")
+
+    def _init_schema(self, db: sqlite3.Connection, writer: str) -> None:
+        """Inside the BEGIN IMMEDIATE transaction opened by __init__."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            raise RecorderError(f"{self.path} is an SQLite database but not a vramtop recording; not writing to it")
+        if "meta" in tables:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("format") != FORMAT_NAME:
+                raise RecorderError(f"{self.path} is not a vramtop recording; not writing to it")
+            try:
+                compat = int(meta.get("compatible_version", meta.get("schema_version", "0")))
+            except ValueError:
+                compat = 1 << 30
+            if compat > RECORDING_SCHEMA_VERSION:
+                raise RecorderError(f"{self.path} was written by a newer vramtop (format {compat}); not appending")
+        for stmt in SCHEMA_SQL.split(";"):
+            if stmt.strip():
+                db.execute(stmt)
+        now = repr(time.time())
+        defaults = {
+            "format": FORMAT_NAME,
+            "schema_version": str(RECORDING_SCHEMA_VERSION),
+            "compatible_version": str(COMPATIBLE_VERSION),
+            "wire_schema_version": str(SCHEMA_VERSION),
+            "created": now,
+            "writer": writer,
+            "writer_version": _agent_version(),
+            "hostname": socket.gethostname(),
+        }
+        db.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", list(defaults.items()))
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_opened', ?)", (now,))
+        db.execute("COMMIT")
+
+    def _max_rseq(self) -> int:
+        best = 0
+        for table in ("samples", "steps", "events"):
+            row = self._db.execute(f"SELECT max(rseq) FROM {table}").fetchone()
+            if row and row[0] is not None:
+                best = max(best, int(row[0]))
+        return best
+
+    # ------------------------------------------------------------------ sink API
+
+    def send(self, msg: dict) -> None:
+        """Queue one message; commit when the interval has passed. Raises RecorderError on a failed commit."""
+        if self.disabled or self.closed:
+            return
+        with self._lock:
+            if len(self._pending) >= self.max_pending:
+                self._pending.pop(0)
+                self.dropped += 1
+            self._pending.append((msg.get("type", ""), msg))
+            if time.monotonic() - self._last_commit >= self.commit_interval:
+                self._commit_locked()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Commit what is pending now (callable from any thread)."""
+        if self.disabled or self.closed:
+            return
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return
+        try:
+            self._commit_locked()
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Commit, checkpoint the WAL into the main file and close. Never raises."""
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                if not self.disabled:
+                    try:
+                        self._commit_locked()
+                    except RecorderError:
+                        pass
+                if not self.disabled:
+                    try:
+                        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    except Exception:
+                        pass
+            finally:
+                self.closed = True
+                try:
+                    self._db.close()
+                except Exception:
+                    pass
+                _LIVE.discard(self)
+
+    # ------------------------------------------------------------------ writing
+
+    def _file_gone(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._ino
+
+    def _commit_locked(self) -> None:
+        self._last_commit = time.monotonic()
+        if not self._pending:
+            return
+        if self._file_gone():
+            # SQLite would go on writing into the unlinked inode: nobody could ever read it.
+            n = len(self._pending)
+            self._pending.clear()
+            self._give_up(f"recording file {self.path} was removed or replaced; {n} rows dropped")
+        batch = self._pending
+        self._pending = []
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                self._pending = batch + self._pending  # another writer holds the file: next time
+                return
+            self._pending = batch
+            self._failed(exc)
+            return
+        try:
+            n = self._write_batch(db, batch)
+            db.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                db.execute("ROLLBACK")
+            except Exception:
+                pass
+            if not isinstance(exc, Exception):  # KeyboardInterrupt & co: keep the rows, let it through
+                for key in [k for k, v in self._sessions.items() if v[3]]:
+                    del self._sessions[key]
+                self._pending = batch + self._pending
+                raise
+            # Sessions inserted in the rolled-back transaction no longer exist.
+            for key in [k for k, v in self._sessions.items() if v[3]]:
+                del self._sessions[key]
+            for v in self._sessions.values():
+                v[2] = None  # the hello update was rolled back too: store it again
+            if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                self._pending = batch + self._pending
+                return
+            # Keep the rows for a retry (space may come back), within the pending cap.
+            self._pending = (batch + self._pending)[-self.max_pending:]
+            self._failed(exc)
+            return
+        for v in self._sessions.values():
+            v[3] = False
+        self.written += n
+        self.failures = 0
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.total_failures += 1
+        self.last_failure = f"{type(exc).__name__}: {exc}"
+        if self.failures >= self.max_failures:
+            self._give_up(f"recording to {self.path} stopped after {self.failures} failures: {self.last_failure}")
+        raise RecorderError(f"recording to {self.path} failed ({self.failures}/{self.max_failures}): "
+                            f"{self.last_failure}")
+
+    def _give_up(self, why: str) -> None:
+        self.disabled = True
+        self.dropped += len(self._pending)
+        self._pending = []
+        self.last_failure = why
+        try:
+            self._db.close()
+        except Exception:
+            pass
+        _LIVE.discard(self)
+        raise RecorderError(why)
+
+    def _next_rseq(self) -> int:
+        self._rseq += 1
+        return self._rseq
+
+    def _write_batch(self, db: sqlite3.Connection, batch: list[tuple[str, dict]]) -> int:
+        samples, steps, events = [], [], []
+        snapshots: list[tuple[int, dict]] = []  # (index into events, oom msg)
+        last_t: dict[int, float] = {}
+        for kind, msg in batch:
+            sid = self._session_for(db, msg)
+            t = _num(msg.get("t")) or 0.0
+            last_t[sid] = max(last_t.get(sid, t), t)
+            if kind == "sample":
+                samples.append(self._sample_row(sid, t, msg))
+            elif kind == "step":
+                steps.append(self._step_row(sid, t, msg))
+            elif kind == "hello":
+                row = self._hello_row(db, sid, t, msg)
+                if row is not None:
+                    events.append(row)
+            elif kind == "oom" and isinstance(msg.get("segments"), list):
+                body = {k: v for k, v in msg.items() if k != "segments"}
+                body["segments_stored"] = True
+                events.append(self._event_row(sid, t, kind, body))
+                snapshots.append((len(events) - 1, msg))
+            else:
+                events.append(self._event_row(sid, t, kind, msg))
+        if samples:
+            db.executemany(
+                "INSERT INTO samples (rseq, session, t, seq, step, phase, device, parameters, gradients, optimizer,"
+                " activations, other, total, allocated, reserved, rss, msg)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", samples)
+        if steps:
+            db.executemany(
+                "INSERT INTO steps (rseq, session, t, step, step_time, micro_steps, batch, seq_len, forward_peak,"
+                " backward_peak, optimizer_peak, peak, peak_phase, end_of_forward, backward_spike, peak_parameters,"
+                " peak_gradients, peak_optimizer, peak_activations, peak_other, msg)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", steps)
+        if events:
+            if snapshots:
+                for i, row in enumerate(events):
+                    cur = db.execute("INSERT INTO events (rseq, session, t, type, eseq, step, phase, msg)"
+                                     " VALUES (?,?,?,?,?,?,?,?)", row)
+                    for idx, msg in snapshots:
+                        if idx == i:
+                            db.execute(
+                                "INSERT INTO allocator_snapshots (session, t, event, step, format, data)"
+                                " VALUES (?,?,?,?,?,?)",
+                                (row[1], row[2], cur.lastrowid, _int(msg.get("step")), SEGMENTS_FORMAT,
+                                 pack(msg["segments"])))
+            else:
+                db.executemany("INSERT INTO events (rseq, session, t, type, eseq, step, phase, msg)"
+                               " VALUES (?,?,?,?,?,?,?,?)", events)
+        for sid, t in last_t.items():
+            db.execute("UPDATE sessions SET last_t = max(coalesce(last_t, 0), ?) WHERE id = ?", (t, sid))
+        return len(samples) + len(steps) + len(events)
+
+    # ------------------------------------------------------------------ rows
+
+    def _session_for(self, db: sqlite3.Connection, msg: dict) -> int:
+        pid, rank = _int(msg.get("pid")) or 0, _int(msg.get("rank")) or 0
+        key = (pid, rank)
+        entry = self._sessions.get(key)
+        if msg.get("type") == "hello" and entry is not None and entry[1] is not None:
+            start = _num(msg.get("start_time"))
+            if start is not None and abs(start - entry[1]) > 1e-6:
+                entry = None  # same pid/rank, new agent: a new session
+        if entry is None:
+            start = _num(msg.get("start_time")) if msg.get("type") == "hello" else None
+            t = _num(msg.get("t"))
+            cur = db.execute("INSERT INTO sessions (pid, rank, start_time, first_t, last_t) VALUES (?,?,?,?,?)",
+                             (pid, rank, start, t, t))
+            # [id, start_time, hello signature, created in the open transaction]
+            entry = [cur.lastrowid, start, None, True]
+            self._sessions[key] = entry
+        return entry[0]
+
+    def _hello_row(self, db: sqlite3.Connection, sid: int, t: float, msg: dict):
+        """Update the session's metadata; store the hello as an event only when it changed."""
+        entry = self._sessions[(_int(msg.get("pid")) or 0, _int(msg.get("rank")) or 0)]
+        sig = pack({k: v for k, v in msg.items() if k not in ("t", "eseq")})
+        if sig == entry[2]:
+            return None
+        entry[2] = sig
+        if entry[1] is None:
+            entry[1] = _num(msg.get("start_time"))
+        model = msg.get("model") if isinstance(msg.get("model"), dict) else {}
+        cmd = msg.get("cmdline")
+        cmdline = " ".join(str(c) for c in cmd) if isinstance(cmd, (list, tuple)) else None
+        db.execute(
+            "UPDATE sessions SET host=?, cmdline=?, device=?, device_name=?, device_total=?, model_class=?,"
+            " params_total=?, params_trainable=?, start_time=?, hello=? WHERE id=?",
+            (_str(msg.get("host")), cmdline, _str(msg.get("device")), _str(msg.get("device_name")),
+             _int(msg.get("device_total")), _str(model.get("class")), _int(model.get("params_total")),
+             _int(model.get("params_trainable")), _num(msg.get("start_time")), pack(msg), sid))
+        return self._event_row(sid, t, "hello", msg)
+
+    def _sample_row(self, sid: int, t: float, msg: dict) -> tuple:
+        blocks = msg.get("blocks") if isinstance(msg.get("blocks"), dict) else {}
+        vals = [_int(blocks.get(k)) for k in BLOCK_KEYS]
+        total = sum(v for v in vals if v is not None)
+        cuda = msg.get("cuda") if isinstance(msg.get("cuda"), dict) else {}
+        host = msg.get("host") if isinstance(msg.get("host"), dict) else {}
+        return (self._next_rseq(), sid, t, _int(msg.get("seq")), _int(msg.get("step")), _str(msg.get("phase")),
+                _str(msg.get("device")), *vals, total, _int(cuda.get("allocated")), _int(cuda.get("reserved")),
+                _int(host.get("rss")), pack(msg))
+
+    def _step_row(self, sid: int, t: float, msg: dict) -> tuple:
+        peaks = msg.get("peaks") if isinstance(msg.get("peaks"), dict) else {}
+        pb = msg.get("peak_blocks") if isinstance(msg.get("peak_blocks"), dict) else {}
+        batch = msg.get("batch") if isinstance(msg.get("batch"), (list, tuple)) else []
+        return (self._next_rseq(), sid, t, _int(msg.get("step")), _num(msg.get("step_time")),
+                _int(msg.get("micro_steps")), _int(batch[0]) if len(batch) > 0 else None,
+                _int(batch[1]) if len(batch) > 1 else None,
+                _int(peaks.get("forward")), _int(peaks.get("backward")), _int(peaks.get("optimizer")),
+                _int(msg.get("peak")), _str(msg.get("peak_phase")), _int(msg.get("end_of_forward")),
+                _int(msg.get("backward_spike")), *[_int(pb.get(k)) for k in BLOCK_KEYS], pack(msg))
+
+    def _event_row(self, sid: int, t: float, kind: str, msg: dict) -> tuple:
+        return (self._next_rseq(), sid, t, kind, _int(msg.get("eseq")), _int(msg.get("step")),
+                _str(msg.get("phase")), pack(msg))
+
+
+def _is_busy(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _agent_version() -> str:
+    try:
+        from vramtop_agent import __version__
+
+        return __version__
+    except Exception:
+        return "?"

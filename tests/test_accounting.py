@@ -1,0 +1,143 @@
+"""Byte-exact accounting on real training steps of a tiny Llama (full fine-tune and LoRA)."""
+
+import pytest
+import torch
+from conftest import train_steps
+from helpers import optimizer_tensors, storage_bytes
+
+import vramtop_agent
+from vramtop.tiny import add_lora, build_model, make_batch
+
+
+def _run(model, steps=2, batch=2, seq=32):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    agent = vramtop_agent.watch(model, opt, publish=False)
+    b = make_batch(model, batch, seq)
+    train_steps(model, opt, b, steps)
+    # Leave gradients in place for the check: one more backward without the optimizer step.
+    model(**b).loss.backward()
+    snap = agent.snapshot()
+    agent.stop()
+    return snap, opt
+
+
+def test_full_finetune_blocks_are_byte_exact():
+    model = build_model()
+    snap, opt = _run(model)
+    params = list(model.parameters())
+    blocks = snap["blocks"]
+    assert blocks["parameters"] == storage_bytes(params)
+    assert blocks["gradients"] == storage_bytes([p.grad for p in params if p.grad is not None])
+    assert blocks["gradients"] == blocks["parameters"]  # every weight trains, fp32 grads
+    assert blocks["optimizer"] == storage_bytes(optimizer_tensors(opt))
+    # AdamW: exp_avg + exp_avg_sq per parameter, plus a 4-byte step counter each.
+    assert blocks["optimizer"] == 2 * blocks["parameters"] + 4 * len(params)
+    assert snap["params_split"] == {"trainable": blocks["parameters"], "frozen": 0, "quantized": 0}
+    assert blocks["activations"] == 0  # backward freed every saved tensor
+
+
+def test_lora_counts_gradients_and_optimizer_only_for_adapters():
+    model = add_lora(build_model(), rank=4)
+    snap, opt = _run(model)
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    frozen = [p for p in params if not p.requires_grad]
+    assert trainable and all(p.grad is None for p in frozen)
+    blocks = snap["blocks"]
+    assert blocks["parameters"] == storage_bytes(params)
+    assert snap["params_split"]["trainable"] == storage_bytes(trainable)
+    assert snap["params_split"]["frozen"] == storage_bytes(frozen)
+    assert blocks["gradients"] == storage_bytes([p.grad for p in trainable]) == storage_bytes(trainable)
+    assert blocks["optimizer"] == storage_bytes(optimizer_tensors(opt))
+    assert blocks["optimizer"] == 2 * storage_bytes(trainable) + 4 * len(trainable)
+    # LoRA adapters of rank 4 on q/v are a small fraction of the model.
+    assert snap["params_split"]["trainable"] < 0.05 * blocks["parameters"]
+
+
+def test_tied_and_shared_storages_count_once():
+    model = build_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = build_model(tie_word_embeddings=False)
+    agent = vramtop_agent.watch(model, publish=False)
+    blocks = agent.snapshot()["blocks"]
+    agent.stop()
+    emb = model.model.embed_tokens.weight
+    assert blocks["parameters"] == storage_bytes(model.parameters())
+    assert blocks["parameters"] == storage_bytes(untied.parameters()) - emb.numel() * emb.element_size()
+
+
+def test_activations_are_the_saved_tensors_at_end_of_forward(list_sink):
+    model = add_lora(build_model(vocab_size=512))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    b = make_batch(model, 2, 64)
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        saved[s.data_ptr()] = (s.nbytes(), t)  # keep t alive so pointers stay unique
+        return t
+
+    # Reference: the same forward with our own hooks, before the agent watches (its hooks would nest inside).
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**b)
+    expected = sum(n for ptr, (n, _) in saved.items() if ptr not in param_ptrs)
+    saved.clear()
+
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0)
+    out = model(**b)
+    level = agent.snapshot()["blocks"]["activations"]
+    out.loss.backward()
+    after_backward = agent.snapshot()["blocks"]["activations"]
+    opt.step()
+    step = agent.steps[-1]
+    agent.stop()
+    assert level == expected  # everything autograd saved, live, parameters excluded
+    assert step["eof_blocks"]["activations"] == expected
+    assert after_backward == 0
+    assert expected > 1_000_000
+
+
+@pytest.mark.parametrize("batch,seq", [(2, 64), (4, 128)])
+def test_activations_agree_with_torch_profiler(batch, seq):
+    """PyTorch's memory profiler categorizes the same step; its ACTIVATION peak is our end-of-forward."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, Category
+
+    model = add_lora(build_model(vocab_size=512))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    agent = vramtop_agent.watch(model, opt, publish=False)
+    b = make_batch(model, batch, seq)
+    train_steps(model, opt, b, 1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        train_steps(model, opt, b, 1)
+    ours = agent.steps[-1]["eof_blocks"]["activations"]
+    agent.stop()
+
+    mp = prof._memory_profile()
+    live: dict = {}
+    peak = 0
+    for _, action, (key, version), size in mp.timeline:
+        cat = mp._categories.get(key, version)
+        if action == Action.INCREMENT_VERSION:
+            before = mp._categories.get(key, version - 1)
+            live[before] = live.get(before, 0) - size
+            live[cat] = live.get(cat, 0) + size
+        elif action in (Action.CREATE, Action.PREEXISTING):
+            live[cat] = live.get(cat, 0) + size
+        elif action == Action.DESTROY:
+            live[cat] = live.get(cat, 0) - size
+        peak = max(peak, live.get(Category.ACTIVATION, 0))
+    assert peak > 0
+    assert abs(ours - peak) / peak < 0.10, (ours, peak)
+
+
+def test_meta_device_model_is_accounted_without_memory():
+    """The 7B-shaped benchmark model lives on the meta device: storages still have sizes."""
+    with torch.device("meta"):
+        model = build_model(hidden_size=256, intermediate_size=688, num_hidden_layers=2)
+    agent = vramtop_agent.watch(model, publish=False)
+    blocks = agent.snapshot()["blocks"]
+    agent.stop()
+    expected = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert blocks["parameters"] == expected

@@ -1,0 +1,27 @@
+"""The README's commands are the ones CI and users run."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_commands():
+    return [line.strip()[2:] for line in (ROOT / "README.md").read_text().splitlines() if line.strip().startswith("$ ")]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    test_cmd = [c for c in _readme_commands() if "pytest" in c]
+    assert len(test_cmd) == 1
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == test_cmd
+
+
+def test_readme_demo_command_runs_the_demo():
+    demo = [c for c in _readme_commands() if c.endswith("vramtop demo")]
+    assert len(demo) == 1
+
+
+def test_screenshot_exists_and_was_saved_by_the_app():
+    svg = (ROOT / "screenshots" / "dashboard.svg").read_text()
+    assert svg.lstrip().startswith("<svg")
+    assert "terminal" in svg and "parameters" in svg and "activations" in svg

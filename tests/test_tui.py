@@ -1,0 +1,101 @@
+"""The dashboard under App.run_test(), fed by a real agent in a real training subprocess."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vramtop.sources import LiveSource
+from vramtop.state import SessionState
+from vramtop.tui import render
+from vramtop.tui.app import VramtopApp
+
+pytestmark = pytest.mark.asyncio
+
+
+def screen_text(app) -> str:
+    """What a person sees: the exported screen with the SVG markup removed."""
+    svg = app.export_screenshot()
+    text = re.sub(r"<[^>]+>", "", svg).replace("&#160;", " ").replace("&amp;", "&")
+    return re.sub(r"[ \t]+", " ", text)
+
+
+@pytest.fixture
+def demo_job(runtime_dir):
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vramtop.demo_train", "--steps", "400", "--sleep", "0.02", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "VRAMTOP_RUNTIME_DIR": str(runtime_dir)},
+    )
+    yield child
+    child.kill()
+    child.wait()
+
+
+async def _until(pilot, cond, timeout=40.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        await pilot.pause(0.2)
+        if cond():
+            return
+    raise AssertionError("condition not met in time")
+
+
+async def test_dashboard_shows_the_streams_numbers(demo_job):
+    from vramtop.tiny import add_lora, build_model
+
+    from vramtop_agent.accounting import sum_unique
+
+    expected_params = sum_unique(add_lora(build_model(vocab_size=512), rank=8).parameters())
+    app = VramtopApp(LiveSource(str(demo_job.pid)), refresh_hz=10)
+    async with app.run_test(size=(180, 50)) as pilot:
+        await _until(pilot, lambda: len(app.state.steps) >= 3 and app.state.sample is not None)
+        await pilot.pause(0.3)
+        app.paused = False
+        app._refresh_view()
+        text = screen_text(app)
+        sample = app.state.sample
+        # The demo model is the one this test builds: the stream's parameter bytes are exact.
+        assert sample["blocks"]["parameters"] == expected_params
+        assert f"parameters {render.fmt_bytes(sample['blocks']['parameters'])}" in text
+        assert f"activations {render.fmt_bytes(sample['blocks']['activations'])}" in text
+        assert f"pid {demo_job.pid}" in text
+        assert "PeftModelForCausalLM" in text and "lora" in text
+        assert "batch×seq 4×128" in text
+        assert "[live]" in text
+        last = app.state.steps[-1]
+        assert render.fmt_bytes(last["peaks"]["forward"]) in text
+        await pilot.press("q")
+    assert demo_job.poll() is None  # the job did not notice the viewer leaving
+
+
+async def test_viewer_waits_when_no_agent_runs():
+    app = VramtopApp(LiveSource(None), refresh_hz=10)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.5)
+        assert "no vramtop agent on this machine yet" in screen_text(app)
+        assert app.state.connection() == "waiting"
+
+
+async def test_cuda_sample_renders_the_whole_card():
+    """A GPU cannot exist here: a CUDA-shaped sample drives the pure view (the same path runs for real on the device)."""
+    gib = 1024 ** 3
+    state = SessionState()
+    blocks = {"parameters": 14 * gib, "gradients": 2 * gib, "optimizer": 4 * gib, "activations": 20 * gib,
+              "other": 1 * gib}
+    state.apply({"v": 1, "type": "sample", "t": 1.0, "pid": 7, "rank": 0, "seq": 1, "step": 3, "phase": "backward",
+                 "device": "cuda:0", "blocks": blocks, "params_split": {"trainable": gib, "frozen": 13 * gib},
+                 "devices": {"cuda:0": blocks}, "host": {"rss": gib, "total": 64 * gib, "available": 32 * gib},
+                 "cuda": {"allocated": 41 * gib, "reserved": 50 * gib, "active": 41 * gib, "inactive_split": gib,
+                          "alloc_retries": 2, "ooms": 0, "peak_allocated": 45 * gib, "peak_reserved": 50 * gib},
+                 "nvml": {"total": 80 * gib, "used": 53 * gib, "process_used": 51 * gib},
+                 "dropped": 0, "errors": 0})
+    segs = {s.key: s.nbytes for s in state.segments()}
+    assert segs["cache"] == 9 * gib and segs["nonpytorch"] == gib and segs["others"] == 2 * gib
+    assert segs["free"] == 27 * gib
+    assert sum(segs.values()) == 80 * gib
+    frag = render.fragmentation(state).plain
+    assert "18% of reserved" in frag and "alloc retries 2" in frag

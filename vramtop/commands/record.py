@@ -1,0 +1,223 @@
+"""`vramtop record [PID | ENDPOINT] -o run.vramtop`: write an agent's stream to a recording.
+
+The file has the same format as the agent's own recording (VRAMTOP_RECORD /
+`watch(record=...)`). Every frame is kept (no conflation: a recording wants
+every sample). Ctrl-C, SIGTERM, the agent's goodbye or the end of the
+process end the recording cleanly, with everything committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from vramtop.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "record",
+        help="record a training process's memory stream to a file",
+        description="Subscribe to a vramtop agent and write everything it sends to a recording "
+        "(SQLite, see docs/recording-format.md). With no TARGET, record the only agent running on this machine. "
+        "Ends with Ctrl-C, when the agent says goodbye or when its process exits.",
+    )
+    p.add_argument("target", nargs="?", help="a PID, or an endpoint such as tcp://127.0.0.1:5555 or ipc:///path")
+    p.add_argument("-o", "--output", help="recording file (default: vramtop-PID-DATE.vramtop)")
+    p.add_argument("--append", action="store_true", help="add to an existing recording instead of refusing")
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    p.add_argument("--keep-going", action="store_true",
+                   help="do not stop at the agent's goodbye (an endpoint that a restarted job binds again)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=run)
+
+
+class StreamReader:
+    """One SUB socket for every frame of an agent (samples and events, no conflation)."""
+
+    def __init__(self, endpoint: str, hwm: int = 200_000):
+        import zmq
+
+        from vramtop_agent.schema import MAX_FRAME_BYTES
+
+        self._zmq = zmq
+        self._ctx = zmq.Context.instance()
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.RECONNECT_IVL, 200)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(endpoint)
+        self._sock = sock
+        self.rejected = 0
+        self.last_rejection: str | None = None
+
+    def poll(self, timeout_ms: int = 200, max_frames: int = 10_000) -> list[dict]:
+        from vramtop_agent.schema import SchemaError, decode
+
+        zmq = self._zmq
+        out: list[dict] = []
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            return out
+        for _ in range(max_frames):
+            try:
+                frame = self._sock.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            try:
+                out.append(decode(frame))
+            except SchemaError as exc:
+                self.rejected += 1
+                self.last_rejection = str(exc)
+        return out
+
+    def close(self) -> None:
+        try:
+            self._sock.close(linger=0)
+        except Exception:
+            pass
+
+
+def resolve_target(target: str | None, wait_s: float | None = None, say=print) -> tuple[str, int | None]:
+    """(endpoint, pid or None) of the agent to record; waits for a local agent to appear."""
+    from vramtop.sources import pid_alive
+    from vramtop.subscriber import check_endpoint
+    from vramtop_agent import discovery
+
+    if target and not target.isdigit():
+        return check_endpoint(target), None
+    pid = int(target) if target else None
+    if pid is not None and not pid_alive(pid):
+        raise UserError(f"no process with pid {pid}")
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    announced = False
+    while True:
+        agents = discovery.list_agents()
+        if pid is not None:
+            agents = [a for a in agents if a.get("pid") == pid]
+            if not agents and not pid_alive(pid):
+                raise UserError(f"process {pid} exited before its vramtop agent started")
+        if len(agents) == 1:
+            return agents[0]["endpoint"], agents[0].get("pid")
+        if len(agents) > 1:
+            listing = ", ".join(f"pid {a.get('pid')} rank {a.get('rank', 0)}" for a in agents[:8])
+            raise UserError(f"{len(agents)} agents are running ({listing}): pass a PID or an endpoint")
+        if not announced:
+            where = f"in pid {pid}" if pid is not None else "on this machine"
+            say(f"vramtop record: no agent {where} yet, waiting (Ctrl-C to give up)")
+            announced = True
+        if deadline is not None and time.monotonic() > deadline:
+            raise UserError("no vramtop agent appeared")
+        time.sleep(0.5)
+
+
+def default_name(pid: int | None) -> str:
+    return f"vramtop-{pid if pid is not None else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}.vramtop"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.duration is not None and args.duration <= 0:
+        raise UserError("--duration must be positive")
+    if args.output and os.path.exists(args.output) and not args.append:
+        raise UserError(f"{args.output} exists: choose another name or pass --append")
+    say = (lambda *a, **k: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        endpoint, pid = resolve_target(args.target, say=say)
+    except KeyboardInterrupt:
+        return 130
+    output = args.output or default_name(pid)
+    return record(endpoint, output, pid=pid, duration=args.duration, stop_at_bye=not args.keep_going, say=say)
+
+
+def record(endpoint: str, output: str, *, pid: int | None = None, duration: float | None = None,
+           stop_at_bye: bool = True, say=print, install_signals: bool = True) -> int:
+    """Record until Ctrl-C / SIGTERM / bye / process exit / duration. Returns an exit code."""
+    from vramtop.sources import pid_alive
+    from vramtop_agent.recorder import Recorder, RecorderError
+
+    try:
+        rec = Recorder(output, writer="vramtop record")
+    except (RecorderError, OSError) as exc:
+        raise UserError(f"cannot record to {output}: {exc}") from None
+    reader = StreamReader(endpoint)
+    stop = {"why": None}
+
+    def _stop(signum, frame):
+        if stop["why"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting
+        stop["why"] = "interrupted" if signum == signal.SIGINT else "terminated"
+
+    # Signals set a flag instead of raising in the middle of a write: the loop ends within 200 ms.
+    old_handlers = {}
+    if install_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old_handlers[sig] = signal.signal(sig, _stop)
+            except ValueError:  # not the main thread
+                pass
+    counts = {"sample": 0, "step": 0, "event": 0}
+    started = time.monotonic()
+    last_flush = started
+    last_progress = 0.0
+    warned = False
+    pids_seen: set = set()
+    say(f"vramtop record: {endpoint} -> {output} (Ctrl-C to stop)")
+    try:
+        while stop["why"] is None:
+            msgs = reader.poll(200)
+            for msg in msgs:
+                kind = msg.get("type")
+                counts["sample" if kind == "sample" else "step" if kind == "step" else "event"] += 1
+                pids_seen.add(msg.get("pid"))
+                try:
+                    rec.send(msg)
+                except RecorderError as exc:
+                    if not warned:
+                        say(f"vramtop record: {exc}")
+                        warned = True
+                if kind == "bye" and stop_at_bye:
+                    stop["why"] = f"agent said goodbye ({msg.get('reason')})"
+            if rec.disabled:
+                raise UserError(rec.last_failure or "recording failed")
+            now = time.monotonic()
+            if now - last_flush >= 0.25:
+                try:
+                    rec.flush()
+                except RecorderError as exc:
+                    if not warned:
+                        say(f"vramtop record: {exc}")
+                        warned = True
+                last_flush = now
+            if duration is not None and now - started >= duration:
+                stop["why"] = "duration reached"
+            if pid is not None and not msgs and not pid_alive(pid):
+                stop["why"] = f"process {pid} exited"
+            if now - last_progress >= 5.0 and sys.stderr.isatty():
+                say(f"vramtop record: {counts['sample']} samples, {counts['step']} steps")
+                last_progress = now
+    except KeyboardInterrupt:
+        stop["why"] = "interrupted"
+    finally:
+        # Frames already queued in the socket belong in the file too.
+        try:
+            for msg in reader.poll(0):
+                rec.send(msg)
+        except Exception:
+            pass
+        reader.close()
+        rec.close()
+        for sig, handler in old_handlers.items():
+            try:
+                signal.signal(sig, handler)
+            except ValueError:
+                pass
+    say(f"vramtop record: {stop['why']}; wrote {counts['sample']} samples, {counts['step']} steps, "
+        f"{counts['event']} events to {output}")
+    if reader.rejected:
+        say(f"vramtop record: {reader.rejected} frames rejected (last: {reader.last_rejection})")
+    return 0

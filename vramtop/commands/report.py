@@ -1,0 +1,57 @@
+"""`vramtop report run.vramtop [--html report.html]`: the postmortem of a recording."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vramtop.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="postmortem of a recording: the peak, an OOM, advice",
+        description="Where and when the peak was, which block, what grew before an OOM, and what to do; "
+        "--html also writes a page with plots (no script, no external resources).",
+    )
+    p.add_argument("recording", help="a .vramtop file (may still be being written)")
+    p.add_argument("--html", metavar="FILE", help="also write an HTML report with plots")
+    p.add_argument("--json", action="store_true", help="print the analysis as JSON instead of text")
+    p.add_argument("--session", type=int, default=None, help="which session of the file (default: the one with "
+                   "an OOM, else the first)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vramtop.recording import Recording
+    from vramtop.report import analyze, render_html, render_text
+
+    rec = Recording.open(args.recording)
+    try:
+        if args.session is not None and rec.session(args.session) is None:
+            raise UserError(f"{args.recording}: no session {args.session}")
+        a = analyze(rec, args.session)
+        if args.json:
+            out = dict(a)
+            out["memory"] = {k: v for k, v in a["memory"].items() if k != "points"}
+            print(json.dumps(out, indent=2, default=str))
+        else:
+            sys.stdout.write(render_text(a))
+        if args.html:
+            page = render_html(a, rec)
+            try:
+                with open(args.html, "w", encoding="utf-8") as fh:
+                    fh.write(page)
+            except OSError as exc:
+                raise UserError(f"cannot write {args.html}: {exc.strerror or exc}") from None
+            print(f"wrote {os.path.abspath(args.html)}", file=sys.stderr)
+        line = rec.problem_line()
+    finally:
+        rec.close()
+    if line:
+        print(f"vramtop: {line}", file=sys.stderr)
+        return 2
+    return 0

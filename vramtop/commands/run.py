@@ -1,0 +1,251 @@
+"""`vramtop run [--record PATH] [--no-tui] -- CMD ARGS`: start a job with the agent injected, and watch it.
+
+The command runs unchanged, with this environment added:
+  VRAMTOP=1                the agent starts in every Python process of the job that trains
+                           (vramtop_agent._autostart: root module and optimizer found automatically)
+  VRAMTOP_RECORD=PATH      with --record: the stream is recorded to PATH
+  PYTHONPATH=<_boot>:...   a sitecustomize that starts the agent and then runs any sitecustomize
+                           it shadows, for interpreters where vramtop's .pth is not installed
+  VRAMTOP_AGENT_PATH       where this vramtop_agent lives, for an interpreter that cannot import it
+
+The dashboard attaches to the job's first agent (in the child or, under
+torchrun / accelerate launch, in one of its descendants), which appears at the
+first training forward; until then, and again once the dashboard is closed,
+the job's output (kept in a log file while the dashboard owns the terminal)
+is shown. Without a terminal, with --no-tui or with --record, the job keeps
+the terminal and vramtop just waits. The child's exit status is vramtop's
+(128+N when a signal N ended it); SIGTERM/SIGHUP received by vramtop are
+passed on to the child, Ctrl-C reaches it through the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+from vramtop.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a training command with the agent injected, and watch it",
+        description="Run CMD with the vramtop agent injected (no code change: the model and optimizer are found "
+        "automatically) and open the dashboard on it. The exit status is CMD's.",
+        epilog="example: vramtop run -- python train.py --lr 1e-4    |    vramtop run --record run.vramtop -- "
+        "torchrun --nproc-per-node 2 train.py",
+    )
+    p.add_argument("--record", metavar="PATH", help="record the job's stream to PATH instead of showing the dashboard "
+                   "({rank}, {pid}, {host} are filled in per process)")
+    p.add_argument("--no-tui", action="store_true", help="do not open the dashboard (attach later with `vramtop attach`)")
+    p.add_argument("--refresh", type=float, default=4.0, metavar="HZ", help="dashboard refreshes per second (default 4)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
+    p.set_defaults(func=run)
+
+
+def boot_dir() -> str:
+    """The directory holding vramtop's sitecustomize.py (and nothing else importable)."""
+    import vramtop_agent
+
+    return os.path.join(os.path.dirname(os.path.abspath(vramtop_agent.__file__)), "_boot")
+
+
+def child_env(base: dict | None = None, record: str | None = None) -> dict:
+    """The environment of the watched command."""
+    import vramtop_agent
+
+    env = dict(os.environ if base is None else base)
+    env["VRAMTOP"] = "1"
+    if record:
+        env["VRAMTOP_RECORD"] = os.path.abspath(record)
+    boot = boot_dir()
+    old = env.get("PYTHONPATH", "")
+    parts = [p for p in old.split(os.pathsep) if p and os.path.abspath(p) != boot]
+    env["PYTHONPATH"] = os.pathsep.join([boot, *parts])
+    env["VRAMTOP_AGENT_PATH"] = os.path.dirname(os.path.dirname(os.path.abspath(vramtop_agent.__file__)))
+    return env
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.command or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UserError("nothing to run: vramtop run -- python train.py ARGS")
+    if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
+        raise UserError(f"command not found: {cmd[0]}", exit_code=127)
+    return cmd
+
+
+def exit_status(returncode: int) -> int:
+    """A shell's convention: a child killed by signal N gives 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = _command(args)
+    if args.refresh <= 0 or args.refresh > 60:
+        raise UserError("--refresh must be between 0 and 60 Hz")
+    env = child_env(record=args.record)
+    show = not (args.no_tui or args.record) and sys.stdin.isatty() and sys.stdout.isatty()
+    log_path = None
+    popen_kw: dict = {}
+    if show:
+        # The dashboard owns the terminal: the job's output goes to a log, shown again once it closes.
+        fd, log_path = tempfile.mkstemp(prefix="vramtop-run-", suffix=".log")
+        popen_kw = {"stdin": subprocess.DEVNULL, "stdout": fd, "stderr": subprocess.STDOUT}
+    try:
+        child = subprocess.Popen(cmd, env=env, **popen_kw)
+    except OSError as exc:
+        raise UserError(f"cannot run {cmd[0]}: {exc.strerror or exc}", exit_code=126) from None
+    finally:
+        if popen_kw:
+            os.close(popen_kw["stdout"])
+
+    forwarded = []
+    for signame in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, signame, None)
+        if sig is None:
+            continue
+        try:
+            forwarded.append((sig, signal.signal(sig, lambda s, f: _forward(child, s))))
+        except (ValueError, OSError):  # not the main thread, or not settable
+            pass
+    try:
+        if show:
+            return exit_status(_run_with_dashboard(child, log_path, args.refresh))
+        if args.record:
+            print(f"vramtop: recording pid {child.pid} to {os.path.abspath(args.record)}", file=sys.stderr)
+        return exit_status(_wait(child))
+    finally:
+        for sig, previous in forwarded:
+            try:
+                signal.signal(sig, previous)
+            except (ValueError, OSError, TypeError):
+                pass
+
+
+def _forward(child: subprocess.Popen, sig: int) -> None:
+    try:
+        if child.poll() is None:
+            child.send_signal(sig)
+    except Exception:
+        pass
+
+
+def find_job_agent(pid: int) -> dict | None:
+    """The oldest live agent in process `pid` or one of its descendants (torchrun, accelerate launch)."""
+    from vramtop_agent import discovery
+
+    agents = discovery.list_agents()
+    if not agents:
+        return None
+    family = {pid}
+    try:
+        import psutil
+
+        family |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except Exception:
+        pass
+    mine = [a for a in agents if a.get("pid") in family]
+    mine.sort(key=lambda a: (a.get("rank") or 0, a.get("start_time") or 0))
+    return mine[0] if mine else None
+
+
+def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: float) -> int:
+    """Show the job's output until its agent appears, the dashboard while it is open, the output again after."""
+    out = _LogFollower(log_path)
+    print(f"vramtop: started pid {child.pid}; the dashboard opens at its first training step "
+          f"(job output: {log_path})", file=sys.stderr)
+    try:
+        info = None
+        while child.poll() is None and info is None:
+            out.pump()
+            info = find_job_agent(child.pid)
+            if info is None:
+                _sleep(0.2, child)
+        if info is not None and child.poll() is None:
+            try:
+                from vramtop.commands.attach import attach_pid
+            except ImportError:
+                attach_pid = None
+                print("vramtop: the dashboard is not available in this install", file=sys.stderr)
+            if attach_pid is not None:
+                out.skip()  # what the job printed under the dashboard stays in the log
+                try:
+                    attach_pid(int(info["pid"]), refresh_hz=refresh_hz)
+                except UserError as exc:  # e.g. the job ended meanwhile
+                    print(f"vramtop: {exc}", file=sys.stderr)
+                if child.poll() is None:
+                    print(f"vramtop: dashboard closed; pid {child.pid} keeps running, its output follows "
+                          "(Ctrl-C interrupts it)", file=sys.stderr)
+        return _wait(child, out)
+    finally:
+        out.pump()
+        out.close()
+        print(f"vramtop: the job's output is in {log_path}", file=sys.stderr)
+
+
+def _sleep(seconds: float, child: subprocess.Popen) -> None:
+    try:
+        child.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class _LogFollower:
+    """Copies what the job appends to its log onto our stdout (`tail -f`)."""
+
+    def __init__(self, path: str):
+        self._fh = open(path, "rb")
+
+    def pump(self) -> None:
+        try:
+            data = self._fh.read()
+            if data:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+        except Exception:
+            pass
+
+    def skip(self) -> None:
+        try:
+            self._fh.seek(0, os.SEEK_END)
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        except Exception:
+            pass
+
+
+def _wait(child: subprocess.Popen, out: "_LogFollower | None" = None) -> int:
+    """Wait for the child. Ctrl-C already reached it through the terminal: keep waiting for its exit,
+    and escalate only when Ctrl-C is pressed again (SIGTERM, then SIGKILL)."""
+    interrupts = 0
+    while True:
+        try:
+            if out is None:
+                return child.wait()
+            out.pump()
+            rc = child.wait(timeout=0.2)
+            out.pump()
+            return rc
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts == 2:
+                _forward(child, signal.SIGTERM)
+            elif interrupts >= 3:
+                try:
+                    child.kill()
+                except Exception:
+                    pass

@@ -1,0 +1,132 @@
+"""Where the viewer's messages come from: a live agent on this machine or an endpoint.
+
+A source has `poll() -> list[dict]` (validated wire messages, never raises),
+`status` (one line for the footer), `choices` (agents to pick from, when
+discovery finds several) and `close()`. The TUI pulls from it on a timer;
+replay provides another source with the same shape.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vramtop.errors import UserError
+from vramtop.subscriber import Subscriber, check_endpoint
+from vramtop_agent import discovery
+
+
+def find_agent_by_pid(pid: int) -> dict | None:
+    for info in discovery.list_agents():
+        if info.get("pid") == pid:
+            return info
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
+class LiveSource:
+    """Follows one agent; with no target, discovers agents and re-attaches when a job restarts."""
+
+    def __init__(self, target: str | None = None, rescan_s: float = 1.0):
+        self.target = target
+        self.rescan_s = rescan_s
+        self.sub: Subscriber | None = None
+        self.pid: int | None = None
+        self.info: dict | None = None
+        self.choices: list[dict] = []
+        self.status = ""
+        self._last_scan = 0.0
+        self._gone_since: float | None = None
+        self._want_pid: int | None = None
+        if target is None:
+            self.status = "looking for agents on this machine"
+        elif target.isdigit():
+            self._want_pid = int(target)
+            if not pid_alive(self._want_pid):
+                raise UserError(f"no process with pid {target}")
+            self.status = f"waiting for the vramtop agent in pid {target}"
+        else:
+            self._connect(check_endpoint(target), None)
+
+    # ------------------------------------------------------------------ connecting
+
+    def _connect(self, endpoint: str, info: dict | None) -> None:
+        if self.sub is not None:
+            self.sub.close()
+        self.sub = Subscriber(endpoint)
+        self.info = info
+        self.pid = info.get("pid") if info else None
+        self.choices = []
+        self._gone_since = None
+        self.status = f"attached to {endpoint}"
+
+    def choose(self, info: dict) -> None:
+        self._connect(info["endpoint"], info)
+
+    def _scan(self) -> None:
+        now = time.monotonic()
+        if now - self._last_scan < self.rescan_s:
+            return
+        self._last_scan = now
+        agents = discovery.list_agents()
+        if self._want_pid is not None:
+            agents = [a for a in agents if a.get("pid") == self._want_pid]
+            if not agents and not pid_alive(self._want_pid):
+                self.status = f"process {self._want_pid} has exited"
+                return
+        if len(agents) == 1:
+            self._connect(agents[0]["endpoint"], agents[0])
+        elif len(agents) > 1:
+            self.choices = agents
+            self.status = f"{len(agents)} agents running: pick one"
+        else:
+            self.choices = []
+            where = f"pid {self._want_pid}" if self._want_pid else "this machine"
+            self.status = f"no vramtop agent on {where} yet: waiting (start one with vramtop_agent.watch())"
+
+    # ------------------------------------------------------------------ polling
+
+    def poll(self) -> list[dict]:
+        if self.sub is None:
+            self._scan()
+            return []
+        msgs = self.sub.poll(0)
+        return msgs
+
+    def process_gone(self) -> bool:
+        """True once the attached local process has exited (not for remote endpoints)."""
+        if self.pid is None:
+            return False
+        if pid_alive(self.pid):
+            return False
+        if self.target is None:
+            # Discovery mode: follow the job to its next incarnation.
+            if self._gone_since is None:
+                self._gone_since = time.monotonic()
+                self.status = f"process {self.pid} exited: waiting for a new agent"
+            self._detach_and_rescan()
+        return True
+
+    def _detach_and_rescan(self) -> None:
+        if self.sub is not None:
+            self.sub.close()
+        self.sub = None
+        self.pid = None
+
+    @property
+    def rejected(self) -> tuple[int, str | None]:
+        if self.sub is None:
+            return 0, None
+        return self.sub.rejected, self.sub.last_rejection
+
+    def close(self) -> None:
+        if self.sub is not None:
+            self.sub.close()
+            self.sub = None

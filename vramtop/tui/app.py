@@ -1,0 +1,175 @@
+"""The Textual dashboard: a thin view over SessionState.
+
+Two timers: `_pump` drains the source into the state (10 Hz), `_refresh_view`
+re-renders the panels from it (4 Hz). All formatting is in render.py. The
+agent never learns whether a viewer exists, so quitting (or crashing) here
+changes nothing in the training job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Footer, OptionList, Static
+from textual.widgets.option_list import Option
+
+from vramtop.state import SessionState
+from vramtop.tui import render
+
+
+class AgentPicker(ModalScreen[dict | None]):
+    """Shown when several agents run on this machine."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+    DEFAULT_CSS = """
+    AgentPicker { align: center middle; }
+    AgentPicker > Vertical { width: 90%; height: auto; max-height: 80%; border: round $accent; padding: 0 1; }
+    """
+
+    def __init__(self, agents: list[dict]):
+        super().__init__()
+        self.agents = agents
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static("[b]Several vramtop agents are running: pick one[/b]")
+            options = []
+            for i, a in enumerate(self.agents):
+                cmd = " ".join(a.get("cmdline") or [])[:70]
+                options.append(Option(f"pid {a['pid']}  rank {a.get('rank', 0)}  {cmd}", id=str(i)))
+            yield OptionList(*options)
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.agents[int(event.option.id)])
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
+class VramtopApp(App):
+    TITLE = "vramtop"
+    CSS = """
+    Screen { layout: vertical; }
+    #header { height: 3; padding: 0 1; background: $boost; }
+    #stack { height: auto; padding: 0 1; margin-top: 1; }
+    #middle { height: 1fr; }
+    #timeline { width: 3fr; height: 100%; padding: 0 1; }
+    #side { width: 2fr; }
+    #frag { height: auto; padding: 0 1; }
+    #phases { height: auto; padding: 0 1; }
+    #status { height: 1; padding: 0 1; color: $text-muted; }
+    """
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("space", "toggle_pause", "Pause view"),
+        Binding("s", "save_svg", "Save SVG"),
+        Binding("a", "pick_agent", "Agents"),
+    ]
+
+    def __init__(self, source, state: SessionState | None = None, refresh_hz: float = 4.0, pump_hz: float = 10.0):
+        super().__init__()
+        self.source = source
+        self.state = state or SessionState()
+        self.refresh_hz = refresh_hz
+        self.pump_hz = pump_hz
+        self.paused = False
+        self._picker_open = False
+        self.last_screenshot: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="header")
+        yield Static(id="stack")
+        with Horizontal(id="middle"):
+            yield Static(id="timeline")
+            with VerticalScroll(id="side"):
+                yield Static(id="frag")
+                yield Static(id="phases")
+        yield Static(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.set_interval(1.0 / self.pump_hz, self._pump)
+        self.set_interval(1.0 / self.refresh_hz, self._refresh_view)
+        self._pump()
+        self._refresh_view()
+
+    # ------------------------------------------------------------------ data
+
+    def _pump(self) -> None:
+        try:
+            msgs = self.source.poll()
+        except Exception as exc:  # a source bug must not kill the view
+            self.source.status = f"error reading the stream: {exc}"
+            return
+        for msg in msgs:
+            self.state.apply(msg)
+        rejected, reason = getattr(self.source, "rejected", (0, None))
+        if rejected > self.state.rejected_frames:
+            self.state.rejected_frames, self.state.last_rejection = rejected, reason
+        gone = getattr(self.source, "process_gone", None)
+        if gone is not None and self.state.hello is not None and gone():
+            self.state.process_gone = True
+        choices = getattr(self.source, "choices", None)
+        if choices and not self._picker_open:
+            self._picker_open = True
+            self.push_screen(AgentPicker(list(choices)), self._picked)
+
+    def _picked(self, info: dict | None) -> None:
+        self._picker_open = False
+        if info is not None:
+            self.state = SessionState()
+            self.source.choose(info)
+        else:
+            self.source.choices = []
+
+    # ------------------------------------------------------------------ view
+
+    def _refresh_view(self) -> None:
+        if self.paused:
+            return
+        st = self.state
+        self.query_one("#header", Static).update(render.header(st, getattr(self.source, "describe", "")))
+        width = self.query_one("#stack", Static).size.width or self.size.width
+        self.query_one("#stack", Static).update(render.stack(st, max(width - 2, 20)))
+        tl = self.query_one("#timeline", Static)
+        self.query_one("#timeline", Static).update(
+            render.timeline(st, max(tl.size.width - 2, 20), max(tl.size.height - 4, 4)))
+        side = self.query_one("#side")
+        self.query_one("#frag", Static).update(render.fragmentation(st, max(side.size.width - 12, 10)))
+        self.query_one("#phases", Static).update(render.phases(st))
+        status = getattr(self.source, "status", "")
+        if st.last_rejection:
+            status += f"  | last rejected frame: {st.last_rejection}"
+        if self.paused:
+            status = "[paused] " + status
+        self.query_one("#status", Static).update(status)
+
+    # ------------------------------------------------------------------ actions
+
+    def action_toggle_pause(self) -> None:
+        self.paused = not self.paused
+        self.query_one("#status", Static).update("[paused]" if self.paused else "")
+
+    def action_save_svg(self) -> None:
+        name = f"vramtop-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        self.last_screenshot = self.save_screenshot(filename=name, path=os.getcwd())
+        self.notify(f"saved {self.last_screenshot}")
+
+    def action_pick_agent(self) -> None:
+        from vramtop_agent import discovery
+
+        agents = discovery.list_agents()
+        if agents and not self._picker_open:
+            self._picker_open = True
+            self.push_screen(AgentPicker(agents), self._picked)
+
+    def on_unmount(self) -> None:
+        try:
+            self.source.close()
+        except Exception:
+            pass
