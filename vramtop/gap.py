@@ -248,11 +248,20 @@ def calibrate(estimate, steps: list[dict]) -> Calibration:
 
 
 _WHAT_IF_KEYS = ("batch", "seq_len", "lora_rank", "method", "grad_ckpt", "optimizer", "attn", "grad_accum",
-                 "weight_dtype", "lora_targets", "world_size", "zero")
+                 "weight_dtype", "compute_dtype", "master_weights", "lora_targets", "world_size", "zero")
+
+
+def _calibrated(new: dict, cal: Calibration) -> tuple[float, float, int]:
+    """(activations, allocated peak, peak with context) of an estimate dict, moved onto the measurement."""
+    acts = new["blocks"]["activations"]
+    calibrated_acts = cal.act_scale * acts + cal.act_offset
+    allocated = new["peak_allocated"] + (calibrated_acts - acts) + cal.peak_offset
+    extra = new["peak"] - new["peak_allocated"]   # CUDA context + allocator overhead
+    return calibrated_acts, allocated, int(round(allocated + extra))
 
 
 def what_if(estimate, changes: dict, *, steps: list[dict] | None = None, card_bytes: int | None = None,
-            calibration: Calibration | None = None) -> dict:
+            calibration: Calibration | None = None, model_changes: dict | None = None) -> dict:
     """Predicted peak after changing the setup (batch, seq_len, lora_rank, method, grad_ckpt, ...),
     calibrated on the measured steps so that, unchanged, it reproduces the measured peak."""
     est = as_dict(estimate)
@@ -261,21 +270,21 @@ def what_if(estimate, changes: dict, *, steps: list[dict] | None = None, card_by
         raise ValueError(f"cannot change {unknown[0]!r} in a what-if (try one of {', '.join(_WHAT_IF_KEYS)})")
     cal = calibration or (calibrate(est, steps) if steps else Calibration())
     changes = dict(changes)
-    if changes.get("method") == "qlora" and "weight_dtype" not in changes:
+    quantized = est["setup"]["weight_dtype"] in ("nf4", "fp4", "int8")
+    if changes.get("method") == "qlora" and not quantized and "weight_dtype" not in changes:
         changes["weight_dtype"] = "nf4"
-    if changes.get("method") in ("full", "lora") and est["setup"]["weight_dtype"] in ("nf4", "fp4", "int8") \
-            and "weight_dtype" not in changes:
-        changes["weight_dtype"] = "bf16"
-    new = reestimate(est, **changes)
-    acts = new["blocks"]["activations"]
-    calibrated_acts = cal.act_scale * acts + cal.act_offset
-    allocated = new["peak_allocated"] + (calibrated_acts - acts) + cal.peak_offset
-    extra = new["peak"] - new["peak_allocated"]   # CUDA context + allocator overhead
-    peak = int(round(allocated + extra))
+    if changes.get("method") in ("full", "lora") and quantized and "weight_dtype" not in changes:
+        changes.update(weight_dtype="bf16", other_dtype=None)
+    if "weight_dtype" in changes and "compute_dtype" not in changes:
+        changes["compute_dtype"] = None  # follow the new weights
+    if "other_dtype" not in changes and "weight_dtype" in changes:
+        changes["other_dtype"] = None
+    new = reestimate(est, model_changes, **changes)
+    acts, allocated, peak = _calibrated(new, cal)
     out = {
-        "changes": changes,
+        "changes": {k: v for k, v in changes.items() if v is not None},
         "estimate": new,
-        "predicted_activations": int(round(calibrated_acts)),
+        "predicted_activations": int(round(acts)),
         "predicted_peak_allocated": int(round(allocated)),
         "predicted_peak": peak,
         "calibration": cal.to_dict(),
@@ -306,47 +315,43 @@ def advice(estimate, *, steps: list[dict] | None = None, card_bytes: int | None 
            calibration: Calibration | None = None) -> list[dict]:
     """What to try, in the seeds' order, each with its predicted saving on this run and its cost.
 
-    Each item: {"key", "action", "saving", "new_peak", "cost", "rank"} where rank orders the
-    applicable items by saving (1 = saves most) and "fits" is added when a card is given.
-    Items that do not apply to this run (already bf16, checkpointing already on...) are left out.
+    Each item: {"key", "action", "changes", "saving", "new_peak", "cost", "rank"} where rank
+    orders the items by saving (1 = saves most); "fits" is added when a card is given. Items that
+    do not apply (already bf16, checkpointing already on...) or save nothing are left out.
     """
     est = as_dict(estimate)
     s = est["setup"]
+    model = est["model"]
     cal = calibration or (calibrate(est, steps) if steps else Calibration())
     base = what_if(est, {}, calibration=cal)["predicted_peak"]
     options: list[tuple[str, str, dict, dict | None]] = []
-    if s["weight_dtype"] == "fp32" or s["compute_dtype"] == "fp32":
-        options.append(("bf16", "train in bf16 (keep fp32 master weights)",
-                        {"weight_dtype": "bf16"} if s["method"] != "qlora" else {}, None))
+    if s["method"] != "qlora" and s["weight_dtype"] == "fp32":
+        options.append(("bf16", "train in bf16" + (" with fp32 master weights" if s["method"] == "full" else ""),
+                        {"weight_dtype": "bf16", "master_weights": s["method"] == "full"}, None))
     if s["batch"] > 1:
         options.append(("micro-batch", f"micro-batch 1 with gradient accumulation {s['batch'] * s['grad_accum']}",
                         {"batch": 1, "grad_accum": s["batch"] * s["grad_accum"]}, None))
     if not s["grad_ckpt"]:
         options.append(("grad-ckpt", "turn on gradient checkpointing", {"grad_ckpt": True}, None))
-    if s["optimizer"] in ("adamw", "paged-adamw"):
-        options.append(("8bit-optimizer", "8-bit (paged) AdamW from bitsandbytes", {"optimizer": "paged-adamw-8bit"}, None))
+    if s["optimizer"] in ("adamw", "paged-adamw", "adafactor", "sgd-momentum"):
+        options.append(("8bit-optimizer", "8-bit paged AdamW (bitsandbytes)", {"optimizer": "paged-adamw-8bit"}, None))
     if s["method"] == "full":
-        options.append(("lora", "LoRA (rank 16 on all linear layers) instead of full fine-tuning",
-                        {"method": "lora", "lora_rank": 16, "lora_targets": ("all-linear",),
-                         "weight_dtype": "bf16"}, None))
+        options.append(("lora", "LoRA (rank 16, all linear layers) instead of full fine-tuning",
+                        {"method": "lora", "lora_rank": 16, "lora_targets": ("all-linear",), "master_weights": False},
+                        None))
     elif s["method"] == "lora":
         options.append(("lora", "QLoRA: quantize the frozen base to NF4", {"method": "qlora"}, None))
     if s["optimizer"] not in ("sgd", "none") and est["blocks"]["optimizer"] > 0:
-        options.append(("offload", "offload optimizer states to the CPU (ZeRO-Offload)",
-                        {"optimizer": "sgd", "master_weights": False}, None))
-    model = est["model"]
+        options.append(("offload", "offload optimizer states and master weights to the CPU (ZeRO-Offload)",
+                        {"optimizer": "none", "master_weights": False}, None))
     if model["num_layers"] > 1:
-        options.append(("smaller-model", f"a model about half the size ({model['num_layers'] // 2} layers)", {},
+        options.append(("smaller-model", f"a model half as deep ({model['num_layers'] // 2} layers)", {},
                         {"num_layers": model["num_layers"] // 2}))
     out = []
     for key, action, changes, model_changes in options:
-        if changes.pop("master_weights", None) is not None or model_changes:
-            new = _peak_with(est, cal, changes, model_changes, drop_masters=(key == "offload"))
-        else:
-            new = what_if(est, changes, calibration=cal)["predicted_peak"] if changes else base
-        if key == "bf16" and not changes:
-            new = base
-        item = {"key": key, "action": action, "saving": int(base - new), "new_peak": int(new), "cost": _COSTS[key]}
+        new = what_if(est, changes, calibration=cal, model_changes=model_changes)["predicted_peak"]
+        item = {"key": key, "action": action, "changes": changes, "saving": int(base - new), "new_peak": int(new),
+                "cost": _COSTS[key]}
         if card_bytes:
             item["fits"] = new <= card_bytes
         if item["saving"] > 0:
@@ -355,16 +360,3 @@ def advice(estimate, *, steps: list[dict] | None = None, card_bytes: int | None 
         item["rank"] = rank
     out.sort(key=lambda i: ADVICE_ORDER.index(i["key"]))
     return out
-
-
-def _peak_with(est: dict, cal: Calibration, changes: dict, model_changes: dict | None, drop_masters: bool) -> int:
-    """Calibrated peak for changes the what-if keys do not cover (model size, offloaded masters)."""
-    model, setup = rebuild(est)
-    if model_changes:
-        model = ModelDesc(**{**model.to_dict(), **model_changes})
-    setup = setup.with_(**changes)
-    if drop_masters:
-        setup = setup.with_(master_weights=False)
-    new = run_estimate(model, setup).to_dict()
-    acts = new["blocks"]["activations"]
-    return int(round(new["peak"] + (cal.act_scale - 1.0) * acts + cal.act_offset + cal.peak_offset))

@@ -31,6 +31,9 @@ from vramtop_agent.recorder import COMPATIBLE_VERSION, FORMAT_NAME, RECORDING_SC
 from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION, SchemaError, validate
 
 MAX_BLOB_BYTES = 64 * 1024 * 1024
+# What a damaged file can make the sqlite3 module raise: its own errors, undecodable text (also in
+# SQLite's error messages), and absurd sizes.
+DB_ERRORS = (sqlite3.Error, UnicodeDecodeError, ValueError, OverflowError, MemoryError)
 TABLES = ("meta", "sessions", "samples", "steps", "events", "allocator_snapshots")
 
 SAMPLE_COLUMNS = ("id", "rseq", "session", "t", "seq", "step", "phase", *BLOCK_KEYS, "total", "allocated",
@@ -38,6 +41,28 @@ SAMPLE_COLUMNS = ("id", "rseq", "session", "t", "seq", "step", "phase", *BLOCK_K
 STEP_COLUMNS = ("id", "rseq", "session", "t", "step", "step_time", "micro_steps", "batch", "seq_len",
                 "forward_peak", "backward_peak", "optimizer_peak", "peak", "peak_phase", "end_of_forward",
                 "backward_spike", *[f"peak_{k}" for k in BLOCK_KEYS])
+
+
+_REAL = {"t", "step_time", "start_time", "first_t", "last_t"}
+_TEXT = {"phase", "peak_phase", "host", "cmdline", "device", "device_name", "model_class", "type", "format"}
+_BLOB = {"msg", "hello", "data"}
+
+
+def _sel(*cols: str) -> str:
+    """Column list with types enforced by SQLite (the file may hold anything in any column)."""
+    out = []
+    for c in cols:
+        if c in _BLOB:
+            out.append(c)
+        elif c == "t":
+            out.append("coalesce(CAST(t AS REAL), 0.0)")
+        elif c in _REAL:
+            out.append(f"CAST({c} AS REAL)")
+        elif c in _TEXT:
+            out.append(f"CAST({c} AS TEXT)")
+        else:
+            out.append(f"CAST({c} AS INTEGER)")
+    return ", ".join(out)
 
 
 class _Refused(Exception):
@@ -162,13 +187,13 @@ class Recording:
         try:
             try:
                 names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            except sqlite3.DatabaseError as exc:
+            except DB_ERRORS as exc:
                 raise UserError(f"{name}: not a readable recording ({_one_line(exc)})") from None
             if "meta" not in names:
                 raise UserError(f"{name}: not a vramtop recording (an SQLite database without vramtop's tables)")
             try:
                 meta = {str(k): str(v) for k, v in db.execute("SELECT key, value FROM meta")}
-            except sqlite3.DatabaseError as exc:
+            except DB_ERRORS as exc:
                 raise UserError(f"{name}: not a readable recording ({_one_line(exc)})") from None
             if meta.get("format") != FORMAT_NAME:
                 raise UserError(f"{name}: not a vramtop recording (format {meta.get('format', '?')[:40]!r})")
@@ -199,19 +224,21 @@ class Recording:
         uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
         try:
             db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=2.0)
+            db.text_factory = _text
             db.execute("PRAGMA query_only=1")
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return db
-        except sqlite3.DatabaseError as exc:
+        except DB_ERRORS as exc:
             if "unable to open" not in str(exc) and "readonly" not in str(exc):
                 raise UserError(f"{os.path.basename(path)}: not a readable recording ({_one_line(exc)})") from None
         # A WAL file we may not open read-write (read-only directory): read the main file alone.
         try:
             db = sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
+            db.text_factory = _text
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
             notes.append("read without its -wal file (no write access to its directory): the last seconds may be missing")
             return db
-        except sqlite3.DatabaseError as exc:
+        except DB_ERRORS as exc:
             raise UserError(f"{os.path.basename(path)}: cannot open ({_one_line(exc)})") from None
 
     def close(self) -> None:
@@ -229,7 +256,7 @@ class Recording:
     def _existing_tables(self) -> set:
         try:
             return {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError:
+        except DB_ERRORS:
             return set()
 
     # ------------------------------------------------------------------ problems
@@ -259,7 +286,7 @@ class Recording:
                 if not rows:
                     return
                 yield from rows
-        except sqlite3.DatabaseError as exc:
+        except DB_ERRORS as exc:
             self._problem(f"unreadable {table or 'data'}: {_one_line(exc)}")
 
     def _one(self, sql: str, params: tuple = ()) -> tuple | None:
@@ -288,8 +315,9 @@ class Recording:
     def sessions(self) -> list[Session]:
         out = []
         for row in self._query(
-                "SELECT id, pid, rank, host, cmdline, device, device_name, device_total, model_class, params_total,"
-                " params_trainable, start_time, first_t, last_t, hello FROM sessions ORDER BY id"):
+                "SELECT " + _sel("id", "pid", "rank", "host", "cmdline", "device", "device_name", "device_total",
+                                 "model_class", "params_total", "params_trainable", "start_time", "first_t", "last_t",
+                                 "hello") + " FROM sessions ORDER BY id"):
             s = Session(*row[:14])
             if row[14] is not None:
                 s.hello = self._decode(row[14], "session hello")
@@ -310,10 +338,11 @@ class Recording:
                 row = self._one(f"SELECT min(t), max(t) FROM {table}")
             else:
                 row = self._one(f"SELECT min(t), max(t) FROM {table} WHERE session = ?", (session,))
-            if row and row[0] is not None:
-                lo = row[0] if lo is None else min(lo, row[0])
-                hi = row[1] if hi is None else max(hi, row[1])
-        return None if lo is None else (float(lo), float(hi))
+            a, b = (_f(row[0]), _f(row[1])) if row else (None, None)
+            if a is not None and b is not None:
+                lo = a if lo is None else min(lo, a)
+                hi = b if hi is None else max(hi, b)
+        return None if lo is None else (lo, hi)
 
     def counts(self) -> dict[str, int]:
         out = {}
@@ -342,7 +371,7 @@ class Recording:
     def sample_rows(self, t0: float | None = None, t1: float | None = None, session: int | None = None) -> list[tuple]:
         """Column tuples (SAMPLE_COLUMNS) in time order, without decoding messages: for plots and exports."""
         where, params = self._where(session, t0, t1)
-        return list(self._query(f"SELECT {', '.join(SAMPLE_COLUMNS)} FROM samples{where} ORDER BY t, rseq", params))
+        return list(self._query(f"SELECT {_sel(*SAMPLE_COLUMNS)} FROM samples{where} ORDER BY t, rseq", params))
 
     def samples(self, t0: float | None = None, t1: float | None = None, session: int | None = None,
                 limit: int | None = None) -> Iterator[dict]:
@@ -367,7 +396,7 @@ class Recording:
 
     def step_rows(self, session: int | None = None, t0: float | None = None, t1: float | None = None) -> list[tuple]:
         where, params = self._where(session, t0, t1)
-        return list(self._query(f"SELECT {', '.join(STEP_COLUMNS)} FROM steps{where} ORDER BY t, rseq", params))
+        return list(self._query(f"SELECT {_sel(*STEP_COLUMNS)} FROM steps{where} ORDER BY t, rseq", params))
 
     def steps(self, session: int | None = None, t0: float | None = None, t1: float | None = None,
               last: int | None = None) -> list[dict]:
@@ -389,12 +418,12 @@ class Recording:
         where, params = self._where(session, None, None, "step >= ?")
         row = self._one(f"SELECT t FROM samples{where} ORDER BY step, t LIMIT 1", params + (int(step),))
         cands = []
-        if row:
-            cands.append(row[0])
+        if row and _f(row[0]) is not None:
+            cands.append(_f(row[0]))
         where, params = self._where(session, None, None, "step = ?")
         row = self._one(f"SELECT min(t) FROM events{where} AND type = 'phase'", params + (int(step) ,))
-        if row and row[0] is not None:
-            cands.append(row[0])
+        if row and _f(row[0]) is not None:
+            cands.append(_f(row[0]))
         return min(cands) if cands else None
 
     def events(self, types: tuple[str, ...] | None = None, session: int | None = None,
@@ -505,16 +534,16 @@ class Recording:
         """The highest memory level recorded: a step's phase peak when steps exist, else the highest sample."""
         where, params = self._where(session, None, None)
         best: Peak | None = None
-        row = self._one(f"SELECT id, t, step, phase, session, total, {', '.join(BLOCK_KEYS)} FROM samples{where}"
+        row = self._one(f"SELECT {_sel('id', 't', 'step', 'phase', 'session', 'total', *BLOCK_KEYS)} FROM samples{where}"
                         " ORDER BY total DESC, t LIMIT 1", params)
         if row and row[5] is not None:
             best = Peak(int(row[5]), row[1], row[2], row[3], dict(zip(BLOCK_KEYS, row[6:11])), row[4], "samples")
             # On CUDA the allocator's own number is the truth.
-            alloc = self._one(f"SELECT t, step, phase, session, allocated FROM samples{where}"
+            alloc = self._one(f"SELECT {_sel('t', 'step', 'phase', 'session', 'allocated')} FROM samples{where}"
                               " ORDER BY allocated DESC, t LIMIT 1", params)
             if alloc and alloc[4] is not None and alloc[4] > best.level:
                 best = Peak(int(alloc[4]), alloc[0], alloc[1], alloc[2], best.blocks, alloc[3], "samples")
-        srow = self._one(f"SELECT t, step, peak_phase, session, peak, {', '.join('peak_' + k for k in BLOCK_KEYS)}"
+        srow = self._one(f"SELECT {_sel('t', 'step', 'peak_phase', 'session', 'peak', *('peak_' + k for k in BLOCK_KEYS))}"
                          f" FROM steps{where} ORDER BY peak DESC, t LIMIT 1", params)
         if srow and srow[4] is not None and (best is None or srow[4] >= best.level):
             blocks = dict(zip(BLOCK_KEYS, srow[5:10]))
@@ -522,8 +551,8 @@ class Recording:
             t = srow[0]
             inner = self._one("SELECT t FROM samples WHERE step = ? AND session = ? ORDER BY total DESC LIMIT 1",
                               (srow[1], srow[3]))
-            if inner:
-                t = inner[0]
+            if inner and _f(inner[0]) is not None:
+                t = _f(inner[0])
             best = Peak(int(srow[4]), t, srow[1], srow[2], blocks, srow[3], "steps")
         return best
 
@@ -536,7 +565,7 @@ class Recording:
                 res = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
                 if res != ["ok"]:
                     self._problem("integrity check failed: " + _one_line(" / ".join(map(str, res))))
-            except sqlite3.DatabaseError as exc:
+            except DB_ERRORS as exc:
                 self._problem(f"integrity check failed: {_one_line(exc)}")
         counts = collections.Counter()
         self.sessions()
@@ -555,8 +584,23 @@ class Recording:
         return dict(counts)
 
 
+# What a nonsensical (but msgpack-valid) value can raise in the commands; they turn it into damaged().
+DATA_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, ZeroDivisionError)
+
+
 def open_recording(path: str) -> Recording:
     return Recording.open(path)
+
+
+def _f(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
 
 
 def _one_line(exc: Any) -> str:
@@ -569,3 +613,10 @@ def clean(text: Any, limit: int = 200) -> str:
     s = str(text if text is not None else "")
     s = "".join(ch if (ch.isprintable() or ch == " ") else "?" for ch in s)
     return s[:limit]
+
+
+def damaged(path: str, exc: BaseException):
+    """A UserError for data that passed validation but still made no sense (a hand-edited file)."""
+    from vramtop.errors import UserError
+
+    return UserError(f"{path}: damaged recording ({type(exc).__name__}: {str(exc)[:100]})")

@@ -41,7 +41,7 @@ MAX_POINTS = 800
 
 
 def fmt_bytes(n: float | None) -> str:
-    if n is None:
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or n != n or abs(n) == float("inf"):
         return "-"
     n = float(n)
     sign = "-" if n < 0 else ""
@@ -56,13 +56,20 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def fmt_offset(seconds: float | None) -> str:
-    if seconds is None:
+    if not isinstance(seconds, (int, float)) or seconds != seconds or abs(seconds) > 1e12:
         return "-"
     seconds = max(float(seconds), 0.0)
     h, rem = divmod(int(seconds), 3600)
     m, s = divmod(rem, 60)
     frac = seconds - int(seconds)
     return f"{h:d}:{m:02d}:{s:02d}.{int(frac * 10)}" if h else f"{m:d}:{s:02d}.{int(frac * 10)}"
+
+
+def _when(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"
 
 
 def _pct(part: float, whole: float) -> float:
@@ -144,11 +151,36 @@ def analyze(rec: Recording, session: int | None = None) -> dict:
     a["ooms"] = [_oom_summary(rec, e, steps, session, t0) for e in rec.ooms(session)]
 
     est = hello.get("estimate") if isinstance(hello.get("estimate"), dict) else None
-    a["estimate"] = {"peak": est.get("peak"), "peak_allocated": est.get("peak_allocated"),
-                     "blocks": est.get("blocks")} if est else None
+    a["estimate"] = {"peak": _i(est.get("peak")), "peak_allocated": _i(est.get("peak_allocated"))} if est else None
+    a["gap"] = _gap(est, rec, session, a) if est else None
     a["advice"] = advice(a)
     a["problems"] = rec.problem_line()
     return a
+
+
+def _gap(est: dict, rec: Recording, session: int | None, a: dict) -> dict | None:
+    """The estimator's gap analysis (vramtop/gap.py) at the peak step, when the job published an estimate."""
+    try:
+        from vramtop import gap
+    except ImportError:
+        return None
+    out: dict[str, Any] = {}
+    steps = rec.steps(session, last=200)
+    peak = a.get("peak") or {}
+    peak_step = next((s for s in steps if s.get("step") == peak.get("step")), steps[-1] if steps else None)
+    try:
+        if peak_step is not None:
+            rows = gap.gap_rows(est, peak_step.get("peak_blocks") or {}, eof_blocks=peak_step.get("eof_blocks"),
+                                step=peak_step, batch=peak_step.get("batch"))
+            out["rows"] = [{"block": r.block, "cause": r.cause} for r in rows if r.cause]
+    except Exception:  # an estimate from another vramtop version, or a damaged one: skip the comparison
+        out["rows"] = []
+    try:
+        items = gap.advice(est, steps=steps or None, card_bytes=a["job"].get("device_total"))
+        out["advice"] = [{k: it.get(k) for k in ("action", "saving", "new_peak", "cost", "fits")} for it in items[:4]]
+    except Exception:
+        out["advice"] = []
+    return out
 
 
 def _step_summary(steps: list[dict]) -> dict:
@@ -254,9 +286,16 @@ def _oom_summary(rec: Recording, e: dict, steps: list[dict], session: int | None
     return out
 
 
+def _i(x: Any) -> int:
+    """An integer from untrusted data (0 when it is not a finite number)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or abs(x) == float("inf"):
+        return 0
+    return int(x)
+
+
 def _segment_summary(segs: list) -> dict:
-    total = sum(int(s.get("total_size") or 0) for s in segs if isinstance(s, dict))
-    allocated = sum(int(s.get("allocated_size") or 0) for s in segs if isinstance(s, dict))
+    total = sum(_i(s.get("total_size")) for s in segs if isinstance(s, dict))
+    allocated = sum(_i(s.get("allocated_size")) for s in segs if isinstance(s, dict))
     largest_free = 0
     free_blocks = 0
     for s in segs:
@@ -265,7 +304,7 @@ def _segment_summary(segs: list) -> dict:
         for b in s.get("blocks") or ():
             if isinstance(b, dict) and str(b.get("state", "")).startswith("inactive"):
                 free_blocks += 1
-                largest_free = max(largest_free, int(b.get("size") or 0))
+                largest_free = max(largest_free, _i(b.get("size")))
     return {"count": len(segs), "reserved": total, "allocated": allocated, "free_in_segments": total - allocated,
             "largest_free_block": largest_free, "free_blocks": free_blocks}
 
@@ -274,7 +313,8 @@ def _segment_summary(segs: list) -> dict:
 
 
 def advice(a: dict) -> list[str]:
-    """Plain rules over the analysis (the estimator's gap analysis, vramtop/gap.py, adds to them when present)."""
+    """Plain rules over the analysis, then the estimator's gap analysis (vramtop/gap.py) when the job
+    published an estimate: the blocks that differ from it and why, and what to try with its saving."""
     out: list[str] = []
     job, peak, steps, mem = a["job"], a.get("peak"), a["steps"], a["memory"]
     blocks = (peak or {}).get("blocks") or {}
@@ -332,14 +372,13 @@ def advice(a: dict) -> list[str]:
         if ratio > 1.25:
             out.append(f"The measured peak is {ratio:.1f}x the estimate ({fmt_bytes(est['peak_allocated'])}): "
                        "look at the block that differs most (vramtop estimate shows the formula's terms).")
-    try:  # the estimator's gap analysis, when that module is present
-        from vramtop import gap  # type: ignore
-
-        extra = getattr(gap, "advice_for_report", None)
-        if callable(extra):
-            out.extend(str(x) for x in extra(a) or [])
-    except Exception:
-        pass
+    g = a.get("gap") or {}
+    for row in g.get("rows", []):
+        out.append(f"Estimate vs measured, {row['block']}: {row['cause']}")
+    for item in g.get("advice", []):
+        fits = "" if item.get("fits") is None else (", fits the card" if item["fits"] else ", still too big for the card")
+        out.append(f"Try: {item['action']}: saves about {fmt_bytes(item['saving'])} (peak {fmt_bytes(item['new_peak'])}"
+                   f"{fits}); cost: {item['cost']}.")
     if not out:
         out.append("Nothing stands out: no block dominates and memory did not grow over the run.")
     return out
@@ -355,7 +394,7 @@ def render_text(a: dict) -> str:
     lines.append(head)
     lines.append("=" * min(len(head), 78))
     start = job.get("start_time")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if start else "?"
+    when = _when(start)
     lines.append(f"job       pid {job.get('pid')} on {clean(job.get('host') or '?', 60)}, started {when}, "
                  f"recorded {fmt_offset(a.get('duration'))}")
     if job.get("cmdline"):

@@ -28,7 +28,14 @@ def storage_key(t):
     lives, and it works on the meta device, where data_ptr() is always 0.
     """
     s = t.untyped_storage()
-    return s._cdata, s.nbytes(), _dev(t.device)
+    d = t.device
+    name = _DEV_NAMES.get(d)
+    if name is None:
+        name = _DEV_NAMES[d] = _dev(d)
+    return s._cdata, s.nbytes(), name
+
+
+_DEV_NAMES: dict = {}  # torch.device -> "cuda:0"; str(device) is slow on the hot path
 
 
 def _dev(device) -> str:
@@ -79,43 +86,46 @@ class Breakdown:
 
 
 class Accountant:
-    """Walks a model, its optimizer and the saved-tensor tracker on demand.
+    """Categorizes on demand from caches that the right threads keep fresh.
 
-    Gradients need care: autograd assigns `param.grad` from C++ without the
-    GIL, so reading `p.grad` from another Python thread while a backward pass
-    runs races on the tensor's refcount and corrupts memory (reproduced with
-    torch 2.13). Only the training thread and autograd's own threads read
-    `p.grad`: at phase edges (`fresh=True`) and in post-accumulate-grad hooks;
-    the sampler thread uses the cache they leave behind.
+    Walking `model.parameters()` costs more than everything else in a sample
+    (named_modules recursion), so parameters, optimizer states and gradients
+    are cached as (storage key, bytes, device) tuples:
+    - parameters: refreshed at most once a second (and on attach), from any
+      thread; their storages only change when a job swaps them (FSDP).
+    - optimizer states: refreshed at the optimizer-step edges and when a
+      caller asks for `fresh` numbers, i.e. on the training thread.
+    - gradients: autograd assigns `param.grad` from C++ without the GIL, so
+      reading `p.grad` from another Python thread while a backward pass runs
+      races on the tensor's refcount and corrupts memory (reproduced with
+      torch 2.13). Only the training thread (`fresh=True`) and autograd's own
+      threads (post-accumulate-grad hooks, `note_grad`) read `p.grad`; the
+      sampler thread uses what they leave in the cache.
+    Activations are counted incrementally by the SavedTensorTracker.
     """
+
+    PARAM_REFRESH_S = 1.0
 
     def __init__(self, model=None, optimizer=None, saved=None):
         self.model = model
         self.optimizer = optimizer
         self.saved = saved
         self._grads: dict[int, tuple] = {}  # id(param) -> storage_key(param.grad)
+        self._params: list = []  # (key, nbytes, dev, trainable, quant extras)
+        self._param_objs: list = []
+        self._params_at = -1e9
+        self._opt: list = []  # storage keys of optimizer state tensors
+        self.param_keys: frozenset = frozenset()
 
-    def note_grad(self, param) -> None:
-        """Post-accumulate-grad hook: runs on the thread that just wrote param.grad."""
-        g = param.grad
-        if g is None:
-            self._grads.pop(id(param), None)
-        else:
-            self._grads[id(param)] = storage_key(g)
+    def invalidate(self) -> None:
+        """The model or optimizer changed: rebuild every cache on next use."""
+        self._params_at = -1e9
+        self._opt = []
+        self._grads = {}
 
-    def refresh_grads(self, params=None) -> None:
-        """Re-read every .grad; call only where no backward pass can be running."""
-        grads = {}
-        for p in params if params is not None else self._params():
-            g = p.grad
-            if g is not None:
-                try:
-                    grads[id(p)] = storage_key(g)
-                except Exception:
-                    pass
-        self._grads = grads
+    # ------------------------------------------------------------------ caches
 
-    def _params(self) -> list:
+    def param_objects(self) -> list:
         params = list(self.model.parameters()) if self.model is not None else []
         opt = self.optimizer
         if opt is not None:
@@ -128,68 +138,125 @@ class Accountant:
                         known.add(id(p))
         return params
 
-    def breakdown(self, fresh: bool = False) -> Breakdown:
+    def refresh_params(self) -> None:
+        import time
+
+        objs = self.param_objects()
+        entries = []
+        for p in objs:
+            extras = []
+            for q in _quant_state_tensors(p):
+                try:
+                    extras.append(storage_key(q))
+                except Exception:
+                    pass
+            entries.append((*storage_key(p), bool(p.requires_grad), extras, p.dtype.itemsize == 1))
+        self._param_objs = objs
+        self._params = entries
+        # The parameter part of every breakdown, computed once per refresh.
         bd = Breakdown()
         seen: set = set()
-        params = self._params()
-        opt = self.optimizer
-
-        for p in params:
-            key, nbytes, dev = storage_key(p)
-            extra = _quant_state_tensors(p)
+        for key, nbytes, dev, trainable, extras, one_byte in entries:
             if key not in seen:
                 seen.add(key)
                 bd.add(dev, "parameters", nbytes)
-                if p.requires_grad:
+                if trainable:
                     bd.trainable += nbytes
                 else:
                     bd.frozen += nbytes
-                    if extra or p.dtype.itemsize == 1:
+                    if extras or one_byte:
                         bd.quantized += nbytes
-            for q in extra:
-                qkey, qbytes, qdev = storage_key(q)
+            for qkey, qbytes, qdev in extras:
                 if qkey not in seen:
                     seen.add(qkey)
                     bd.add(qdev, "parameters", qbytes)
                     bd.frozen += qbytes
                     bd.quantized += qbytes
-        bd.param_keys = set(seen)
+        self._param_bd = bd
+        self.param_keys = frozenset(seen)
+        self._params_at = time.monotonic()
 
-        if fresh:
-            self.refresh_grads(params)
-        for key, nbytes, dev in list(self._grads.values()):
-            if key not in seen:
-                seen.add(key)
-                bd.add(dev, "gradients", nbytes)
+    def _maybe_refresh_params(self) -> None:
+        import time
 
+        if time.monotonic() - self._params_at > self.PARAM_REFRESH_S:
+            self.refresh_params()
+
+    def refresh_optimizer(self) -> None:
+        opt = self.optimizer
+        entries = []
         if opt is not None:
             for state in list(opt.state.values()):
                 if isinstance(state, dict):
                     for v in list(state.values()):
                         if hasattr(v, "untyped_storage"):
-                            _count(bd, seen, v, "optimizer")
+                            try:
+                                entries.append(storage_key(v))
+                            except Exception:
+                                pass
+        self._opt = entries
 
+    def note_grad(self, param) -> None:
+        """Post-accumulate-grad hook: runs on the thread that just wrote param.grad."""
+        g = param.grad
+        if g is None:
+            self._grads.pop(id(param), None)
+        else:
+            self._grads[id(param)] = storage_key(g)
+
+    def refresh_grads(self) -> None:
+        """Re-read every .grad; call only where no backward pass can be running."""
+        grads = {}
+        for p in self._param_objs:
+            g = p.grad
+            if g is not None:
+                try:
+                    grads[id(p)] = storage_key(g)
+                except Exception:
+                    pass
+        self._grads = grads
+
+    # ------------------------------------------------------------------ breakdown
+
+    def breakdown(self, fresh: bool = False) -> Breakdown:
+        """Bytes per block and device. `fresh`: re-read grads and optimizer state (training thread only)."""
+        self._maybe_refresh_params()
+        if fresh:
+            self.refresh_grads()
+            self.refresh_optimizer()
+        pbd = self._param_bd
+        bd = Breakdown(devices={d: dict(b) for d, b in pbd.devices.items()}, trainable=pbd.trainable,
+                       frozen=pbd.frozen, quantized=pbd.quantized)
+        seen = set(self.param_keys)
+        bd.param_keys = self.param_keys
+        for block, entries in (("gradients", list(self._grads.values())), ("optimizer", self._opt)):
+            for key, nbytes, dev in entries:
+                if key not in seen:
+                    seen.add(key)
+                    bd.add(dev, block, nbytes)
         if self.saved is not None:
-            for dev, nbytes in self.saved.live(seen, storage_key).items():
+            for dev, nbytes in self.saved.live(seen).items():
                 bd.add(dev, "activations", nbytes)
-
         if self.model is not None:
-            for b in self.model.buffers():
-                bd.devices.setdefault(_dev(b.device), dict.fromkeys(BLOCK_KEYS, 0))
-                if b.device.type == "cpu":
-                    _count(bd, seen, b, "other")
+            # CPU has no allocator counter: its buffers are the "other" we can see.
+            for key, nbytes, dev in self._buffers():
+                if key not in seen:
+                    seen.add(key)
+                    bd.add(dev, "other", nbytes if dev == "cpu" else 0)
         return bd
 
-
-def _count(bd: Breakdown, seen: set, t, block: str) -> None:
-    try:
-        key, nbytes, dev = storage_key(t)
-    except Exception:
-        return
-    if key in seen:
-        return
-    seen.add(key)
-    bd.add(dev, block, nbytes)
+    def _buffers(self) -> list:
+        cached = getattr(self, "_buffer_cache", None)
+        if cached is not None and cached[0] == self._params_at:
+            return cached[1]
+        entries = []
+        for b in self.model.buffers():
+            try:
+                entries.append(storage_key(b))
+            except Exception:
+                pass
+        self._buffer_cache = (self._params_at, entries)
+        return entries
 
 
 def sum_unique(tensors: Iterable) -> int:

@@ -23,7 +23,7 @@ import traceback
 from typing import Any, Callable
 
 from vramtop_agent import devices
-from vramtop_agent.accounting import Accountant, Breakdown
+from vramtop_agent.accounting import Accountant, Breakdown, storage_key
 from vramtop_agent.autodetect import defer_to_closure, watch_root
 from vramtop_agent.saved import SavedTensorTracker
 from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
@@ -65,7 +65,7 @@ class Agent:
         self.sample_hz = float(sample_hz)
         self.reset_peaks = reset_peaks
 
-        self.saved = SavedTensorTracker()
+        self.saved = SavedTensorTracker(storage_key)
         self.saved.enabled = track_activations
         self.acct = Accountant(None, None, self.saved)
         self.model = None
@@ -164,6 +164,7 @@ class Agent:
             h.remove()
         self.model = model
         self.acct.model = model
+        self.acct.invalidate()
         self.device = self._primary_device(model)
         self._cuda_index = int(self.device.split(":")[1]) if self.device.startswith("cuda") else None
         h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
@@ -183,6 +184,7 @@ class Agent:
     def attach_optimizer(self, optimizer) -> None:
         self.optimizer = optimizer
         self.acct.optimizer = optimizer
+        self.acct.invalidate()
         self._queue_hello()
 
     def _hooks_model(self):
@@ -301,13 +303,13 @@ class Agent:
     def breakdown(self) -> Breakdown:
         return self.acct.breakdown(fresh=threading.current_thread() is not self._thread)
 
-    def _level(self, bd: Breakdown | None = None) -> tuple[int, dict]:
+    def _level(self, bd: Breakdown | None = None, fresh: bool = False) -> tuple[int, dict]:
         """Bytes in use on the primary device now, and the blocks that make it up.
 
-        Without `bd` it is called at a phase edge, on the training thread or
-        from an autograd callback, where reading .grad is safe.
+        `fresh` re-reads gradients and optimizer state: only on the training
+        thread (forward start, optimizer end), never inside backward.
         """
-        bd = bd or self.acct.breakdown(fresh=True)
+        bd = bd or self.acct.breakdown(fresh=fresh)
         blocks = bd.blocks(self.device)
         if self._cuda_index is not None:
             import torch
@@ -371,7 +373,10 @@ class Agent:
                 self._phase_peak[ended] = max(self._phase_peak.get(ended, 0), peak)
             if edge == "start" and self.reset_peaks:
                 torch.cuda.reset_peak_memory_stats(self._cuda_index)
-        level, blocks = self._level()
+        # Gradients change under zero_grad (before forward) and optimizer states in step():
+        # re-read them there; during backward the grad hooks keep the cache current.
+        fresh = (phase, edge) in (("forward", "start"), ("optimizer", "end"))
+        level, blocks = self._level(fresh=fresh)
         if phase == "backward" and edge == "start":
             self._eof_level = max(self._eof_level, level)
             self._eof_blocks = blocks

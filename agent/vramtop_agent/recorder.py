@@ -189,12 +189,28 @@ def expand_path(path: str, pid: int | None = None, rank: int | None = None) -> s
     return path
 
 
+_I64 = (1 << 63) - 1
+
+
 def _int(x: Any) -> int | None:
-    return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+    """A column integer: SQLite holds 64-bit signed; anything else is stored as NULL (the BLOB keeps it)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    if isinstance(x, float):
+        if x != x or abs(x) > 9e18:
+            return None
+        x = int(x)
+    return x if -_I64 <= x <= _I64 else None
 
 
 def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        x = float(x)
+    except OverflowError:
+        return None
+    return x if x == x and abs(x) != float("inf") else None
 
 
 def _str(x: Any) -> str | None:
@@ -237,6 +253,7 @@ class Recorder:
         self.disabled = False
         self.dropped = 0  # rows never written (pending overflow, or given up)
         self.written = 0
+        self.unwritable = 0  # messages skipped because msgpack could not encode them
         self.closed = False
         self._lock = threading.Lock()
         self._pending: list[tuple[str, dict]] = []
@@ -432,8 +449,11 @@ class Recorder:
             if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
                 self._pending = batch + self._pending
                 return
-            # Keep the rows for a retry (space may come back), within the pending cap.
-            self._pending = (batch + self._pending)[-self.max_pending:]
+            if isinstance(exc, sqlite3.OperationalError):
+                # Disk full, I/O error: keep the rows for a retry (space may come back), within the pending cap.
+                self._pending = (batch + self._pending)[-self.max_pending:]
+            else:
+                self.dropped += len(batch)  # rows SQLite refuses would fail every retry: drop them
             self._failed(exc)
             return
         for v in self._sessions.values():
@@ -474,21 +494,26 @@ class Recorder:
             sid = self._session_for(db, msg)
             t = _num(msg.get("t")) or 0.0
             last_t[sid] = max(last_t.get(sid, t), t)
-            if kind == "sample":
-                samples.append(self._sample_row(sid, t, msg))
-            elif kind == "step":
-                steps.append(self._step_row(sid, t, msg))
-            elif kind == "hello":
-                row = self._hello_row(db, sid, t, msg)
-                if row is not None:
-                    events.append(row)
-            elif kind == "oom" and isinstance(msg.get("segments"), list):
-                body = {k: v for k, v in msg.items() if k != "segments"}
-                body["segments_stored"] = True
-                events.append(self._event_row(sid, t, kind, body))
-                snapshots.append((len(events) - 1, msg))
-            else:
-                events.append(self._event_row(sid, t, kind, msg))
+            try:
+                if kind == "sample":
+                    samples.append(self._sample_row(sid, t, msg))
+                elif kind == "step":
+                    steps.append(self._step_row(sid, t, msg))
+                elif kind == "hello":
+                    row = self._hello_row(db, sid, t, msg)
+                    if row is not None:
+                        events.append(row)
+                elif kind == "oom" and isinstance(msg.get("segments"), list):
+                    body = {k: v for k, v in msg.items() if k != "segments"}
+                    body["segments_stored"] = True
+                    segs = pack(msg["segments"])
+                    events.append(self._event_row(sid, t, kind, body))
+                    snapshots.append((len(events) - 1, {"step": msg.get("step"), "packed": segs}))
+                else:
+                    events.append(self._event_row(sid, t, kind, msg))
+            except (TypeError, ValueError, OverflowError):
+                self.unwritable += 1  # a message msgpack cannot carry: skip it, keep the batch
+                self.dropped += 1
         if samples:
             db.executemany(
                 "INSERT INTO samples (rseq, session, t, seq, step, phase, device, parameters, gradients, optimizer,"
@@ -511,7 +536,7 @@ class Recorder:
                                 "INSERT INTO allocator_snapshots (session, t, event, step, format, data)"
                                 " VALUES (?,?,?,?,?,?)",
                                 (row[1], row[2], cur.lastrowid, _int(msg.get("step")), SEGMENTS_FORMAT,
-                                 pack(msg["segments"])))
+                                 msg["packed"]))
             else:
                 db.executemany("INSERT INTO events (rseq, session, t, type, eseq, step, phase, msg)"
                                " VALUES (?,?,?,?,?,?,?,?)", events)

@@ -2,41 +2,64 @@
 
 A saved_tensors_hooks pair wraps every tensor autograd saves in a small
 holder. Autograd owns the holder and drops it when the graph node is freed
-(during backward, or when the graph is discarded), so the set of live holders
-is exactly the set of tensors currently saved for backward. Storage
-resolution is deferred to `live()` (called by the sampler / at phase edges),
-keeping the per-op cost in the training thread to one allocation and one
-weak-set insertion.
+(during backward, or when the graph is discarded), so the live holders are
+exactly the tensors currently saved for backward.
+
+The bytes are kept incrementally, per storage: a holder adds its storage on
+creation (refcount 0 -> 1 adds the bytes) and removes it in `__del__`. A
+sample then reads a small dict instead of resolving hundreds of storages, and
+the training thread pays one storage lookup per saved tensor.
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import Iterable
-
 
 class _Saved:
-    __slots__ = ("t", "__weakref__")
+    __slots__ = ("t", "key", "tracker")
 
-    def __init__(self, t):
+    def __init__(self, t, key, tracker):
         self.t = t
+        self.key = key
+        self.tracker = tracker
+
+    def __del__(self):
+        try:
+            self.tracker._release(self.key)
+        except Exception:
+            pass  # interpreter shutdown
 
 
 class SavedTensorTracker:
-    def __init__(self) -> None:
-        self._live: "weakref.WeakSet[_Saved]" = weakref.WeakSet()
+    def __init__(self, storage_key) -> None:
+        self._storage_key = storage_key
+        # storage key -> [holders, nbytes, device]
+        self._live: dict = {}
         self._ctx = None
         self.enabled = True
 
     # Hook pair handed to torch.autograd.graph.saved_tensors_hooks.
     def pack(self, t):
-        holder = _Saved(t)
-        self._live.add(holder)
-        return holder
+        try:
+            key, nbytes, dev = self._storage_key(t)
+        except Exception:
+            return t  # a tensor subclass without a storage: not ours to count
+        entry = self._live.get(key)
+        if entry is None:
+            self._live[key] = [1, nbytes, dev]
+        else:
+            entry[0] += 1
+        return _Saved(t, key, self)
 
     @staticmethod
     def unpack(holder):
-        return holder.t
+        return holder.t if type(holder) is _Saved else holder
+
+    def _release(self, key) -> None:
+        entry = self._live.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self._live[key]
 
     def enter(self) -> None:
         """Start tracking (called at the root module's forward pre-hook)."""
@@ -54,30 +77,19 @@ class SavedTensorTracker:
         if ctx is not None:
             ctx.__exit__(None, None, None)
 
-    def tensors(self) -> list:
-        # list() of a WeakSet can race with the training thread's adds; retry.
+    def entries(self) -> list:
+        """(key, nbytes, device) of every distinct live saved storage."""
         for _ in range(5):
             try:
-                return [h.t for h in list(self._live)]
-            except RuntimeError:
+                return [(k, e[1], e[2]) for k, e in list(self._live.items())]
+            except RuntimeError:  # resized by another thread mid-copy
                 continue
         return []
 
-    def live(self, exclude: set, storage_key) -> dict[str, int]:
-        """Bytes per device of distinct live saved storages not in `exclude`."""
-        return dedup_bytes(self.tensors(), exclude, storage_key)
-
-
-def dedup_bytes(tensors: Iterable, exclude: set, storage_key) -> dict[str, int]:
-    seen: set = set()
-    out: dict[str, int] = {}
-    for t in tensors:
-        try:
-            key, nbytes, dev = storage_key(t)
-        except Exception:
-            continue  # e.g. a tensor subclass without a storage
-        if key in exclude or key in seen:
-            continue
-        seen.add(key)
-        out[dev] = out.get(dev, 0) + nbytes
-    return out
+    def live(self, exclude: set) -> dict[str, int]:
+        """Bytes per device of live saved storages not in `exclude` (parameters, ...)."""
+        out: dict[str, int] = {}
+        for key, nbytes, dev in self.entries():
+            if key not in exclude:
+                out[dev] = out.get(dev, 0) + nbytes
+        return out

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vramtop.recording import Recording
+    from vramtop.recording import DATA_ERRORS, Recording, damaged
 
     rec = Recording.open(args.recording)
     try:
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
             if close:
                 fh.close()
         line = rec.problem_line()
+    except DATA_ERRORS as exc:
+        raise damaged(args.recording, exc) from None
     finally:
         rec.close()
     if line:

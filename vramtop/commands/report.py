@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vramtop.recording import Recording
+    from vramtop.recording import DATA_ERRORS, Recording, damaged
     from vramtop.report import analyze, render_html, render_text
 
     rec = Recording.open(args.recording)
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"cannot write {args.html}: {exc.strerror or exc}") from None
             print(f"wrote {os.path.abspath(args.html)}", file=sys.stderr)
         line = rec.problem_line()
+    except DATA_ERRORS as exc:
+        raise damaged(args.recording, exc) from None
     finally:
         rec.close()
     if line:

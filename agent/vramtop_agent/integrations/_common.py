@@ -47,13 +47,16 @@ def set_training(agent, training: dict) -> None:
 
 def plain(value: Any) -> Any:
     """A value msgpack and every logger can carry (enums, dtypes and the like become strings)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or type(value) in (bool, int, float, str):
         return value
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
-    inner = getattr(value, "value", None)
-    if isinstance(inner, (bool, int, float, str)):
+    inner = getattr(value, "value", None)  # enums (OptimizerNames, FSDPOption, ...)
+    if type(inner) in (bool, int, float, str):
         return inner
+    for cast in (bool, int, float, str):  # other subclasses of the plain types
+        if isinstance(value, cast):
+            return cast(value)
     return str(value)
 
 
@@ -78,7 +81,8 @@ class StepWindow:
 
 
 def log_metrics(agent, window: StepWindow) -> dict[str, float]:
-    """vramtop/<block>_mib now, vramtop/peak_<phase>_mib over the steps since the last call, in MiB."""
+    """In MiB: vramtop/<block>_mib and total_mib now; over the steps since the last call,
+    vramtop/peak_<phase>_mib, peak_mib, backward_spike_mib and at_peak_<block>_mib (the blocks at that peak)."""
     out: dict[str, float] = {}
     level, blocks = agent._level()
     for key in BLOCK_KEYS:
@@ -92,7 +96,7 @@ def log_metrics(agent, window: StepWindow) -> dict[str, float]:
         out[f"{PREFIX}backward_spike_mib"] = peaks["backward_spike"] / MIB
         for key in BLOCK_KEYS:
             if key in peaks["peak_blocks"]:
-                out[f"{PREFIX}peak_{key}_mib"] = peaks["peak_blocks"][key] / MIB
+                out[f"{PREFIX}at_peak_{key}_mib"] = peaks["peak_blocks"][key] / MIB
     if agent._cuda_index is not None:
         try:
             import torch
