@@ -92,3 +92,22 @@ def test_stop_removes_every_hook():
     agent.stop()
     train_steps(model, opt, make_batch(model, 1, 16), steps=1)
     assert agent.step == 0 and not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_a_forward_that_raises_leaves_no_hooks_behind(list_sink):
+    model = build_model(vocab_size=512)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0)
+    bad = {"input_ids": torch.full((1, 8), 10_000)}  # out-of-range token ids: the embedding raises
+    try:
+        model(**bad)
+    except IndexError:
+        pass
+    # Our saved-tensor hooks were popped: nothing is left on autograd's hook stack.
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    train_steps(model, opt, make_batch(model, 1, 16), steps=2)
+    agent.stop()
+    assert [s["step"] for s in list_sink.of("step")] == [0, 1]
+    forward_starts = [m for m in list_sink.of("phase") if m["phase"] == "forward" and m["edge"] == "start"]
+    assert len(forward_starts) == 3  # the failed forward and the two that trained
+    assert agent.snapshot()["blocks"]["activations"] == 0

@@ -180,3 +180,38 @@ def test_missing_and_empty_files(tmp_path):
     assert main(["report", str(tmp_path / "nope.vramtop")]) == 2
     assert main(["replay", str(tmp_path / "empty.vramtop")]) == 2
     assert main(["export", str(tmp_path / "nope.vramtop")]) == 2
+
+
+_num = st.one_of(st.integers(-(2 ** 63), 2 ** 64 - 1), st.floats(allow_nan=True, allow_infinity=True))
+_blocks = st.fixed_dictionaries({k: _num for k in ("parameters", "gradients", "optimizer", "activations", "other")})
+
+
+@FUZZ
+@given(ts=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=6), blocks=_blocks,
+       step=st.integers(-(2 ** 63), 2 ** 63 - 1), text=st.text(max_size=30))
+def test_absurd_but_schema_valid_values_never_crash_a_reader(tmp_path_factory, ts, blocks, step, text):
+    """What a buggy or hostile agent could send through `vramtop record`: only UserError may come out."""
+    from vramtop_agent.schema import SchemaError, validate
+
+    path = str(tmp_path_factory.mktemp("v") / "v.vramtop")
+    rec = Recorder(path, commit_interval=0.0)
+    for i, t in enumerate(ts):
+        for kind in ("hello", "sample", "step", "phase", "oom", "bye"):
+            msg = fake_msg(kind, t, blocks=blocks, step=step, phase=text or "forward")
+            if kind == "hello":
+                msg.update(cmdline=[text], model={"class": text, "params_total": step}, estimate={"peak": text})
+            if kind == "oom":
+                msg["segments"] = [{"total_size": blocks["other"], "blocks": [{"size": text, "state": "inactive"}]}]
+            try:
+                validate(msg)
+            except SchemaError:
+                continue
+            try:
+                rec.send(msg)
+            except Exception:
+                pass  # the agent counts these; here only the reader is under test
+    rec.close()
+    try:
+        _read_everything(path)
+    except UserError:
+        pass

@@ -334,7 +334,12 @@ def advice(a: dict) -> list[str]:
                 out.append(f"The OOM step's input was {'x'.join(map(str, o['batch']))} against "
                            f"{'x'.join(map(str, o['ref_batch']))} before: {k} grew by {fmt_bytes(d)}; "
                            "cap the batch or sequence length (bucket long sequences, or lower the batch for them).")
-    if share.get("activations", 0) >= 40:
+    g = a.get("gap") or {}
+    ref = max((peak or {}).get("level") or 0, 1)
+    gap_items = [it for it in g.get("advice", []) if _i(it.get("saving")) >= 0.02 * ref]
+    # With the estimator's quantified options, the plain per-block rules below would repeat them.
+    rules = not gap_items
+    if rules and share.get("activations", 0) >= 40:
         msg = f"Activations are {share['activations']:.0f}% of the peak"
         if not job.get("grad_ckpt"):
             msg += ": enable gradient checkpointing (model.gradient_checkpointing_enable())"
@@ -342,7 +347,7 @@ def advice(a: dict) -> list[str]:
         else:
             msg += " even with gradient checkpointing: lower the micro-batch or sequence length (gradient accumulation keeps the effective batch)."
         out.append(msg)
-    if share.get("optimizer", 0) >= 25:
+    if rules and share.get("optimizer", 0) >= 25:
         msg = f"Optimizer states are {share['optimizer']:.0f}% of the peak"
         if full_ft:
             msg += ": LoRA trains a fraction of the weights; otherwise an 8-bit optimizer (bitsandbytes AdamW8bit) " \
@@ -350,10 +355,10 @@ def advice(a: dict) -> list[str]:
         else:
             msg += ": an 8-bit optimizer (bitsandbytes AdamW8bit) halves or quarters them."
         out.append(msg)
-    if share.get("parameters", 0) >= 50 and job.get("dtype") == "float32":
+    if rules and share.get("parameters", 0) >= 50 and job.get("dtype") == "float32":
         out.append(f"Parameters are {share['parameters']:.0f}% of the peak in float32: load the model in bfloat16"
                    + (" (or 4-bit, QLoRA, for the frozen base)." if not full_ft else "."))
-    if share.get("gradients", 0) >= 25 and full_ft:
+    if rules and share.get("gradients", 0) >= 25 and full_ft:
         out.append(f"Gradients are {share['gradients']:.0f}% of the peak: LoRA, or freezing layers, removes most of them.")
     if mem.get("on_cuda") and mem.get("max_cache") and peak and mem["max_cache"] > 0.2 * max(peak["level"], 1):
         out.append(f"Up to {fmt_bytes(mem['max_cache'])} sat reserved but unallocated (cache/fragmentation): "
@@ -372,10 +377,9 @@ def advice(a: dict) -> list[str]:
         if ratio > 1.25:
             out.append(f"The measured peak is {ratio:.1f}x the estimate ({fmt_bytes(est['peak_allocated'])}): "
                        "look at the block that differs most (vramtop estimate shows the formula's terms).")
-    g = a.get("gap") or {}
     for row in g.get("rows", []):
         out.append(f"Estimate vs measured, {row['block']}: {row['cause']}")
-    for item in g.get("advice", []):
+    for item in gap_items:
         fits = "" if item.get("fits") is None else (", fits the card" if item["fits"] else ", still too big for the card")
         out.append(f"Try: {item['action']}: saves about {fmt_bytes(item['saving'])} (peak {fmt_bytes(item['new_peak'])}"
                    f"{fits}); cost: {item['cost']}.")

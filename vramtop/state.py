@@ -8,6 +8,7 @@ and validated wire message (see vramtop_agent.schema).
 from __future__ import annotations
 
 import collections
+import math
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,20 @@ from vramtop_agent.schema import BLOCK_KEYS
 
 HISTORY = 3000  # samples kept for the timeline (5 minutes at 10 Hz)
 STALE_AFTER = 2.0  # seconds without a frame before the view says so
+MAX_OOMS = 100  # OOM events kept (each can carry a segment map of megabytes)
+
+
+def size(x) -> int | None:
+    """A byte count from a validated message: an int >= 0, or None when absent or unusable.
+
+    schema.validate() already refuses negative and non-finite sizes; this keeps the
+    view safe whatever reaches it (a recording, a future field, a test).
+    """
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return int(x) if x >= 0 else None
 
 
 @dataclass
@@ -62,7 +77,9 @@ class SessionState:
 
     def apply(self, msg: dict) -> None:
         pid = msg.get("pid")
-        if self._pid is not None and pid != self._pid and msg.get("type") == "hello":
+        if self._pid is not None and pid != self._pid:
+            # Another process (a restarted job found again by discovery): its first frame may be a
+            # sample rather than its hello, which PUB/SUB does not guarantee to deliver first.
             self._reset_for_new_process()
         self._pid = pid
         self.last_frame_at = self.clock()
@@ -94,10 +111,11 @@ class SessionState:
     def _on_sample(self, msg: dict) -> None:
         self.sample = msg
         cuda = msg.get("cuda")
-        if cuda:
-            allocated, reserved = cuda["allocated"], cuda["reserved"]
-        else:
-            allocated, reserved = sum(msg["blocks"].values()), None
+        allocated = reserved = None
+        if isinstance(cuda, dict):
+            allocated, reserved = size(cuda.get("allocated")), size(cuda.get("reserved"))
+        if allocated is None:
+            allocated = self.tracked()
         self.history.append(Point(msg["t"], allocated, reserved, msg["phase"], msg["step"]))
 
     def _on_phase(self, msg: dict) -> None:
@@ -111,6 +129,7 @@ class SessionState:
 
     def _on_oom(self, msg: dict) -> None:
         self.ooms.append(msg)
+        del self.ooms[:-MAX_OOMS]
 
     def _on_bye(self, msg: dict) -> None:
         self.bye = msg
@@ -119,7 +138,12 @@ class SessionState:
 
     @property
     def on_cuda(self) -> bool:
-        return bool(self.sample and "cuda" in self.sample)
+        return bool(self.sample and isinstance(self.sample.get("cuda"), dict))
+
+    def tracked(self) -> int:
+        """The four blocks + other of the latest sample, in bytes."""
+        blocks = (self.sample or {}).get("blocks") or {}
+        return sum(size(blocks.get(k)) or 0 for k in BLOCK_KEYS)
 
     def connection(self, now: float | None = None) -> str:
         """live | stale | ended | gone | waiting, for the header."""
@@ -139,12 +163,13 @@ class SessionState:
 
     def device_total(self) -> int | None:
         s = self.sample or {}
-        if "nvml" in s and s["nvml"].get("total"):
-            return int(s["nvml"]["total"])
-        if self.hello and self.hello.get("device_total"):
-            return int(self.hello["device_total"])
-        host = s.get("host") or {}
-        return host.get("total")
+        nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
+        if size(nv.get("total")):
+            return size(nv["total"])
+        if self.hello and size(self.hello.get("device_total")):
+            return size(self.hello["device_total"])
+        host = s.get("host") if isinstance(s.get("host"), dict) else {}
+        return size(host.get("total"))
 
     def segments(self) -> list[Segment]:
         """The memory bar, left to right, summing to the device's total when it is known.
@@ -160,32 +185,35 @@ class SessionState:
         if s is None:
             return []
         blocks = s["blocks"]
-        segs = [Segment(k, _BLOCK_LABELS[k], int(blocks.get(k, 0))) for k in BLOCK_KEYS]
+        segs = [Segment(k, _BLOCK_LABELS[k], size(blocks.get(k)) or 0) for k in BLOCK_KEYS]
         tracked = sum(x.nbytes for x in segs)
         total = self.device_total()
-        if "cuda" in s:
+        if self.on_cuda:
             cuda = s["cuda"]
-            segs.append(Segment("cache", "cache/frag", max(cuda["reserved"] - cuda["allocated"], 0)))
-            nv = s.get("nvml") or {}
-            if "process_used" in nv:
-                segs.append(Segment("nonpytorch", "non-PyTorch", max(nv["process_used"] - cuda["reserved"], 0)))
-                if "used" in nv:
-                    segs.append(Segment("others", "other procs", max(nv["used"] - nv["process_used"], 0)))
-            elif "used" in nv:
+            allocated = size(cuda.get("allocated")) or 0
+            reserved = size(cuda.get("reserved")) or 0
+            segs.append(Segment("cache", "cache/frag", max(reserved - allocated, 0)))
+            nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
+            process_used, used = size(nv.get("process_used")), size(nv.get("used"))
+            if process_used is not None:
+                segs.append(Segment("nonpytorch", "non-PyTorch", max(process_used - reserved, 0)))
+                if used is not None:
+                    segs.append(Segment("others", "other procs", max(used - process_used, 0)))
+            elif used is not None:
                 # The driver hides per-process use (containers): everything beyond reserved is outside PyTorch.
-                segs.append(Segment("nonpytorch", "non-PyTorch", max(nv["used"] - cuda["reserved"], 0)))
+                segs.append(Segment("nonpytorch", "non-PyTorch", max(used - reserved, 0)))
             if total:
-                used = sum(x.nbytes for x in segs[5:]) + cuda["allocated"]
+                used = sum(x.nbytes for x in segs[5:]) + allocated
                 segs.append(Segment("free", "free", max(total - used, 0)))
         else:
-            host = s.get("host") or {}
-            rss = host.get("rss")
+            host = s.get("host") if isinstance(s.get("host"), dict) else {}
+            rss, host_total, available = size(host.get("rss")), size(host.get("total")), size(host.get("available"))
             if rss is not None:
                 segs.append(Segment("process", "process (untracked)", max(rss - tracked, 0)))
-            if host.get("total") and host.get("available") is not None:
-                used_by_others = max(host["total"] - host["available"] - (rss or 0), 0)
+            if host_total and available is not None:
+                used_by_others = max(host_total - available - (rss or 0), 0)
                 segs.append(Segment("others", "other procs", used_by_others))
-                segs.append(Segment("free", "free", int(host["available"])))
+                segs.append(Segment("free", "free", available))
         return segs
 
     def last_step(self) -> dict | None:

@@ -168,7 +168,8 @@ class Agent:
         self.device = self._primary_device(model)
         self._cuda_index = int(self.device.split(":")[1]) if self.device.startswith("cuda") else None
         h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
-        h2 = model.register_forward_hook(self._on_forward_post)
+        # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
+        h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
         handles = [h1, h2]
         for p in model.parameters():
             if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):

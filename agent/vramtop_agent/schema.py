@@ -16,12 +16,20 @@ only ever added within a major version) and rejects newer ones with a clear
 message. All sizes are integers in bytes. Fields that do not exist on a device
 (allocator stats on CPU, NVML without a driver) are absent, never zero.
 
+Frames come from another process (or another machine): `validate()` is strict
+about what the viewer relies on, so a hostile or broken frame is rejected
+rather than reaching the view. Numbers must be finite; sizes must be >= 0;
+`cuda` must carry `allocated` and `reserved`; `cmdline` is a list of strings
+and `batch` a short list of integers. Unknown fields are ignored (they are
+how the schema grows).
+
 The fields of each type are documented in docs/wire-schema.md and checked by
 `validate()` below; the viewer runs every frame through it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -186,6 +194,8 @@ def validate(msg: Any) -> dict[str, Any]:
             raise SchemaError(f"missing field {key!r}")
         if not isinstance(msg[key], types) or isinstance(msg[key], bool):
             raise SchemaError(f"field {key!r} has type {type(msg[key]).__name__}")
+    if not math.isfinite(msg["t"]):
+        raise SchemaError("field 't' is not finite")
     if msg["v"] > SCHEMA_VERSION:
         raise SchemaError(
             f"schema version {msg['v']} is newer than this vramtop's ({SCHEMA_VERSION}): upgrade vramtop"
@@ -204,6 +214,14 @@ def validate(msg: Any) -> dict[str, Any]:
         value = msg[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise SchemaError(f"{kind}: field {key!r} has type {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SchemaError(f"{kind}: field {key!r} is not finite")
+    if "cmdline" in fields and not all(isinstance(c, str) for c in msg.get("cmdline") or ()):
+        raise SchemaError(f"{kind}: cmdline holds a non-string")
+    batch = msg.get("batch")
+    if isinstance(batch, (list, tuple)) and (
+            len(batch) > 8 or not all(isinstance(b, int) and not isinstance(b, bool) for b in batch)):
+        raise SchemaError(f"{kind}: batch is not a short list of integers")
     if kind == "sample":
         _check_blocks(msg["blocks"], "sample.blocks")
         for dev, blocks in msg["devices"].items():
@@ -215,6 +233,10 @@ def validate(msg: Any) -> dict[str, Any]:
         for key in ("cuda", "nvml"):
             if key in msg:
                 _check_sizes(msg[key], f"sample.{key}")
+        if "cuda" in msg:
+            for key in ("allocated", "reserved"):
+                if not isinstance(msg["cuda"].get(key), int) or isinstance(msg["cuda"][key], bool):
+                    raise SchemaError(f"sample.cuda: {key} is missing or not an integer")
     elif kind == "step":
         _check_blocks(msg["peak_blocks"], "step.peak_blocks")
         _check_sizes(msg["peaks"], "step.peaks")
@@ -242,3 +264,5 @@ def _check_sizes(sizes: Any, where: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SchemaError(f"{where}.{key[:30]} is not a number")
+        if not 0 <= value < math.inf:  # also false for NaN
+            raise SchemaError(f"{where}.{key[:30]} is not a size (negative or not finite)")

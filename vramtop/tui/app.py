@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -41,7 +42,8 @@ class AgentPicker(ModalScreen[dict | None]):
             options = []
             for i, a in enumerate(self.agents):
                 cmd = " ".join(a.get("cmdline") or [])[:70]
-                options.append(Option(f"pid {a['pid']}  rank {a.get('rank', 0)}  {cmd}", id=str(i)))
+                # Text, not markup: a command line may hold "[" (and discovery files are outside data).
+                options.append(Option(Text(f"pid {a['pid']}  rank {a.get('rank', 0)}  {cmd}"), id=str(i)))
             yield OptionList(*options)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
@@ -147,13 +149,14 @@ class VramtopApp(App):
             status += f"  | last rejected frame: {st.last_rejection}"
         if self.paused:
             status = "[paused] " + status
-        self.query_one("#status", Static).update(status)
+        # Text, not markup: the status quotes rejected frames, i.e. whatever a peer sent.
+        self.query_one("#status", Static).update(Text(str(status)))
 
     # ------------------------------------------------------------------ actions
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused
-        self.query_one("#status", Static).update("[paused]" if self.paused else "")
+        self.query_one("#status", Static).update(Text("[paused]" if self.paused else ""))
 
     def action_save_svg(self) -> None:
         name = f"vramtop-{time.strftime('%Y%m%d-%H%M%S')}.svg"

@@ -6,11 +6,13 @@ object, so the TUI stays a thin shell and tests can check what a panel says.
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from vramtop.state import SessionState
+from vramtop.state import SessionState, size
 from vramtop_agent.schema import BLOCK_KEYS, PHASES
 
 COLORS = {
@@ -29,8 +31,19 @@ PHASE_STYLE = {"forward": ("F", "#59a14f"), "backward": ("B", "#e15759"), "optim
                "idle": ("·", "#666666")}
 
 
+def _finite(n) -> bool:
+    return isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n)
+
+
+def _text(x, limit: int = 80, default: str = "?") -> str:
+    """A string field from the stream, cut to `limit` characters; anything else is `default`."""
+    if not isinstance(x, str):
+        return default
+    return x if len(x) <= limit else x[:limit - 1] + "…"
+
+
 def fmt_bytes(n: float | None) -> str:
-    if n is None:
+    if not _finite(n):
         return "-"
     n = float(n)
     sign = "-" if n < 0 else ""
@@ -43,7 +56,7 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def fmt_count(n: int | None) -> str:
-    if n is None:
+    if not _finite(n):
         return "-"
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
@@ -66,18 +79,19 @@ def header(state: SessionState, source: str = "") -> Text:
     if conn == "stale" and since is not None:
         conn_text = f"stale: no data for {since:.0f}s"
     elif conn == "ended":
-        conn_text = f"agent ended ({(state.bye or {}).get('reason', '?')})"
+        conn_text = f"agent ended ({_text((state.bye or {}).get('reason'), 40)})"
     elif conn == "gone":
         conn_text = "process exited"
     t = Text()
-    cmd = " ".join(h.get("cmdline") or [])
+    cmd = " ".join(c for c in (h.get("cmdline") or []) if isinstance(c, str))
     if len(cmd) > 60:
         cmd = cmd[:57] + "..."
     t.append("vramtop ", style="bold")
     t.append(f"pid {s.get('pid', h.get('pid', '-'))}", style="bold cyan")
-    t.append(f"@{h.get('host', '?')}")
-    if h.get("world_size", 1) and h.get("world_size", 1) > 1:
-        t.append(f"  rank {h.get('rank', 0)}/{h.get('world_size')}")
+    t.append(f"@{_text(h.get('host'), 40)}")
+    world = h.get("world_size", 1)
+    if _finite(world) and world > 1:
+        t.append(f"  rank {h.get('rank', 0)}/{world}")
     t.append(f"  {cmd}", style="dim")
     t.append("  [")
     t.append(conn_text, style=conn_style)
@@ -85,16 +99,16 @@ def header(state: SessionState, source: str = "") -> Text:
     if source:
         t.append(f"  {source}", style="dim")
     t.append("\n")
-    dev = h.get("device") or s.get("device") or "?"
-    name = h.get("device_name")
+    dev = _text(h.get("device") or s.get("device"), 40)
+    name = _text(h.get("device_name"), 60, "")
     t.append("device ", style="dim")
     t.append(f"{dev}" + (f" ({name})" if name and dev.startswith("cuda") else ""), style="bold")
     t.append("  model ", style="dim")
-    t.append(str(model.get("class") or "?"), style="bold")
+    t.append(_text(model.get("class"), 60), style="bold")
     if model:
-        t.append(f"  {model.get('method', '?')}", style="magenta")
+        t.append(f"  {_text(model.get('method'), 20)}", style="magenta")
         t.append(f"  params {fmt_count(model.get('params_trainable'))} trainable / {fmt_count(model.get('params_total'))}")
-        t.append(f"  {model.get('dtype') or '?'}")
+        t.append(f"  {_text(model.get('dtype'), 30)}")
         if model.get("grad_ckpt"):
             t.append("  grad-ckpt", style="cyan")
     t.append("\n")
@@ -105,16 +119,16 @@ def header(state: SessionState, source: str = "") -> Text:
     t.append("  step ", style="dim")
     t.append(str(s.get("step", "-")), style="bold")
     t.append("  phase ", style="dim")
-    ph = s.get("phase", "-")
+    ph = _text(s.get("phase"), 20, "-")
     t.append(ph, style=PHASE_STYLE.get(ph, ("", "white"))[1])
     t.append("  step time ", style="dim")
-    t.append(f"{last['step_time'] * 1000:.0f} ms" if last and last.get("step_time") else "-", style="bold")
-    dropped = s.get("dropped", 0)
+    t.append(f"{last['step_time'] * 1000:.0f} ms" if last and _finite(last.get("step_time")) else "-", style="bold")
+    dropped = size(s.get("dropped")) or 0
     t.append("  dropped ", style="dim")
     t.append(f"{dropped + state.missed_events}", style="bold red" if dropped + state.missed_events else "")
     if state.rejected_frames:
         t.append(f"  rejected {state.rejected_frames}", style="bold red")
-    if s.get("errors"):
+    if size(s.get("errors")):
         t.append(f"  agent errors {s['errors']}", style="bold red")
     return t
 
@@ -138,7 +152,8 @@ def stack(state: SessionState, width: int) -> Group | Text:
     for _ in range(4):
         table.add_column()
     row: list = []
-    split = (state.sample or {}).get("params_split") or {}
+    split = (state.sample or {}).get("params_split")
+    split = split if isinstance(split, dict) else {}
     for seg in segs:
         pct = 100.0 * seg.nbytes / denom
         cell = Text()
@@ -196,9 +211,9 @@ def fragmentation(state: SessionState, width: int = 40) -> Group | Text:
         return Text("")
     t = Text()
     t.append("Allocator\n", style="bold")
-    cuda = s.get("cuda")
+    cuda = s.get("cuda") if state.on_cuda else None
     if cuda:
-        reserved, allocated = cuda["reserved"], cuda["allocated"]
+        reserved, allocated = size(cuda.get("reserved")) or 0, size(cuda.get("allocated")) or 0
         frag = (reserved - allocated) / reserved if reserved else 0.0
         t.append(f"reserved  {fmt_bytes(reserved)}\nallocated {fmt_bytes(allocated)}\n")
         t.append(f"cache/frag {fmt_bytes(reserved - allocated)} ({100 * frag:.0f}% of reserved)\n",
@@ -207,7 +222,7 @@ def fragmentation(state: SessionState, width: int = 40) -> Group | Text:
         t.append(f"alloc retries {cuda.get('alloc_retries', 0)}", style="bold red" if cuda.get("alloc_retries") else "")
         t.append(f"   OOMs {cuda.get('ooms', 0)}\n", style="bold red" if cuda.get("ooms") else "")
         t.append(f"peak allocated {fmt_bytes(cuda.get('peak_allocated'))}\n")
-        nv = s.get("nvml")
+        nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else None
         if nv:
             t.append(f"NVML used {fmt_bytes(nv.get('used'))} of {fmt_bytes(nv.get('total'))}")
             if "process_used" in nv:
@@ -219,8 +234,8 @@ def fragmentation(state: SessionState, width: int = 40) -> Group | Text:
         t.append(_spark([a for _, a in series], width), style=COLORS["activations"])
         t.append(" allocated\n", style="dim")
     else:
-        host = s.get("host") or {}
-        tracked = sum(s["blocks"].values())
+        host = s.get("host") if isinstance(s.get("host"), dict) else {}
+        tracked = state.tracked()
         t.append("CPU: no caching allocator to inspect\n", style="dim")
         t.append(f"process RSS {fmt_bytes(host.get('rss'))}\n")
         t.append(f"tracked tensors {fmt_bytes(tracked)}\n")
@@ -229,7 +244,7 @@ def fragmentation(state: SessionState, width: int = 40) -> Group | Text:
         t.append(" tracked\n", style="dim")
     if state.errors:
         e = state.errors[-1]
-        t.append(f"agent error ({e['where']}): {e['message'][:80]}\n", style="red")
+        t.append(f"agent error ({_text(e.get('where'), 30)}): {_text(e.get('message'), 80)}\n", style="red")
     return t
 
 
@@ -261,18 +276,19 @@ def phases(state: SessionState, rows: int = 8) -> Group | Text:
         return Text("Phase peaks per step\nno step finished yet", style="dim")
     for st in steps:
         pb = st["peak_blocks"]
-        top = max(BLOCK_KEYS, key=lambda k: pb.get(k, 0))
+        top = max(BLOCK_KEYS, key=lambda k: size(pb.get(k)) or 0)
         table.add_row(
             str(st["step"]),
             *[fmt_bytes(st["peaks"].get(p)) for p in PHASES],
             "+" + fmt_bytes(st["backward_spike"]),
-            f"{st['step_time'] * 1000:.0f}ms" if st.get("step_time") else "-",
+            f"{st['step_time'] * 1000:.0f}ms" if _finite(st.get("step_time")) else "-",
             Text(top[:5], style=COLORS[top]),
         )
     last = steps[-1]
     pb = last["peak_blocks"]
     detail = Text()
-    detail.append(f"step {last['step']} peak {fmt_bytes(last['peak'])} in {last['peak_phase']}: ", style="bold")
+    detail.append(f"step {last['step']} peak {fmt_bytes(last['peak'])} in {_text(last['peak_phase'], 20)}: ",
+                  style="bold")
     for k in BLOCK_KEYS:
         detail.append("■", style=COLORS[k])
         detail.append(f"{k[:5]} {fmt_bytes(pb.get(k))}  ")
@@ -321,7 +337,7 @@ def timeline(state: SessionState, width: int, height: int = 8) -> Group | Text:
         lines.append(line)
     marks = Text(" " * 10)
     for p in pts:
-        ch, st = PHASE_STYLE.get(p.phase, ("?", "white"))
+        ch, st = PHASE_STYLE.get(p.phase, ("?", "white")) if isinstance(p.phase, str) else ("?", "white")
         marks.append(ch, style=st)
     span = pts[-1].t - pts[0].t
     axis = Text(f"{'':>10}{'-' + format(span, '.0f') + 's':<{max(len(pts) - 3, 1)}}now", style="dim")

@@ -96,6 +96,8 @@ class _Ctx:
 
 def trace(model: ModelDesc, setup: Setup) -> TraceResult:
     g = Graph()
+    if setup.world_size > 1 and setup.zero >= 2:
+        g.grad_divisor = setup.world_size
     c = _Ctx(model, setup, g)
     ids = g.input(c.bt, INT64, "input_ids")
     labels = g.input(c.bt, INT64, "labels")

@@ -87,6 +87,8 @@ class Graph:
         self.phase_peak = {"forward": 0, "backward": 0}
         self.phase = "forward"
         self.param_grad_bytes = 0
+        # ZeRO-2/3: each rank keeps 1/N of every gradient (reduce-scattered as backward goes).
+        self.grad_divisor = 1
         self._region: Region | None = None
         self._regions: list[Region] = []
         self._param_grads: dict[int, Storage] = {}
@@ -301,9 +303,10 @@ class Graph:
 
     def _param_grad(self, p: Sym, accumulate: bool) -> int:
         """AccumulateGrad: the first gradient is stolen into .grad (stays), a later one is added in place."""
+        nbytes = -(-p.nbytes // self.grad_divisor)
         if accumulate or id(p.st) in self._param_grads:
-            return p.nbytes
-        st = Storage(p.nbytes, f"grad {p.name}", "grad")
+            return nbytes
+        st = Storage(nbytes, f"grad {p.name}", "grad")
         st.py = 1  # held by .grad
         self._param_grads[id(p.st)] = st
         self._alloc(st)
