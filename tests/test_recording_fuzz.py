@@ -16,7 +16,9 @@ from vramtop.replay import ReplaySource
 from vramtop.report import analyze, render_html, render_text
 from vramtop_agent.recorder import Recorder
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# VRAMTOP_FUZZ_EXAMPLES=500 for a deeper run than CI's.
+FUZZ = settings(max_examples=int(os.environ.get("VRAMTOP_FUZZ_EXAMPLES", "40")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _read_everything(path):

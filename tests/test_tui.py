@@ -99,3 +99,26 @@ async def test_cuda_sample_renders_the_whole_card():
     assert sum(segs.values()) == 80 * gib
     frag = render.fragmentation(state).plain
     assert "18% of reserved" in frag and "alloc retries 2" in frag
+
+
+async def test_estimate_beside_actual_and_what_if(demo_job):
+    """The agent publishes the estimator's prediction; the view shows it beside the measurement."""
+    app = VramtopApp(LiveSource(str(demo_job.pid)), refresh_hz=10)
+    async with app.run_test(size=(180, 60)) as pilot:
+        await _until(pilot, lambda: len(app.state.steps) >= 2 and (app.state.hello or {}).get("estimate"))
+        app._refresh_view()
+        rows = {r.block: r for r in app.gap_model.rows(app.state)}
+        # Parameters and optimizer states are exact on a live LoRA run (estimator tests cover the matrix).
+        assert rows["parameters"].difference == 0 and rows["optimizer"].difference == 0
+        text = screen_text(app)
+        assert "Estimate vs actual" in text and "What to try" in text
+        await pilot.press("w")
+        await pilot.pause(0.5)
+        screen = app.screen
+        base = screen.prediction["predicted_peak"]
+        screen.query_one("#wi-batch").value = "16"
+        await pilot.pause(0.5)
+        bigger = screen.prediction["predicted_peak"]
+        assert bigger > base  # 4x the batch: more activations
+        assert "predicted peak" in screen_text(app)
+        await pilot.press("escape")

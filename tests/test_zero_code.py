@@ -65,6 +65,29 @@ DDP_TRAIN = textwrap.dedent("""
 """)
 
 
+FSDP_TRAIN = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + sys.argv[1])
+    torch.manual_seed(0)
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    model = net()
+    fully_shard(model[0])
+    fully_shard(model)  # FSDP2: no wrapper, the model's class becomes FSDPSequential
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 16), torch.randn(4, 2)
+    for _ in range(2):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    from vramtop_agent.introspect import describe_model
+    fsdp1 = FullyShardedDataParallel(net(), device_id=torch.device("cpu"))
+    print(json.dumps(describe_model(fsdp1)["sharding"]))
+    dist.destroy_process_group()
+""")
+
+
 @pytest.fixture
 def train_py(tmp_path):
     path = tmp_path / "train.py"
@@ -209,6 +232,26 @@ def test_env_record_with_torchrun_gives_each_rank_its_stream(tmp_path):
             assert model["sharding"] == {"kind": "ddp", "wrappers": ["DistributedDataParallel"]}
             assert model["params_total"] == 16 * 32 + 32 + 32 * 2 + 2
             assert len(r.steps()) == 3
+
+
+def test_fsdp_roots_are_found_and_described(tmp_path):
+    import json
+
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_TRAIN)
+    rec = tmp_path / "fsdp.vramtop"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "rdzv")], capture_output=True, text=True,
+                         cwd=tmp_path, env=_env(VRAMTOP_RECORD=str(rec), OMP_NUM_THREADS="1"), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # FSDP1 (a wrapper module): strategy (NO_SHARD: world size 1) and the wrapper named.
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {
+        "kind": "fsdp", "units": 1, "strategy": "NO_SHARD", "wrappers": ["FullyShardedDataParallel"]}
+    with open_recording(str(rec)) as r:
+        (session,) = r.sessions()
+        model = session.hello["model"]
+        assert model["class"] == "FSDPSequential" and model["sharding"] == {"kind": "fsdp2", "units": 2}
+        assert model["summary"] == "full · FSDP2"
+        assert [s["step"] for s in r.steps()] == [0, 1]
 
 
 def test_pth_is_installed_and_costs_nothing_when_off(tmp_path):

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"vramtop: {exc}", file=sys.stderr)
         return exc.exit_code
+    except PermissionError as exc:  # e.g. a runtime directory someone else owns (vramtop_agent.discovery)
+        print(f"vramtop: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -334,10 +334,14 @@ class Recording:
         """(first t, last t) of the recorded data."""
         lo, hi = None, None
         for table in ("samples", "steps", "events"):
+            # Walk the t index from each end (min and max in one query, or with a WHERE, scan the table).
             if session is None:
-                row = self._one(f"SELECT min(t), max(t) FROM {table}")
+                first = self._one(f"SELECT t FROM {table} ORDER BY t LIMIT 1")
+                last = self._one(f"SELECT t FROM {table} ORDER BY t DESC LIMIT 1")
             else:
-                row = self._one(f"SELECT min(t), max(t) FROM {table} WHERE session = ?", (session,))
+                first = self._one(f"SELECT t FROM {table} WHERE session = ? ORDER BY t LIMIT 1", (session,))
+                last = self._one(f"SELECT t FROM {table} WHERE session = ? ORDER BY t DESC LIMIT 1", (session,))
+            row = (first[0], last[0]) if first and last else None
             a, b = (_f(row[0]), _f(row[1])) if row else (None, None)
             if a is not None and b is not None:
                 lo = a if lo is None else min(lo, a)
@@ -368,10 +372,29 @@ class Recording:
             conds.append(extra)
         return (" WHERE " + " AND ".join(conds)) if conds else "", tuple(params)
 
-    def sample_rows(self, t0: float | None = None, t1: float | None = None, session: int | None = None) -> list[tuple]:
+    def iter_sample_rows(self, t0: float | None = None, t1: float | None = None,
+                         session: int | None = None) -> Iterator[tuple]:
         """Column tuples (SAMPLE_COLUMNS) in time order, without decoding messages: for plots and exports."""
         where, params = self._where(session, t0, t1)
-        return list(self._query(f"SELECT {_sel(*SAMPLE_COLUMNS)} FROM samples{where} ORDER BY t, rseq", params))
+        return self._query(f"SELECT {_sel(*SAMPLE_COLUMNS)} FROM samples{where} ORDER BY t, rseq", params)
+
+    def sample_rows(self, t0: float | None = None, t1: float | None = None, session: int | None = None) -> list[tuple]:
+        return list(self.iter_sample_rows(t0, t1, session))
+
+    def sample_buckets(self, n: int, session: int | None = None) -> list[tuple]:
+        """At most about n column tuples over the whole run: in each time bucket, the sample with the
+        highest total (peaks survive the reduction). Grouped inside SQLite: a day of samples stays on disk."""
+        span = self.span(session)
+        if span is None:
+            return []
+        where, params = self._where(session, None, None)
+        count = self._one(f"SELECT count(*) FROM samples{where}", params)
+        if not count or count[0] <= n:
+            return self.sample_rows(session=session)
+        width = (span[1] - span[0]) / max(n, 1) or 1.0
+        rows = self._query(f"SELECT {_sel(*SAMPLE_COLUMNS)}, max(total) FROM samples{where}"
+                           f" GROUP BY CAST((t - ?) / ? AS INTEGER) ORDER BY t", params + (span[0], width))
+        return [r[:-1] for r in rows]
 
     def samples(self, t0: float | None = None, t1: float | None = None, session: int | None = None,
                 limit: int | None = None) -> Iterator[dict]:
@@ -537,12 +560,8 @@ class Recording:
         row = self._one(f"SELECT {_sel('id', 't', 'step', 'phase', 'session', 'total', *BLOCK_KEYS)} FROM samples{where}"
                         " ORDER BY total DESC, t LIMIT 1", params)
         if row and row[5] is not None:
+            # `total` is the blocks' sum; on CUDA "other" is allocated minus the four, so total >= allocated.
             best = Peak(int(row[5]), row[1], row[2], row[3], dict(zip(BLOCK_KEYS, row[6:11])), row[4], "samples")
-            # On CUDA the allocator's own number is the truth.
-            alloc = self._one(f"SELECT {_sel('t', 'step', 'phase', 'session', 'allocated')} FROM samples{where}"
-                              " ORDER BY allocated DESC, t LIMIT 1", params)
-            if alloc and alloc[4] is not None and alloc[4] > best.level:
-                best = Peak(int(alloc[4]), alloc[0], alloc[1], alloc[2], best.blocks, alloc[3], "samples")
         srow = self._one(f"SELECT {_sel('t', 'step', 'peak_phase', 'session', 'peak', *('peak_' + k for k in BLOCK_KEYS))}"
                          f" FROM steps{where} ORDER BY peak DESC, t LIMIT 1", params)
         if srow and srow[4] is not None and (best is None or srow[4] >= best.level):

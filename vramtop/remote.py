@@ -222,7 +222,9 @@ def parse_ls_output(out: str, host: Host) -> list[dict]:
 
 def _clean_info(item) -> dict | None:
     """A discovery record from another machine: typed fields only, a connectable endpoint."""
-    if not isinstance(item, dict):
+    from vramtop_agent import discovery
+
+    if not isinstance(item, dict) or discovery.check_info(dict(item)) is None:
         return None
     endpoint, pid = item.get("endpoint"), item.get("pid")
     if not isinstance(endpoint, str) or not isinstance(pid, int) or isinstance(pid, bool):

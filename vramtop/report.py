@@ -65,6 +65,17 @@ def fmt_offset(seconds: float | None) -> str:
     return f"{h:d}:{m:02d}:{s:02d}.{int(frac * 10)}" if h else f"{m:d}:{s:02d}.{int(frac * 10)}"
 
 
+def fmt_tick(seconds: float) -> str:
+    """Short time-axis labels: 12.5s, 3:20, 4:48h."""
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    if seconds < 3600:
+        m, s = divmod(int(round(seconds)), 60)
+        return f"{m}:{s:02d}"
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h}:{rem // 60:02d}h"
+
+
 def _when(t: Any) -> str:
     try:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
@@ -216,22 +227,7 @@ def _step_summary(steps: list[dict]) -> dict:
 
 def _bucketed(rec: Recording, session: int | None, max_points: int = MAX_POINTS) -> list[dict]:
     """Samples, reduced to at most max_points: in each time bucket, the sample with the highest level."""
-    rows = rec.sample_rows(session=session)
-    if not rows:
-        return []
-    cols = SAMPLE_COLUMNS
-    t_i, tot_i = cols.index("t"), cols.index("total")
-    if len(rows) > max_points:
-        t_lo, t_hi = rows[0][t_i], rows[-1][t_i]
-        width = (t_hi - t_lo) / max_points or 1.0
-        best: dict[int, tuple] = {}
-        for r in rows:
-            b = min(int((r[t_i] - t_lo) / width), max_points - 1)
-            cur = best.get(b)
-            if cur is None or (r[tot_i] or 0) > (cur[tot_i] or 0):
-                best[b] = r
-        rows = [best[k] for k in sorted(best)]
-    return [dict(zip(cols, r)) for r in rows]
+    return [dict(zip(SAMPLE_COLUMNS, r)) for r in rec.sample_buckets(max_points, session)]
 
 
 def _sample_summary(rec: Recording, session: int | None) -> dict:
@@ -550,7 +546,7 @@ def svg_stacked(points: list[dict], t0: float, marks: list[tuple[float, str, str
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" role="img" '
            'aria-label="memory blocks stacked over time">', _legend([(k, COLORS[k]) for k in BLOCK_KEYS])]
-    out += _axes(x_max, y_max, "time into the run", fmt_offset)
+    out += _axes(x_max, y_max, "time into the run", fmt_tick)
     base = [0.0] * len(points)
     for k in BLOCK_KEYS:
         upper = [b + (p[k] or 0) for b, p in zip(base, points)]
@@ -671,7 +667,7 @@ def render_html(a: dict, rec: Recording) -> str:
         alloc_series = [("tracked tensors", COLORS["allocated"], [p["total"] for p in pts]),
                         ("process RSS", COLORS["rss"], [p["rss"] for p in pts])]
         third_title = "Tracked tensors vs process RSS (CPU run: no allocator)"
-    third = svg_lines([p["t"] - t0 for p in pts], alloc_series, "time into the run", fmt_offset, third_title)
+    third = svg_lines([p["t"] - t0 for p in pts], alloc_series, "time into the run", fmt_tick, third_title)
     text = render_text(a)
     p = a.get("peak") or {}
     title = f"vramtop report: {job.get('model') or 'run'}"

@@ -34,8 +34,10 @@ def pid_alive(pid: int) -> bool:
 class LiveSource:
     """Follows one agent; with no target, discovers agents and re-attaches when a job restarts."""
 
-    def __init__(self, target: str | None = None, rescan_s: float = 1.0):
+    def __init__(self, target: str | None = None, rescan_s: float = 1.0, *, curve_server_key=None,
+                 curve_client_key=None):
         self.target = target
+        self.curve = (curve_server_key, curve_client_key)  # see Subscriber and docs/security.md
         self.rescan_s = rescan_s
         self.sub: Subscriber | None = None
         self.pid: int | None = None
@@ -45,6 +47,8 @@ class LiveSource:
         self._last_scan = 0.0
         self._gone_since: float | None = None
         self._want_pid: int | None = None
+        self._rejected_before = 0  # frames rejected by the subscribers of earlier attachments
+        self._last_rejection: str | None = None
         if target is None:
             self.status = "looking for agents on this machine"
         elif target.isdigit():
@@ -58,14 +62,15 @@ class LiveSource:
     # ------------------------------------------------------------------ connecting
 
     def _connect(self, endpoint: str, info: dict | None) -> None:
-        if self.sub is not None:
-            self.sub.close()
-        self.sub = Subscriber(endpoint)
+        self._close_sub()
+        self.sub = Subscriber(endpoint, curve_server_key=self.curve[0], curve_client_key=self.curve[1])
         self.info = info
         self.pid = info.get("pid") if info else None
         self.choices = []
         self._gone_since = None
         self.status = f"attached to {endpoint}"
+        if info and info.get("curve") and self.curve[0] is None:
+            self.status += ": this agent encrypts its stream (CURVE), pass its public key with --server-key FILE"
 
     def choose(self, info: dict) -> None:
         self._connect(info["endpoint"], info)
@@ -75,7 +80,12 @@ class LiveSource:
         if now - self._last_scan < self.rescan_s:
             return
         self._last_scan = now
-        agents = discovery.list_agents()
+        try:
+            agents = discovery.list_agents()
+        except PermissionError as exc:  # a runtime dir planted by someone else: say so, keep waiting
+            self.choices = []
+            self.status = str(exc)
+            return
         if self._want_pid is not None:
             agents = [a for a in agents if a.get("pid") == self._want_pid]
             if not agents and not pid_alive(self._want_pid):
@@ -115,18 +125,22 @@ class LiveSource:
         return True
 
     def _detach_and_rescan(self) -> None:
-        if self.sub is not None:
-            self.sub.close()
-        self.sub = None
+        self._close_sub()
         self.pid = None
+
+    def _close_sub(self) -> None:
+        if self.sub is not None:
+            self._rejected_before += self.sub.rejected
+            self._last_rejection = self.sub.last_rejection or self._last_rejection
+            self.sub.close()
+            self.sub = None
 
     @property
     def rejected(self) -> tuple[int, str | None]:
+        """Frames refused since this source was created (across re-attachments), and the last reason."""
         if self.sub is None:
-            return 0, None
-        return self.sub.rejected, self.sub.last_rejection
+            return self._rejected_before, self._last_rejection
+        return self._rejected_before + self.sub.rejected, self.sub.last_rejection or self._last_rejection
 
     def close(self) -> None:
-        if self.sub is not None:
-            self.sub.close()
-            self.sub = None
+        self._close_sub()

@@ -35,22 +35,45 @@ def check_endpoint(endpoint: str) -> str:
 
 
 class Subscriber:
-    def __init__(self, endpoint: str, curve_server_key: bytes | None = None, max_frame: int = MAX_FRAME_BYTES):
+    """curve_server_key: the agent's CURVE public key (Z85, or its `.key` file): the stream is encrypted
+    and only that agent is accepted. curve_client_key: this viewer's `.key_secret` file or a
+    (public, secret) pair, for an agent that lists its viewers (curve_client_keys); by default a
+    fresh key pair. See vramtop_agent.curve and docs/security.md."""
+
+    def __init__(self, endpoint: str, curve_server_key=None, max_frame: int = MAX_FRAME_BYTES,
+                 curve_client_key=None):
         import zmq
 
         self.endpoint = check_endpoint(endpoint)
         self._zmq = zmq
         self._ctx = zmq.Context.instance()
         self.max_frame = max_frame
-        self._samples = self._socket(TOPIC_SAMPLE, conflate=True, curve_server_key=curve_server_key)
-        self._events = self._socket(TOPIC_EVENT, conflate=False, curve_server_key=curve_server_key)
+        self._curve = None
+        if curve_server_key is not None:
+            from vramtop_agent import curve
+
+            try:
+                server = curve.load_key(curve_server_key)
+                if curve_client_key is None:
+                    client = zmq.curve_keypair()
+                elif isinstance(curve_client_key, (tuple, list)):
+                    client = tuple(curve_client_key)
+                else:
+                    client = curve.load_keypair(curve_client_key)
+            except curve.CurveKeyError as exc:
+                raise UserError(str(exc)) from None
+            self._curve = (server, *client)
+        elif curve_client_key is not None:
+            raise UserError("a client key needs the agent's public key too (--server-key)")
+        self._samples = self._socket(TOPIC_SAMPLE, conflate=True)
+        self._events = self._socket(TOPIC_EVENT, conflate=False)
         self._poller = zmq.Poller()
         self._poller.register(self._samples, zmq.POLLIN)
         self._poller.register(self._events, zmq.POLLIN)
         self.rejected = 0
         self.last_rejection: str | None = None
 
-    def _socket(self, topic: bytes, conflate: bool, curve_server_key: bytes | None):
+    def _socket(self, topic: bytes, conflate: bool):
         zmq = self._zmq
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
@@ -62,9 +85,9 @@ class Subscriber:
             sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.RECONNECT_IVL, 200)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if curve_server_key is not None:
-            public, secret = zmq.curve_keypair()
-            sock.curve_serverkey = curve_server_key
+        if self._curve is not None:
+            server, public, secret = self._curve
+            sock.curve_serverkey = server
             sock.curve_publickey = public
             sock.curve_secretkey = secret
         sock.setsockopt(zmq.SUBSCRIBE, topic)

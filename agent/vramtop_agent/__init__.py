@@ -26,7 +26,11 @@ def watch(model=None, optimizer=None, **options):
                that steps is adopted when omitted).
     options:   endpoint="tcp://127.0.0.1:5555" (default: an ipc socket in a
                per-user 0700 directory), publish=True, sample_hz=10.0,
-               hwm=1000, allow_remote=False, curve_secret_key=None,
+               hwm=1000, allow_remote=False, curve_secret_key=None (a Z85
+               secret key or a `.key_secret` file: CURVE encryption, see
+               docs/security.md; VRAMTOP_CURVE_SECRET_KEY=FILE does the same),
+               curve_client_keys=None (viewer public keys / key files / a
+               directory of *.key: only they may subscribe),
                track_activations=True, reset_peaks=True, record=None (path of
                a recording; VRAMTOP_RECORD in the environment does the same).
     """

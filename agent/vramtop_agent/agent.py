@@ -52,7 +52,8 @@ class Agent:
         sample_hz: float = 10.0,
         hwm: int = 1000,
         allow_remote: bool = False,
-        curve_secret_key: bytes | None = None,
+        curve_secret_key: bytes | str | None = None,
+        curve_client_keys=None,
         track_activations: bool = True,
         reset_peaks: bool = True,
         record: str | None = None,
@@ -109,10 +110,11 @@ class Agent:
         self._closed = False
         self.endpoint: str | None = None
         self._info_written = False
-        self.estimate: dict | None = None
+        self.estimate: dict | None = None  # the estimator's prediction for this run (sent in hello)
+        self._estimated_for: list | None = None
 
         if publish:
-            self._start_publisher(endpoint, hwm, allow_remote, curve_secret_key)
+            self._start_publisher(endpoint, hwm, allow_remote, curve_secret_key, curve_client_keys)
         record = record or os.environ.get("VRAMTOP_RECORD")
         if record:
             self._start_recorder(record)
@@ -133,15 +135,19 @@ class Agent:
 
     # ------------------------------------------------------------------ setup
 
-    def _start_publisher(self, endpoint, hwm, allow_remote, curve_secret_key) -> None:
+    def _start_publisher(self, endpoint, hwm, allow_remote, curve_secret_key, curve_client_keys=None) -> None:
         from vramtop_agent import discovery
         from vramtop_agent.publisher import Publisher
 
         endpoint = endpoint or os.environ.get("VRAMTOP_ENDPOINT") or discovery.ipc_endpoint(self.pid, self.rank)
-        pub = Publisher(endpoint, hwm=hwm, allow_remote=allow_remote, curve_secret_key=curve_secret_key)
+        curve_secret_key = curve_secret_key or os.environ.get("VRAMTOP_CURVE_SECRET_KEY") or None  # a key file
+        pub = Publisher(endpoint, hwm=hwm, allow_remote=allow_remote, curve_secret_key=curve_secret_key,
+                        curve_client_keys=curve_client_keys)
         self.endpoint = pub.endpoint
         self._sinks.append(pub)
         self._info = discovery.make_info(self.endpoint, self.rank, self.local_rank, self.world_size)
+        if pub.curve:
+            self._info["curve"] = True  # a local viewer then knows it needs the agent's public key
         discovery.write_info(self._info)
         self._info_written = True
 
@@ -167,6 +173,8 @@ class Agent:
         self.acct.invalidate()
         self.device = self._primary_device(model)
         self._cuda_index = int(self.device.split(":")[1]) if self.device.startswith("cuda") else None
+        if self._info_written:  # `vramtop ls` shows the device (one small file write, once per model)
+            self._guard("discovery", self._write_device_info)
         h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
         # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
         h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
@@ -181,6 +189,12 @@ class Agent:
 
         self._hooks += oom.model_hooks(self, model)  # records an OOM raised inside forward
         self._queue_hello()
+
+    def _write_device_info(self) -> None:
+        from vramtop_agent import discovery
+
+        self._info.update(device=self.device, device_name=devices.device_name(self.device))
+        discovery.write_info(self._info)
 
     def attach_optimizer(self, optimizer) -> None:
         self.optimizer = optimizer
@@ -244,13 +258,15 @@ class Agent:
         """Queue an event for the sampler thread. Never blocks, never grows without bound."""
         if not self._sinks:
             return
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            # Counted here (`dropped` in every sample) and given no eseq, so a viewer's gap count
+            # (frames lost on the wire) does not count it twice.
+            self.dropped += 1
+            return
         msg = self._base(fields["type"])
         msg.update(fields)
         self._eseq += 1
         msg["eseq"] = self._eseq
-        if len(self._outbox) >= OUTBOX_LIMIT:
-            self.dropped += 1
-            return
         self._outbox.append(msg)
 
     def _queue_hello(self) -> None:
@@ -297,7 +313,7 @@ class Agent:
     def _describe_model(self) -> dict:
         from vramtop_agent.introspect import describe_model  # LoRA, bitsandbytes, grad-ckpt, autocast, sharding
 
-        return describe_model(self.model)
+        return describe_model(self.model, on_change=self._queue_hello)
 
     # ------------------------------------------------------------------ measuring
 
@@ -416,10 +432,22 @@ class Agent:
         if self._step_started is None:
             self._step_started = time.time()
         self.batch = _batch_shape(args, kwargs) or self.batch
+        if self.batch != self._estimated_for:
+            self._estimated_for = self.batch
+            self._guard("estimate", self._update_estimate)
         self._micro_steps += 1
         self.phase = "forward"
         self._edge("forward", "start")
         self.saved.enter()
+
+    def _update_estimate(self) -> None:
+        """What a correct formula predicts for this model, optimizer and batch (a few ms, once per shape)."""
+        from vramtop_agent.estimator import describe_live, estimate
+
+        desc, setup = describe_live(self.model, self.optimizer, self.batch)
+        if desc is not None and setup is not None:
+            self.estimate = estimate(desc, setup).to_dict()
+            self._queue_hello()
 
     def _on_forward_post(self, module, args, output):
         self._guard("forward-post", self._forward_post, output)

@@ -10,6 +10,7 @@ reused by another process) is stale: readers ignore and remove it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import stat
@@ -35,12 +36,23 @@ def runtime_dir(create: bool = True) -> Path:
             path = Path(tempfile.gettempdir()) / f"vramtop-{os.getuid()}"
     if create:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = path.lstat()
-        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
-            raise PermissionError(f"{path} is not a directory owned by this user")
-        if stat.S_IMODE(st.st_mode) != 0o700:
+        _check_dir(path)
+        if stat.S_IMODE(path.lstat().st_mode) != 0o700:
             os.chmod(path, 0o700)
+    elif os.path.lexists(path):
+        _check_dir(path)  # a viewer must not read discovery files that another user planted
     return path
+
+
+class UnsafeRuntimeDir(PermissionError):
+    """The runtime directory is a symlink or belongs to someone else: refused."""
+
+
+def _check_dir(path: Path) -> None:
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise UnsafeRuntimeDir(f"{path} is not a directory owned by this user: refusing to use it "
+                               "(remove it, or set VRAMTOP_RUNTIME_DIR)")
 
 
 def ipc_endpoint(pid: int, rank: int) -> str:
@@ -105,11 +117,8 @@ def list_agents(clean: bool = True) -> list[dict]:
         return []
     agents = []
     for path in sorted(d.glob("*.json")):
-        try:
-            info = json.loads(path.read_text())
-            if not isinstance(info, dict) or not isinstance(info.get("endpoint"), str):
-                raise ValueError("not a discovery file")
-        except (OSError, ValueError):
+        info = read_info(path)
+        if info is None:
             continue
         if _alive(info):
             agents.append(info)
@@ -119,8 +128,62 @@ def list_agents(clean: bool = True) -> list[dict]:
     return agents
 
 
+_MAX_INFO_BYTES = 64 * 1024
+
+
+def read_info(path: Path) -> dict | None:
+    """One discovery file, or None when it is not a well-formed one of ours.
+
+    Refused: symlinks, anything but a regular file (a FIFO would block the read), files of another
+    owner, files over 64 KiB, and JSON whose fields have the wrong types (see `check_info`).
+    """
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size > _MAX_INFO_BYTES:
+            return None
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_INFO_BYTES + 1)
+        return check_info(json.loads(raw))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def check_info(info) -> dict | None:
+    """A discovery map with the types readers rely on, or None (also for `vramtop ls --json` output)."""
+    if not isinstance(info, dict):
+        return None
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    endpoint = info.get("endpoint")
+    if not is_int(info.get("pid")) or info["pid"] <= 0:
+        return None
+    if not isinstance(endpoint, str) or len(endpoint) > 1024 or not endpoint.startswith(("ipc://", "tcp://")):
+        return None
+    for key, default in (("rank", 0), ("local_rank", 0), ("world_size", 1)):
+        if not is_int(info.setdefault(key, default)):
+            return None
+    for key in ("start_time", "proc_start"):
+        if info.get(key) is not None and not is_num(info[key]):
+            return None
+    for key in ("host", "node"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            return None
+    cmdline = info.get("cmdline")
+    if cmdline is not None and not (isinstance(cmdline, list) and all(isinstance(c, str) for c in cmdline)):
+        return None
+    return info
+
+
 def remove_files(info: dict, d: Path | None = None) -> None:
-    d = d or runtime_dir(create=False)
+    try:
+        d = d or runtime_dir(create=False)
+    except PermissionError:
+        return
     for name in (_INFO_NAME, _IPC_NAME):
         try:
             (d / name.format(pid=info.get("pid"), rank=info.get("rank", 0))).unlink()

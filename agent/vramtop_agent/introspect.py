@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import time
 import weakref
 from typing import Any
 
@@ -65,7 +66,7 @@ def _dtype_label(p) -> str:
 # ----------------------------------------------------------------------------- LoRA
 
 
-def _lora_info(model) -> dict | None:
+def _lora_info(model, adapter_params: int = 0) -> dict | None:
     ranks: collections.Counter = collections.Counter()
     alphas: set = set()
     targets: set = set()
@@ -78,10 +79,10 @@ def _lora_info(model) -> dict | None:
         if kind == "ModulesToSaveWrapper":
             save.append(name.rsplit(".", 1)[-1])
             continue
-        lora_a = getattr(m, "lora_A", None)
+        lora_a = m._modules.get("lora_A") if hasattr(m, "_modules") else None
         if lora_a is None or not hasattr(lora_a, "items"):
             continue
-        r = getattr(m, "r", None)
+        r = m.__dict__.get("r")
         layer_has = False
         for adapter, sub in lora_a.items():
             rank = r.get(adapter) if isinstance(r, dict) else None
@@ -93,10 +94,10 @@ def _lora_info(model) -> dict | None:
             ranks[int(rank)] += 1
             adapters.add(str(adapter))
             layer_has = True
-            alpha = getattr(m, "lora_alpha", None)
+            alpha = m.__dict__.get("lora_alpha")
             if isinstance(alpha, dict) and adapter in alpha:
                 alphas.add(alpha[adapter])
-            use_dora = getattr(m, "use_dora", None)
+            use_dora = m.__dict__.get("use_dora")
             if isinstance(use_dora, dict) and use_dora.get(adapter):
                 dora = True
         if layer_has:
@@ -104,10 +105,6 @@ def _lora_info(model) -> dict | None:
             targets.add(name.rsplit(".", 1)[-1])
     if not layers:
         return None
-    adapter_params = 0
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            adapter_params += p.numel()
     info: dict[str, Any] = {
         "adapters": sorted(adapters),
         "ranks": sorted(ranks),
@@ -139,7 +136,8 @@ def _quant_info(model) -> dict | None:
     params = 0
     seen: set = set()
     for m in model.modules():
-        w = getattr(m, "weight", None)
+        # The module that owns the weight (bnb Linear4bit/Linear8bitLt), not a PEFT wrapper forwarding `.weight`.
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
         if w is None or id(w) in seen:
             continue
         kind = type(w).__name__
@@ -186,13 +184,21 @@ def _quant_info(model) -> dict | None:
 
 
 def _grad_ckpt(model) -> bool:
+    hf = None
     for m in model.modules():
-        # HF sets `gradient_checkpointing = True` on the modules it checkpoints (and the layers).
-        if getattr(m, "gradient_checkpointing", False) is True:
+        # HF sets `gradient_checkpointing = True` on the modules it checkpoints (an instance attribute).
+        if m.__dict__.get("gradient_checkpointing") is True:
             return True
         # torch.distributed.algorithms._checkpoint.checkpoint_wrapper (FSDP activation checkpointing)
         if type(m).__name__ == "CheckpointWrapper":
             return True
+        if hf is None and getattr(type(m), "is_activation_checkpointing", None) is not None:
+            hf = m
+    if hf is not None:  # transformers >= 5: PreTrainedModel.is_activation_checkpointing
+        try:
+            return hf.is_activation_checkpointing is True
+        except Exception:
+            return False
     return False
 
 
@@ -207,8 +213,9 @@ class _AutocastProbe:
     autocast context around the model call (HF Trainer, Lightning precision).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, on_result=None):
         self.result: str | None = None
+        self.on_result = on_result
         self._handle = None
         target = model
         for m in model.modules():
@@ -236,6 +243,11 @@ class _AutocastProbe:
         except Exception:
             self.result = None
         self.remove()
+        if self.result is not None and self.on_result is not None:
+            try:
+                self.on_result()  # e.g. the agent re-sends its hello with the autocast dtype
+            except Exception:
+                pass
         return None
 
     def remove(self) -> None:
@@ -250,8 +262,11 @@ class _AutocastProbe:
 _PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def autocast_dtype(model, install: bool = True) -> str | None:
-    """The autocast dtype seen inside the model's first training forward; None until it ran."""
+def autocast_dtype(model, install: bool = True, on_result=None) -> str | None:
+    """The autocast dtype seen inside the model's first training forward; None until it ran.
+
+    The first call installs the probe; `on_result()` is called once it has read the dtype.
+    """
     try:
         probe = _PROBES.get(model)
     except TypeError:
@@ -260,7 +275,7 @@ def autocast_dtype(model, install: bool = True) -> str | None:
         if not install:
             return None
         try:
-            probe = _PROBES[model] = _AutocastProbe(model)
+            probe = _PROBES[model] = _AutocastProbe(model, on_result)
         except Exception:
             return None
     return probe.result
@@ -338,9 +353,36 @@ def _class_name(model) -> str:
     return outer if inner == outer else f"{outer}({inner})"
 
 
-def describe_model(model) -> dict:
-    """The hello message's `model` map (see the module docstring)."""
-    total = trainable = 0
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+MAX_AGE_S = 30.0
+
+
+def describe_model(model, on_change=None, max_age: float = MAX_AGE_S) -> dict:
+    """The hello message's `model` map (see the module docstring).
+
+    The hello is re-sent every second; walking a 7B model's modules costs tens of
+    milliseconds, so a description is reused for `max_age` seconds (or until the
+    autocast probe reports). `on_change()` is called when something only a
+    training forward reveals (autocast) becomes known.
+    """
+    now = time.monotonic()
+    ac = autocast_dtype(model, on_result=on_change)
+    try:
+        cached = _CACHE.get(model)
+    except TypeError:
+        cached = None
+    if cached is not None and now - cached[0] < max_age and cached[1].get("autocast") == ac:
+        return dict(cached[1])
+    info = _describe(model, ac)
+    try:
+        _CACHE[model] = (now, info)
+    except TypeError:
+        pass
+    return dict(info)
+
+
+def _describe(model, ac: str | None) -> dict:
+    total = trainable = adapter_params = 0
     dtypes: collections.Counter = collections.Counter()
     seen: set = set()
     has_lora_names = False
@@ -358,7 +400,8 @@ def describe_model(model) -> dict:
             has_4bit = True
         if "lora_" in name:
             has_lora_names = True
-    lora = _lora_info(model) if has_lora_names else None
+            adapter_params += p.numel()
+    lora = _lora_info(model, adapter_params) if has_lora_names else None
     quant = _quant_info(model)
     method = "qlora" if has_4bit else ("lora" if (lora or has_lora_names) else "full")
     info: dict[str, Any] = {
@@ -373,7 +416,6 @@ def describe_model(model) -> dict:
         info["lora"] = lora
     if quant:
         info["quant"] = quant
-    ac = autocast_dtype(model)
     if ac is not None:
         info["autocast"] = ac
     shard = _sharding_info(model)

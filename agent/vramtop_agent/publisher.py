@@ -11,7 +11,8 @@ sequence numbers so the viewer can count what it missed.
 from __future__ import annotations
 
 import ipaddress
-import warnings
+import os
+import sys
 from urllib.parse import urlsplit
 
 from vramtop_agent.schema import encode
@@ -21,8 +22,15 @@ class EndpointError(ValueError):
     pass
 
 
-def check_bind_endpoint(endpoint: str, allow_remote: bool = False) -> str:
-    """Refuse to bind beyond loopback unless explicitly allowed."""
+def check_bind_endpoint(endpoint: str, allow_remote: bool = False, curve: bool = False) -> str:
+    """Refuse to bind beyond loopback unless explicitly allowed; then warn on stderr unless CURVE protects it."""
+    if endpoint.startswith("ipc://@"):
+        # A Linux abstract socket has no file, hence no permissions: any local user can connect.
+        if not allow_remote:
+            raise EndpointError(f"refusing to bind {endpoint}: an abstract ipc socket is open to every user "
+                                "of this machine (pass allow_remote=True to expose the stream)")
+        _warn_exposed(endpoint, curve)
+        return endpoint
     if endpoint.startswith("ipc://"):
         return endpoint
     if not endpoint.startswith("tcp://"):
@@ -39,30 +47,70 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool = False) -> str:
             raise EndpointError(
                 f"refusing to bind {endpoint}: not loopback (pass allow_remote=True to expose the stream)"
             )
-        warnings.warn(f"vramtop agent binds {endpoint}: anyone who can reach it can read the stream",
-                      stacklevel=3)
+        _warn_exposed(endpoint, curve)
     return endpoint
 
 
+def _warn_exposed(endpoint: str, curve: bool) -> None:
+    if curve:
+        text = f"vramtop agent binds {endpoint}, encrypted with CURVE: viewers need the agent's public key"
+    else:
+        text = (f"vramtop agent binds {endpoint}: anyone who can reach it can read the stream "
+                "(use CURVE keys, curve_secret_key=...: see docs/security.md)")
+    # Printed, not warnings.warn(): a warnings filter (python -W ignore, a framework) must not hide it.
+    try:
+        sys.stderr.write(f"vramtop: warning: {text}\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
 class Publisher:
-    def __init__(self, endpoint: str, hwm: int = 1000, allow_remote: bool = False, curve_secret_key: bytes | None = None):
+    """curve_secret_key: the agent's CURVE secret key (Z85) or its `.key_secret` file: the stream is
+    encrypted and only viewers given the matching public key can connect. curve_client_keys: public
+    keys, key files or a directory of `*.key` files; when given, only those viewers may subscribe.
+    See vramtop_agent.curve and docs/security.md."""
+
+    def __init__(self, endpoint: str, hwm: int = 1000, allow_remote: bool = False, curve_secret_key=None,
+                 curve_client_keys=None):
         import zmq
 
-        check_bind_endpoint(endpoint, allow_remote)
+        check_bind_endpoint(endpoint, allow_remote, curve=curve_secret_key is not None)
         self._zmq = zmq
-        self._ctx = zmq.Context.instance()
+        self._auth = None
+        secret = allowed = None
+        if curve_secret_key is not None:
+            from vramtop_agent import curve
+
+            secret = curve.load_key(curve_secret_key, secret=True)
+            if curve_client_keys is not None:
+                allowed = curve.load_public_keys(curve_client_keys)
+        elif curve_client_keys is not None:
+            raise ValueError("curve_client_keys needs curve_secret_key (the agent's own key)")
+        # A CURVE socket with its own authenticator gets its own context: one ZAP handler per context.
+        self._ctx = zmq.Context() if allowed is not None else zmq.Context.instance()
         sock = self._ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)  # closing must never wait on a viewer
-        if curve_secret_key is not None:
-            sock.curve_secretkey = curve_secret_key
+        if secret is not None:
+            if allowed is not None:
+                self._auth = _start_authenticator(self._ctx, allowed)
+                sock.zap_domain = b"vramtop"
+            sock.curve_secretkey = secret
             sock.curve_server = True
-        if endpoint.endswith(":0") and endpoint.startswith("tcp://"):
-            port = sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
-            endpoint = endpoint.rsplit(":", 1)[0] + f":{port}"
-        else:
-            sock.bind(endpoint)
+        try:
+            if endpoint.endswith(":0") and endpoint.startswith("tcp://"):
+                port = sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
+                endpoint = endpoint.rsplit(":", 1)[0] + f":{port}"
+            else:
+                sock.bind(endpoint)
+        except Exception:
+            sock.close(linger=0)
+            self._stop_auth()
+            raise
+        _restrict_ipc_socket(endpoint)
         self.endpoint = endpoint
+        self.curve = secret is not None
         self._sock = sock
         self.sent = 0
         self.failed = 0
@@ -80,4 +128,47 @@ class Publisher:
         try:
             self._sock.close(linger=0)
         except Exception:
+            pass
+        self._stop_auth()
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            try:
+                self._auth.stop()
+                self._ctx.term()
+            except Exception:
+                pass
+            self._auth = None
+
+
+class _AllowedKeys:
+    """ZAP credentials provider: a fixed set of viewer public keys (Z85)."""
+
+    def __init__(self, keys: set[bytes]):
+        self.keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
+def _start_authenticator(ctx, allowed: set[bytes]):
+    from zmq.auth.thread import ThreadAuthenticator  # a daemon thread: never keeps the job alive
+
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback(domain="vramtop", credentials_provider=_AllowedKeys(allowed))
+    return auth
+
+
+def _restrict_ipc_socket(endpoint: str) -> None:
+    """Make an ipc socket file 0600: connecting needs write access, so only this user can read the stream.
+
+    The default endpoint already lives in a 0700 directory; this also covers an explicit
+    ipc:///path elsewhere. Abstract sockets (ipc://@name) have no file and are refused unless
+    allow_remote (check_bind_endpoint).
+    """
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        try:
+            os.chmod(endpoint[len("ipc://"):], 0o600)
+        except OSError:
             pass

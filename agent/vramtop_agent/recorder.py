@@ -97,7 +97,7 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_t ON samples (t);
 CREATE INDEX IF NOT EXISTS samples_step ON samples (step);
-CREATE INDEX IF NOT EXISTS samples_total ON samples (total);
+CREATE INDEX IF NOT EXISTS samples_total ON samples (total DESC, t);
 CREATE TABLE IF NOT EXISTS steps (
     id               INTEGER PRIMARY KEY,
     rseq             INTEGER NOT NULL,
@@ -124,7 +124,7 @@ CREATE TABLE IF NOT EXISTS steps (
 );
 CREATE INDEX IF NOT EXISTS steps_t ON steps (t);
 CREATE INDEX IF NOT EXISTS steps_step ON steps (step);
-CREATE INDEX IF NOT EXISTS steps_peak ON steps (peak);
+CREATE INDEX IF NOT EXISTS steps_peak ON steps (peak DESC, t);
 CREATE TABLE IF NOT EXISTS events (
     id      INTEGER PRIMARY KEY,
     rseq    INTEGER NOT NULL,
@@ -138,6 +138,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_t ON events (t);
 CREATE INDEX IF NOT EXISTS events_type ON events (type);
+CREATE INDEX IF NOT EXISTS events_step ON events (step);
 CREATE TABLE IF NOT EXISTS allocator_snapshots (
     id      INTEGER PRIMARY KEY,
     session INTEGER NOT NULL,

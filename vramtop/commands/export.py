@@ -91,11 +91,13 @@ def export_csv(rec, fh: IO[str], what: str = "samples", session: int | None = No
     else:
         cols = [c for c in SAMPLE_COLUMNS if c not in ("id", "rseq")]
         idx = [SAMPLE_COLUMNS.index(c) for c in cols]
-        rows = rec.sample_rows(session=session)
+        rows = rec.iter_sample_rows(session=session)
     w.writerow(cols)
+    n = 0
     for r in rows:
         w.writerow([_cell(r[i]) for i in idx])
-    return len(rows)
+        n += 1
+    return n
 
 
 def export_json(rec, fh: IO[str], session: int | None = None) -> None:
@@ -132,7 +134,7 @@ def perfetto_events(rec, session: int | None = None):
     from vramtop.recording import SAMPLE_COLUMNS
 
     c = {k: i for i, k in enumerate(SAMPLE_COLUMNS)}
-    for r in rec.sample_rows(session=session):
+    for r in rec.iter_sample_rows(session=session):
         sess = by_id.get(r[c["session"]])
         pid = sess.pid if sess else 0
         ts = us(r[c["t"]])

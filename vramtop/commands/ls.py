@@ -1,33 +1,101 @@
-"""`vramtop ls`: the vramtop agents running on this machine."""
+"""`vramtop ls [HOST]`: the vramtop agents running on this machine, or on HOST over ssh."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+
+from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ls", help="list the vramtop agents on this machine")
+    p = sub.add_parser(
+        "ls",
+        help="list the vramtop agents on this machine (or on HOST over ssh)",
+        description="List the running vramtop agents: pid, rank, local rank, node, GPU, endpoint, age, command. "
+        "With HOST (user@host, ssh://user@host:port or an ssh config alias) run `vramtop ls --json` there "
+        "through your own ssh (keys, agent and ~/.ssh/config as usual; never a password prompt).",
+    )
+    p.add_argument("host", nargs="?", help="list the agents on this host over ssh")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--remote-vramtop", metavar="CMD", default=None,
+                   help="how to run vramtop on HOST (default: vramtop, else python3 -m vramtop; "
+                   "or set VRAMTOP_REMOTE_VRAMTOP)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def local_agents() -> list[dict]:
+    """This machine's agents, with the GPU each holds memory on (from NVML, when there is a driver)."""
     from vramtop_agent import discovery
 
     agents = discovery.list_agents()
+    if agents:
+        from vramtop.gpus import list_gpus, pid_gpus
+
+        report = list_gpus()
+        on = pid_gpus(report)
+        names = {g.index: g.name for g in report.gpus}
+        for a in agents:
+            idx = on.get(a.get("pid"))
+            if idx:
+                a["gpu"] = ",".join(str(i) for i in idx)
+                a["gpu_name"] = names.get(idx[0], "")
+    return agents
+
+
+def gpu_cell(a: dict) -> str:
+    if a.get("gpu") is not None:
+        return f"gpu {a['gpu']}"
+    dev = a.get("device")
+    return str(dev) if dev else "-"
+
+
+def age_cell(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def table(agents: list[dict], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"{'PID':>8} {'RANK':>5} {'LOCAL':>5} {'NODE':<16} {'GPU':<10} {'AGE':>6}  {'ENDPOINT':<44} CMDLINE"]
+    for a in agents:
+        age = now - (a.get("start_time") or now)
+        rank = a.get("rank", 0)
+        ws = a.get("world_size") or 1
+        rank_s = f"{rank}/{ws}" if ws > 1 else str(rank)
+        cmd = " ".join(a.get("cmdline") or [])
+        lines.append(f"{a['pid']:>8} {rank_s:>5} {a.get('local_rank', 0):>5} {str(a.get('node') or a.get('host') or '')[:16]:<16} "
+                     f"{gpu_cell(a)[:10]:<10} {age_cell(age):>6}  {a['endpoint']:<44} {cmd[:70]}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.host:
+        from vramtop.remote import parse_host, remote_ls
+
+        host = parse_host(args.host)
+        agents = remote_ls(host, args.remote_vramtop)
+        where = str(host)
+    else:
+        if args.remote_vramtop:
+            raise UserError("--remote-vramtop needs a HOST")
+        agents = local_agents()
+        where = "this machine"
     if args.json:
         print(json.dumps(agents))
         return 0
     if not agents:
-        print("no vramtop agents running on this machine")
+        print(f"no vramtop agents running on {where}")
         return 0
-    now = time.time()
-    print(f"{'PID':>7} {'RANK':>4} {'LOCAL':>5} {'NODE':<16} {'AGE':>7}  {'ENDPOINT':<40} CMDLINE")
-    for a in agents:
-        age = now - (a.get("start_time") or now)
-        cmd = " ".join(a.get("cmdline") or [])
-        print(f"{a['pid']:>7} {a.get('rank', 0):>4} {a.get('local_rank', 0):>5} {str(a.get('node', ''))[:16]:<16} "
-              f"{age:>6.0f}s  {a['endpoint']:<40} {cmd[:60]}")
+    # The ages are relative to this machine's clock; a remote node's clock may differ by a little.
+    print(table(agents))
+    sys.stdout.flush()
     return 0

@@ -164,11 +164,14 @@ def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: floa
           f"(job output: {log_path})", file=sys.stderr)
     try:
         info = None
-        while child.poll() is None and info is None:
-            out.pump()
-            info = find_job_agent(child.pid)
-            if info is None:
-                _sleep(0.2, child)
+        try:
+            while child.poll() is None and info is None:
+                out.pump()
+                info = find_job_agent(child.pid)
+                if info is None:
+                    _sleep(0.2, child)
+        except KeyboardInterrupt:  # the job got it too; see how it ends
+            return _wait(child, out, interrupts=1)
         if info is not None and child.poll() is None:
             try:
                 from vramtop.commands.attach import attach_pid
@@ -226,10 +229,9 @@ class _LogFollower:
             pass
 
 
-def _wait(child: subprocess.Popen, out: "_LogFollower | None" = None) -> int:
+def _wait(child: subprocess.Popen, out: "_LogFollower | None" = None, interrupts: int = 0) -> int:
     """Wait for the child. Ctrl-C already reached it through the terminal: keep waiting for its exit,
     and escalate only when Ctrl-C is pressed again (SIGTERM, then SIGKILL)."""
-    interrupts = 0
     while True:
         try:
             if out is None:

@@ -21,6 +21,7 @@ from textual.widgets.option_list import Option
 
 from vramtop.state import SessionState
 from vramtop.tui import render
+from vramtop.tui.gap_view import GapModel, WhatIfScreen, render_gap
 
 
 class AgentPicker(ModalScreen[dict | None]):
@@ -60,7 +61,9 @@ class VramtopApp(App):
     #header { height: 3; padding: 0 1; background: $boost; }
     #stack { height: auto; padding: 0 1; margin-top: 1; }
     #middle { height: 1fr; }
-    #timeline { width: 3fr; height: 100%; padding: 0 1; }
+    #left { width: 3fr; }
+    #timeline { height: 14; padding: 0 1; }
+    #gap { height: auto; padding: 0 1; }
     #side { width: 2fr; }
     #frag { height: auto; padding: 0 1; }
     #phases { height: auto; padding: 0 1; }
@@ -71,6 +74,7 @@ class VramtopApp(App):
         Binding("space", "toggle_pause", "Pause view"),
         Binding("s", "save_svg", "Save SVG"),
         Binding("a", "pick_agent", "Agents"),
+        Binding("w", "what_if", "What-if"),
     ]
 
     def __init__(self, source, state: SessionState | None = None, refresh_hz: float = 4.0, pump_hz: float = 10.0):
@@ -82,12 +86,15 @@ class VramtopApp(App):
         self.paused = False
         self._picker_open = False
         self.last_screenshot: str | None = None
+        self.gap_model = GapModel()
 
     def compose(self) -> ComposeResult:
         yield Static(id="header")
         yield Static(id="stack")
         with Horizontal(id="middle"):
-            yield Static(id="timeline")
+            with VerticalScroll(id="left"):
+                yield Static(id="timeline")
+                yield Static(id="gap")
             with VerticalScroll(id="side"):
                 yield Static(id="frag")
                 yield Static(id="phases")
@@ -114,7 +121,9 @@ class VramtopApp(App):
         if rejected > self.state.rejected_frames:
             self.state.rejected_frames, self.state.last_rejection = rejected, reason
         gone = getattr(self.source, "process_gone", None)
-        if gone is not None and self.state.hello is not None and gone():
+        # Asked even before the first hello: in discovery mode it is what detaches from a job that died
+        # early and looks for its next incarnation.
+        if gone is not None and gone():
             self.state.process_gone = True
         choices = getattr(self.source, "choices", None)
         if choices and not self._picker_open:
@@ -137,13 +146,15 @@ class VramtopApp(App):
         st = self.state
         self.query_one("#header", Static).update(render.header(st, getattr(self.source, "describe", "")))
         width = self.query_one("#stack", Static).size.width or self.size.width
-        self.query_one("#stack", Static).update(render.stack(st, max(width - 2, 20)))
+        idle = getattr(self.source, "idle_view", None) if st.sample is None else None  # NodeSource: the GPUs (NVML)
+        self.query_one("#stack", Static).update(idle() if idle else render.stack(st, max(width - 2, 20)))
         tl = self.query_one("#timeline", Static)
         self.query_one("#timeline", Static).update(
             render.timeline(st, max(tl.size.width - 2, 20), max(tl.size.height - 4, 4)))
         side = self.query_one("#side")
         self.query_one("#frag", Static).update(render.fragmentation(st, max(side.size.width - 12, 10)))
         self.query_one("#phases", Static).update(render.phases(st))
+        self.query_one("#gap", Static).update(render_gap(st, self.gap_model))
         status = getattr(self.source, "status", "")
         if st.last_rejection:
             status += f"  | last rejected frame: {st.last_rejection}"
@@ -163,10 +174,16 @@ class VramtopApp(App):
         self.last_screenshot = self.save_screenshot(filename=name, path=os.getcwd())
         self.notify(f"saved {self.last_screenshot}")
 
+    def action_what_if(self) -> None:
+        if (self.state.hello or {}).get("estimate"):
+            self.push_screen(WhatIfScreen(self.state))
+        else:
+            self.notify("no estimate from the agent yet")
+
     def action_pick_agent(self) -> None:
         from vramtop_agent import discovery
 
-        agents = discovery.list_agents()
+        agents = getattr(self.source, "list_agents", discovery.list_agents)()  # RemoteSource lists its host
         if agents and not self._picker_open:
             self._picker_open = True
             self.push_screen(AgentPicker(agents), self._picked)

@@ -58,6 +58,12 @@ class ReplayApp(VramtopApp):
     def __init__(self, source: ReplaySource, refresh_hz: float = 4.0, pump_hz: float = 10.0):
         super().__init__(source, state=SessionState(clock=source.now), refresh_hz=refresh_hz, pump_hz=pump_hz)
 
+    def on_mount(self) -> None:
+        # The side panel's scroll bindings (home/end/left/right) would swallow the playback keys.
+        for widget in self.query("#side"):
+            widget.can_focus = False
+        self.set_focus(None)
+
     def _pump(self) -> None:
         if self.source.take_reset():
             self.state = SessionState(clock=self.source.now)

@@ -92,6 +92,7 @@ class _Ctx:
         self.cdt = DTYPE_BYTES[setup.cdtype]           # bnb compute dtype
         self.ldt = DTYPE_BYTES[setup.lora_dtype]
         self.cuda = setup.device.startswith("cuda")
+        self.frame_held: list = []   # layer kwargs kept alive by checkpoint frames until backward
 
 
 def trace(model: ModelDesc, setup: Setup) -> TraceResult:
@@ -113,6 +114,7 @@ def trace(model: ModelDesc, setup: Setup) -> TraceResult:
     eof_level = g.level
     forward_peak = g.phase_peak["forward"]
     g.backward(loss, grad_accum_existing=setup.grad_accum > 1)
+    g.drop(*c.frame_held)  # checkpoint frames die with the graph
     return TraceResult(g, loss, logits, eof_level, saved_eof, by_tag, held, forward_peak,
                        g.phase_peak["backward"], g.param_grad_bytes)
 
@@ -252,11 +254,12 @@ def _llama(c: _Ctx, ids: Sym) -> Sym:
         mask = g.new(c.b * c.t * c.t, x.itemsize, "attention mask")  # 4-D additive causal mask
     for layer in range(m.num_layers):
         x = _llama_layer(c, x, layer, cos, sin, mask)
-    if not c.s.grad_ckpt:
-        g.drop(cos, sin)
-        if mask is not None:
-            g.drop(mask)
     # With checkpointing the frames keep the layer kwargs (mask, cos/sin) until backward.
+    held = [t for t in (cos, sin, mask) if t is not None]
+    if c.s.grad_ckpt:
+        c.frame_held = held
+    else:
+        g.drop(*held)
     y = _rms_norm(c, x, "norm", "final norm")
     g.drop(x)
     lm_trainable = c.full
@@ -401,8 +404,11 @@ def _gpt2(c: _Ctx, ids: Sym) -> Sym:
         mask = g.new(c.b * c.t * c.t, x.itemsize, "attention mask")
     for layer in range(m.num_layers):
         x = _gpt2_block(c, x, layer, mask)
-    if mask is not None and not c.s.grad_ckpt:
-        g.drop(mask)
+    if mask is not None:
+        if c.s.grad_ckpt:
+            c.frame_held = [mask]
+        else:
+            g.drop(mask)
     y = _layer_norm(c, x, "ln_f", "final norm")
     g.drop(x)
     logits = g.op("lm_head input", [y, wte], c.bt * m.vocab_size, y.itemsize,
@@ -502,7 +508,7 @@ def _causal_lm_loss(c: _Ctx, logits: Sym, labels: Sym) -> Sym:
     else:
         target = g.new(c.bt, INT64, "loss")                             # [..., 1:].contiguous()
         g.drop(padded)
-    ls = g.op("loss", [lf], lf.numel, FP32, save_out=True)  # log_softmax saves its output
+    ls = g.op("loss", [lf], lf.numel, lf.itemsize, save_out=True)  # log_softmax saves its output
     g.drop(lf)
     total_weight = g.new(1, FP32, "loss")
     loss = g.op("loss", [ls], 1, FP32, save=[target, total_weight])     # nll_loss

@@ -24,6 +24,7 @@ class Estimate:
     model: ModelDesc
     end_of_forward: int = 0      # bytes allocated when backward starts
     params_split: dict = field(default_factory=dict)
+    params_by_dtype: dict = field(default_factory=dict)
     other_parts: dict = field(default_factory=dict)
     activations_by_term: dict = field(default_factory=dict)
 
@@ -48,6 +49,7 @@ class Estimate:
             "phase_peaks": {k: int(self.phase_peaks[k]) for k in PHASES},
             "end_of_forward": int(self.end_of_forward),
             "params_split": {k: int(v) for k, v in self.params_split.items()},
+            "params_by_dtype": {k: int(v) for k, v in self.params_by_dtype.items()},
             "other_parts": {k: int(v) for k, v in self.other_parts.items()},
             "activations_by_term": {k: int(v) for k, v in self.activations_by_term.items()},
             "terms": [[name, int(nbytes), why] for name, nbytes, why in self.terms],
@@ -89,7 +91,7 @@ def estimate(model: ModelDesc, setup: Setup) -> Estimate:
     # DDP without ZeRO copies gradients into flat communication buckets of the same size.
     ddp_buckets = wb.gradients if (setup.world_size > 1 and setup.zero == 0) else 0
 
-    static = wb.parameters + buffers + inputs + accum_grads + ddp_buckets + _on_device(wb, setup)
+    static = wb.parameters + buffers + inputs + accum_grads + ddp_buckets + wb.optimizer
     acts = tr.saved_eof
     # Graph level at the end of forward = saved tensors (minus the ids, which are an input)
     # + what the caller holds (logits, loss) + layer kwargs kept by checkpoint frames.
@@ -116,7 +118,8 @@ def estimate(model: ModelDesc, setup: Setup) -> Estimate:
     blocks = {
         "parameters": wb.parameters,
         "gradients": grads_block,
-        "optimizer": _on_device(wb, setup),
+        # Paged states count: they sit on the device until memory pressure evicts them.
+        "optimizer": wb.optimizer,
         "activations": acts,
         "other": sum(other_parts.values()),
     }
@@ -130,14 +133,10 @@ def estimate(model: ModelDesc, setup: Setup) -> Estimate:
         model=model,
         end_of_forward=eof,
         params_split={"trainable": wb.params_trainable, "frozen": wb.params_frozen, "quantized": wb.params_quantized},
+        params_by_dtype=dict(wb.params_by_dtype),
         other_parts=other_parts,
         activations_by_term=dict(sorted(tr.saved_by_tag.items(), key=lambda kv: -kv[1])),
     )
-
-
-def _on_device(wb, setup: Setup) -> int:
-    """Optimizer bytes on the training device (paged states count: they live there until evicted)."""
-    return wb.optimizer
 
 
 def _terms(model, setup, wb, tr, other_parts, phase_peaks, eof) -> list:
@@ -150,6 +149,9 @@ def _terms(model, setup, wb, tr, other_parts, phase_peaks, eof) -> list:
               f"{n_total - wb.trainable_numel:,} frozen weights" + (
                   f"; {setup.wdtype}{' + double quant' if setup.double_quant and setup.wdtype != 'int8' else ''}"
                   f" linear layers, embeddings/norms/lm_head in {setup.odtype}" if setup.quantized else "")))
+    for dt, nbytes in sorted(wb.params_by_dtype.items(), key=lambda kv: -kv[1]):
+        t.append((f"parameters: {dt}", nbytes, f"all parameters stored as {dt}"
+                  + (" (packed pairs + block constants)" if dt in ("nf4", "fp4") else "")))
     if wb.quant_constants:
         t.append(("parameters: quantization constants", wb.quant_constants,
                   "per 64-weight absmax (8-bit with double quant) + per-tensor code books: "

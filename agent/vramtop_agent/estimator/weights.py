@@ -178,10 +178,11 @@ def weight_bytes(model: ModelDesc, setup: Setup) -> WeightBytes:
         state_dt = 4 if setup.masters else DTYPE_BYTES[p.dtype]
         if setup.masters:
             wb.master_weights += 4 * n
-        if opt in ("adamw", "paged-adamw"):
+        if opt == "adamw":
             wb.optimizer_states += 2 * n * state_dt
-            if opt == "adamw":
-                wb.optimizer_steps += 4 if on_device_steps else 0
+            wb.optimizer_steps += 4 if on_device_steps else 0
+        elif opt == "paged-adamw":
+            wb.optimizer_states += 2 * n * 4  # bitsandbytes' 32-bit states are fp32 whatever the weights
         elif opt in ("adamw-8bit", "paged-adamw-8bit"):
             if n >= OPT8_MIN_SIZE:
                 used_8bit = True
@@ -220,6 +221,8 @@ def _shard(wb: WeightBytes, setup: Setup) -> None:
     if setup.zero >= 3:
         wb.params_trainable = _ceil_div(wb.params_trainable, n)
         wb.params_frozen = _ceil_div(wb.params_frozen, n)
+        wb.params_quantized = _ceil_div(wb.params_quantized, n)
+        wb.params_by_dtype = {k: _ceil_div(v, n) for k, v in wb.params_by_dtype.items()}
 
 
 def _optimizer_transient(wb: WeightBytes, setup: Setup) -> int:

@@ -11,7 +11,7 @@ LLaMA-Factory and axolotl take the same `callbacks=`). What it does:
   optimizer inside accelerate's AcceleratedOptimizer). When VRAMTOP=1 already
   started an agent in this process, that one is reused.
 - reads TrainingArguments into the hello message's `training` map:
-  per_device_batch, grad_accum, effective_batch, grad_ckpt, precision
+  per_device_batch, grad_accum, effective_batch, grad_ckpt (+ grad_ckpt_kwargs), precision
   (bf16|fp16|fp32), optim, world_size, max_steps, seq_len (SFTConfig), deepspeed,
   fsdp, torch_compile;
 - marks steps: the agent's step number follows `state.global_step` (resumed
@@ -61,7 +61,8 @@ def training_from_args(args, state=None) -> dict:
         "grad_accum": accum,
         "world_size": world,
         "effective_batch": batch * accum * world if isinstance(batch, int) else None,
-        "grad_ckpt": bool(get("gradient_checkpointing", False)),
+        # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* (old names still mirror them)
+        "grad_ckpt": bool(get("activation_checkpointing") or get("gradient_checkpointing")),
         "precision": precision,
         "optim": _common.plain(get("optim")),
         "tf32": get("tf32"),
@@ -69,9 +70,11 @@ def training_from_args(args, state=None) -> dict:
         "deepspeed": True if get("deepspeed") else None,
         "fsdp": " ".join(str(_common.plain(x)) for x in get("fsdp")) if get("fsdp") else None,
     }
-    ckpt_kwargs = get("gradient_checkpointing_kwargs")
-    if isinstance(ckpt_kwargs, dict) and "use_reentrant" in ckpt_kwargs:
-        info["grad_ckpt_reentrant"] = bool(ckpt_kwargs["use_reentrant"])
+    ckpt_kwargs = get("activation_checkpointing_kwargs") or get("gradient_checkpointing_kwargs")
+    if info["grad_ckpt"] and isinstance(ckpt_kwargs, dict):
+        simple = {str(k): v for k, v in ckpt_kwargs.items() if type(v) in (bool, int, float, str)}
+        if simple:
+            info["grad_ckpt_kwargs"] = simple  # use_reentrant, every_n_layers, offloading, ...
     for name in ("max_length", "max_seq_length"):  # TRL's SFTConfig
         value = get(name)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -79,7 +82,7 @@ def training_from_args(args, state=None) -> dict:
             break
     if state is not None and isinstance(getattr(state, "max_steps", None), int) and state.max_steps > 0:
         info["max_steps"] = state.max_steps
-    return {k: _common.plain(v) for k, v in info.items() if v is not None}
+    return {k: (v if isinstance(v, dict) else _common.plain(v)) for k, v in info.items() if v is not None}
 
 
 class VramtopCallback(_Base):

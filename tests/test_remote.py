@@ -1,0 +1,198 @@
+"""Remote nodes over a real sshd on loopback: `vramtop ls HOST`, attach through a tunnel, a dropped tunnel.
+
+The "remote" is this machine reached only through ssh (tests/sshd_server.py):
+its sessions have their own VRAMTOP_RUNTIME_DIR, where a real training job
+(vramtop.demo_train) publishes, and the viewer's own runtime dir (set per
+test by conftest) never sees that agent directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from sshd_server import start_sshd
+
+from vramtop.cli import main
+from vramtop.errors import UserError
+from vramtop.job_source import JobSource
+from vramtop.remote import RemoteSource, parse_host, remote_ls
+from vramtop.state import SessionState
+from vramtop.subscriber import Subscriber
+from vramtop.tui.app import VramtopApp
+
+VRAMTOP = str(Path(sys.executable).with_name("vramtop"))  # the remote's vramtop: not on its ssh PATH
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def remote_job(sshd):
+    """A real LoRA fine-tune on "the remote", publishing into the remote's runtime dir."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vramtop.demo_train", "--steps", "100000", "--batch", "1", "--seq-len", "32",
+         "--sleep", "0.05", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "VRAMTOP_RUNTIME_DIR": str(sshd.remote_runtime_dir)},
+    )
+    deadline = time.time() + 90
+    while not list(sshd.remote_runtime_dir.glob(f"{child.pid}-*.json")):
+        if child.poll() is not None or time.time() > deadline:
+            child.kill()
+            pytest.fail("the remote training job did not start its agent")
+        time.sleep(0.1)
+    yield child
+    child.kill()
+    child.wait()
+
+
+@pytest.fixture
+def ssh_env(sshd, monkeypatch):
+    monkeypatch.setenv("VRAMTOP_SSH", sshd.ssh_env)
+    monkeypatch.delenv("VRAMTOP_REMOTE_VRAMTOP", raising=False)
+    return sshd
+
+
+def _run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ls_over_ssh_json_table_and_url_forms(ssh_env, remote_job, capsys):
+    code, out, _ = _run_cli(capsys, "ls", ssh_env.alias, "--json", "--remote-vramtop", VRAMTOP)
+    assert code == 0
+    [agent] = json.loads(out)
+    assert agent["pid"] == remote_job.pid and agent["ssh_host"] == ssh_env.alias
+    assert agent["endpoint"].startswith("ipc://" + str(ssh_env.remote_runtime_dir))
+    assert agent["device"] == "cpu" and agent["rank"] == 0 and "demo_train" in " ".join(agent["cmdline"])
+    # ssh://user@host:port, through the same user's ssh: the same table columns.
+    code, out, _ = _run_cli(capsys, "ls", ssh_env.url, "--remote-vramtop", VRAMTOP)
+    assert code == 0
+    header, row = out.strip().splitlines()
+    assert header.split()[:6] == ["PID", "RANK", "LOCAL", "NODE", "GPU", "AGE"] and "ENDPOINT" in header
+    assert row.split()[0] == str(remote_job.pid) and "cpu" in row and "demo_train" in row
+    # Here, on "the laptop", nothing runs: the agent is reachable only through ssh.
+    code, out, _ = _run_cli(capsys, "ls", "--json")
+    assert code == 0 and json.loads(out) == []
+
+
+def test_unreachable_host_or_missing_vramtop_is_one_clear_line(ssh_env, capsys):
+    closed = f"ssh://{ssh_env.user}@127.0.0.1:{_closed_port()}"
+    for argv in (["ls", closed], ["attach", closed]):
+        code, out, err = _run_cli(capsys, *argv)
+        assert code != 0 and out == ""
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"vramtop: cannot reach {closed} over ssh:") and "refused" in err
+    # The remote's non-interactive PATH has no vramtop (and its python3 no vramtop module).
+    code, _, err = _run_cli(capsys, "ls", ssh_env.alias)
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"vramtop: vramtop is not installed on {ssh_env.alias}")
+    # A host that looks like an ssh option is refused before ssh runs.
+    with pytest.raises(UserError):
+        parse_host("-oProxyCommand=touch /tmp/x")
+
+
+def _closed_port() -> int:
+    from sshd_server import free_port
+
+    return free_port()
+
+
+def _screen_text(app) -> str:
+    svg = app.export_screenshot()
+    text = re.sub(r"<[^>]+>", "", svg).replace("&#160;", " ").replace("&amp;", "&")
+    return re.sub(r"[ \t]+", " ", text)
+
+
+async def _until(pilot, cond, timeout=30.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        await pilot.pause(0.1)
+        if cond():
+            return
+    raise AssertionError(f"{what}: not met in {timeout:.0f} s")
+
+
+@pytest.mark.asyncio
+async def test_attach_through_the_tunnel_survives_a_killed_ssh(ssh_env, remote_job):
+    agents = remote_ls(ssh_env.alias, VRAMTOP)
+    source = RemoteSource(ssh_env.alias, agents, remote_vramtop=VRAMTOP)
+    app = VramtopApp(source, refresh_hz=10)
+    # The same stream, read directly on "the remote" (same machine): what the tunnel must deliver.
+    direct = Subscriber(agents[0]["endpoint"])
+    direct_state = SessionState()
+    try:
+        async with app.run_test(size=(180, 50)) as pilot:
+            await _until(pilot, lambda: app.state.sample is not None and app.state.hello is not None,
+                         what="first sample through the tunnel")
+            for m in direct.poll(1000):
+                direct_state.apply(m)
+            s = app.state.sample
+            assert s["pid"] == remote_job.pid
+            assert s["blocks"]["parameters"] == (direct_state.sample or s)["blocks"]["parameters"] > 0
+            app._refresh_view()
+            text = _screen_text(app)
+            assert f"pid {remote_job.pid}" in text and "via ssh vt-remote" in text and "tunnel up" in text
+            assert "[live]" in text
+
+            # Nothing listens on TCP: the local end is a unix socket in a private directory.
+            tunnel = source.tunnel
+            local = tunnel.forwards[0][0]
+            assert stat.S_ISSOCK(os.stat(local).st_mode)
+            assert stat.S_IMODE(os.stat(os.path.dirname(local)).st_mode) == 0o700
+            ssh_proc = psutil.Process(tunnel.proc.pid)
+            assert not [c for c in ssh_proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+            # Drop the tunnel: the view notices, ssh is started again, samples resume.
+            first_ssh = tunnel.proc.pid
+            seq_before = s["seq"]
+            os.kill(first_ssh, signal.SIGKILL)
+            await _until(pilot, lambda: tunnel.proc is not None and tunnel.proc.pid != first_ssh and tunnel.up,
+                         what="tunnel re-established")
+            await _until(pilot, lambda: app.state.sample["seq"] > seq_before + 5, what="samples resumed")
+            assert tunnel.restarts == 1
+            assert app.state.connection() == "live" and app.state.sample["pid"] == remote_job.pid
+            app._refresh_view()
+            assert "re-established 1x" in _screen_text(app)
+            second_ssh = tunnel.proc.pid
+            await pilot.press("q")
+    finally:
+        direct.close()
+    assert not os.path.exists(local)  # close() removed the socket and ended ssh
+    assert not psutil.pid_exists(second_ssh)
+    assert remote_job.poll() is None  # the job noticed nothing
+
+
+def test_one_job_view_over_two_host_spellings(ssh_env, remote_job):
+    """JobSource: one ssh per host, each carrying its members' forwards; both streams arrive."""
+    hosts = [parse_host(ssh_env.alias), parse_host(ssh_env.url)]
+    agents = [a for h in hosts for a in remote_ls(h, VRAMTOP)]
+    assert len(agents) == 2 and {a["ssh_host"] for a in agents} == {h.spec for h in hosts}
+    src = JobSource(agents, hosts=hosts, remote_vramtop=VRAMTOP, rescan_s=None)
+    try:
+        got: dict[str, int] = {}
+        deadline = time.time() + 30
+        while time.time() < deadline and not (len(got) == 2 and min(got.values()) >= 3):
+            for key, msg in src.poll(100):
+                if msg["type"] == "sample":
+                    assert msg["pid"] == remote_job.pid
+                    got[key] = got.get(key, 0) + 1
+        assert len(got) == 2 and min(got.values()) >= 3, got
+        assert len(src.tunnels) == 2 and all(t.up for t in src.tunnels)
+    finally:
+        src.close()

@@ -1,0 +1,175 @@
+"""The estimate beside the measurement, the advice, and the what-if dialog.
+
+A thin view over vramtop.gap: the rows come from `gap.gap_rows`, the advice
+from `gap.advice` (memoized: it re-runs the estimator for each option), the
+what-if from `gap.what_if`, calibrated on the measured steps.
+"""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Select, Static, Switch
+
+from vramtop.state import SessionState
+from vramtop.tui.render import fmt_bytes
+
+
+class GapModel:
+    """Caches the advice so a 4 Hz refresh does not re-run the estimator."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self._advice: list = []
+
+    def rows(self, state: SessionState) -> list:
+        from vramtop import gap
+
+        est = (state.hello or {}).get("estimate")
+        if not est or state.sample is None:
+            return []
+        last = state.last_step()
+        s = state.sample
+        return gap.gap_rows(est, s["blocks"], eof_blocks=(last or {}).get("eof_blocks"), step=last,
+                            cuda=s.get("cuda"), nvml=s.get("nvml"), batch=s.get("batch"))
+
+    def advice(self, state: SessionState) -> list:
+        from vramtop import gap
+
+        est = (state.hello or {}).get("estimate")
+        if not est:
+            return []
+        key = (id(est), len(state.steps) // 20)  # re-calibrate every 20 steps
+        if key != self._key:
+            self._key = key
+            try:
+                self._advice = gap.advice(est, steps=list(state.steps)[-50:], card_bytes=state.device_total())
+            except Exception as exc:  # an estimate the estimator cannot re-run: say so, don't crash
+                self._advice = [{"action": f"(advice unavailable: {exc})", "saving": 0, "cost": ""}]
+        return self._advice
+
+
+def render_gap(state: SessionState, model: GapModel) -> Group | Text:
+    rows = model.rows(state)
+    if not rows:
+        return Text("Estimate vs actual: waiting for the agent's estimate (needs a model it can describe)",
+                    style="dim")
+    table = Table(title="Estimate vs actual", title_style="bold", box=None, expand=True, padding=(0, 1))
+    table.add_column("block")
+    table.add_column("estimate", justify="right")
+    table.add_column("actual", justify="right")
+    table.add_column("diff", justify="right")
+    causes = []
+    for r in rows:
+        style = "bold yellow" if r.cause else ""
+        table.add_row(r.block, fmt_bytes(r.estimate), fmt_bytes(r.actual),
+                      Text(("+" if r.difference > 0 else "") + fmt_bytes(r.difference), style=style))
+        if r.cause:
+            causes.append(r.cause)
+    parts: list = [table]
+    for c in causes[:3]:
+        parts.append(Text("• " + c, style="yellow"))
+    advice = model.advice(state)
+    if advice:
+        parts.append(Text("What to try (in this order; saving on this run):", style="bold"))
+        for item in advice[:5]:
+            t = Text(f"  {item['action']}: ")
+            t.append(f"-{fmt_bytes(item['saving'])}", style="green")
+            if item.get("fits") is not None:
+                t.append(" fits" if item["fits"] else " still too big", style="green" if item["fits"] else "red")
+            t.append(f"  ({item['cost']})", style="dim")
+            parts.append(t)
+    parts.append(Text("w: what-if", style="dim"))
+    return Group(*parts)
+
+
+class WhatIfScreen(ModalScreen[None]):
+    """Change batch, seq len, LoRA rank, method or checkpointing; see the predicted peak."""
+
+    BINDINGS = [Binding("escape", "app.pop_screen", "Close")]
+    DEFAULT_CSS = """
+    WhatIfScreen { align: center middle; }
+    WhatIfScreen > Vertical { width: 80; height: auto; border: round $accent; padding: 0 1; }
+    WhatIfScreen Horizontal { height: auto; }
+    WhatIfScreen Input { width: 14; }
+    WhatIfScreen .label { width: 16; padding: 1 0 0 0; }
+    """
+
+    def __init__(self, state: SessionState):
+        super().__init__()
+        self.state = state
+        self.est = (state.hello or {}).get("estimate") or {}
+        self.setup = self.est.get("setup") or {}
+
+    def compose(self) -> ComposeResult:
+        s = self.setup
+        with Vertical():
+            yield Static("[b]What if…[/b] (predictions calibrated on the measured steps)")
+            for key, label, value in (("batch", "micro-batch", s.get("batch", 1)),
+                                      ("seq_len", "seq len", s.get("seq_len", 512)),
+                                      ("lora_rank", "LoRA rank", s.get("lora_rank") or 8)):
+                with Horizontal():
+                    yield Static(label, classes="label")
+                    yield Input(str(value), id=f"wi-{key}", type="integer")
+            with Horizontal():
+                yield Static("method", classes="label")
+                yield Select([(m, m) for m in ("full", "lora", "qlora")], value=s.get("method", "full"),
+                             id="wi-method", allow_blank=False)
+            with Horizontal():
+                yield Static("grad ckpt", classes="label")
+                yield Switch(bool(s.get("grad_ckpt")), id="wi-grad_ckpt")
+            yield Static(id="wi-result")
+
+    def on_mount(self) -> None:
+        self._predict()
+
+    def on_input_changed(self, _event) -> None:
+        self._predict()
+
+    def on_select_changed(self, _event) -> None:
+        self._predict()
+
+    def on_switch_changed(self, _event) -> None:
+        self._predict()
+
+    def changes(self) -> dict:
+        out: dict = {}
+        for key in ("batch", "seq_len", "lora_rank"):
+            raw = self.query_one(f"#wi-{key}", Input).value
+            if raw.strip().isdigit() and int(raw) > 0:
+                out[key] = int(raw)
+        method = self.query_one("#wi-method", Select).value
+        if isinstance(method, str):
+            out["method"] = method
+        out["grad_ckpt"] = self.query_one("#wi-grad_ckpt", Switch).value
+        if out.get("method") == "full":
+            out.pop("lora_rank", None)
+        return {k: v for k, v in out.items() if self.setup.get(k) != v}
+
+    def _predict(self) -> None:
+        from vramtop import gap
+
+        result = self.query_one("#wi-result", Static)
+        if not self.est:
+            result.update("no estimate from the agent yet")
+            return
+        try:
+            out = gap.what_if(self.est, self.changes(), steps=list(self.state.steps)[-50:],
+                              card_bytes=self.state.device_total())
+        except Exception as exc:
+            result.update(Text(f"cannot predict that: {exc}", style="red"))
+            return
+        t = Text()
+        t.append(f"predicted peak {fmt_bytes(out['predicted_peak'])}", style="bold")
+        t.append(f"  (activations {fmt_bytes(out['predicted_activations'])})")
+        if "fits" in out:
+            t.append("  fits the card" if out["fits"] else "  does NOT fit the card",
+                     style="bold green" if out["fits"] else "bold red")
+            t.append(f" (headroom {fmt_bytes(out['headroom'])})", style="dim")
+        self.prediction = out
+        result.update(t)
