@@ -9,7 +9,7 @@ import textwrap
 import time
 
 import pytest
-from recording_helpers import PEAK_STEP, STEPS, copy_of, fake_msg, real_recording
+from recording_helpers import PEAK_STEP, STEPS, fake_msg, real_recording
 
 import vramtop_agent
 from vramtop.errors import UserError
@@ -281,6 +281,7 @@ def test_sigkilled_job_loses_at_most_a_second_and_record_cli_flushes_on_ctrl_c(t
     with Recording.open(inproc) as r:
         counts = r.verify()
         last = max(s["t"] for s in r.samples())
+        print(f"SIGKILL: the last sample was {kill_t - last:.2f} s before the kill")
         assert kill_t - last <= 1.0, f"the last {kill_t - last:.2f} s before the kill were lost"
         assert counts["steps"] >= 5
         assert not r.events(("bye",))  # killed: no goodbye

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from recording_helpers import PEAK_STEP, STEPS, copy_of, fake_msg, real_recording
+from recording_helpers import PEAK_STEP, STEPS, fake_msg, real_recording
 
 from vramtop.cli import main
 from vramtop.errors import UserError

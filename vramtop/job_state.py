@@ -9,13 +9,14 @@ Imbalance compares the ranks block by block: per metric, the largest and
 smallest value across the ranks that have reported it, flagged when the
 spread is at least `ratio` of the largest and at least `floor` in absolute
 terms. A block is compared by the most it held during the rank's last
-finished step: the largest of the step's edge measurements (the breakdown at
-the step's peak and at the end of forward) and of the samples taken during
-the step. Live samples catch each rank in a different phase, and the step
-peak's breakdown is a different moment on each rank (a small batch peaks in
-the optimizer step, a large one at the end of forward), so neither compares
-like with like; the per-step maximum of each block does, and holds still
-from one step to the next. Before the first step the live sample is used.
+finished step: the largest of the step's edge measurements (the blocks at
+every phase edge, at the step's peak and at the end of forward) and of the
+samples taken during the step. Live samples catch each rank in a different
+phase, and the step peak's breakdown is a different moment on each rank (a
+small batch peaks in the optimizer step, a large one at the end of
+forward), so neither compares like with like; the per-step maximum of each
+block does, and holds still from one step to the next. Before the first
+step the live sample is used.
 
 `group_jobs()` decides which agents belong to one job: same world size,
 started within a few minutes of each other, one agent per rank.
@@ -97,6 +98,8 @@ class JobState:
             if len(per_step) > 4:  # keep the steps a late step message can still refer to
                 for old in sorted(per_step)[:-4]:
                     del per_step[old]
+        elif kind == "phase" and "blocks" in msg:
+            _fold_max(self._sampled.setdefault(key, {}).setdefault(msg["step"], {}), msg["blocks"])
         elif kind == "step":
             most = dict(self._sampled.get(key, {}).pop(msg["step"], {}))
             _fold_max(most, msg.get("peak_blocks") or {})

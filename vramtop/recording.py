@@ -27,7 +27,7 @@ from urllib.parse import quote
 import msgpack
 
 from vramtop.errors import UserError
-from vramtop_agent.recorder import COMPATIBLE_VERSION, FORMAT_NAME, RECORDING_SCHEMA_VERSION, SQLITE_MAGIC
+from vramtop_agent.recorder import FORMAT_NAME, RECORDING_SCHEMA_VERSION, SQLITE_MAGIC
 from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION, SchemaError, validate
 
 MAX_BLOB_BYTES = 64 * 1024 * 1024

@@ -180,7 +180,7 @@ class ReplaySource:
     def status(self) -> str:
         c = self.clock
         pos = c.position()
-        state = "▶" if c.playing and not c.at_end else "⏸" if not c.at_end else "■ end"
+        state = "▶ playing" if c.playing and not c.at_end else "paused" if not c.at_end else "end"
         text = (f"{state} {c.speed:g}x  {_hms(pos - c.start)} / {_hms(c.end - c.start)}"
                 f"  [space] play/pause  [+/-] speed  [←/→] 10s  [[/]] step  [p] peak  [o] OOM  [g] go to")
         if self.message:

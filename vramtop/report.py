@@ -422,7 +422,7 @@ def render_text(a: dict) -> str:
     p = a.get("peak")
     if p:
         lines.append(f"PEAK      {fmt_bytes(p['level'])} at step {p['step']} ({p['phase']}), "
-                     f"{fmt_offset(p.get('offset'))} into the run")
+                     f"{fmt_offset(p.get('offset'))} into the recording")
         total = sum(p["blocks"].values()) or 1
         for k in sorted(BLOCK_KEYS, key=lambda k: -p["blocks"][k]):
             mark = "  <- largest" if k == p.get("largest") else ""
@@ -453,7 +453,7 @@ def render_text(a: dict) -> str:
         lines.append("")
         req = f", tried to allocate {fmt_bytes(o['requested'])}" if o.get("requested") else ""
         lines.append(f"OOM{'' if len(a['ooms']) == 1 else f' #{i + 1}'}       step {o['step']} in {o['phase']}"
-                     f", {fmt_offset(o.get('offset'))} into the run{req}")
+                     f", {fmt_offset(o.get('offset'))} into the recording{req}")
         lines.append(f"  {clean(o['message'], 150)}")
         lines.append(f"  in use: {fmt_bytes(o['total'])} tracked"
                      + (f", {fmt_bytes(o.get('allocated'))} allocated / {fmt_bytes(o.get('reserved'))} reserved"
@@ -546,7 +546,7 @@ def svg_stacked(points: list[dict], t0: float, marks: list[tuple[float, str, str
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" role="img" '
            'aria-label="memory blocks stacked over time">', _legend([(k, COLORS[k]) for k in BLOCK_KEYS])]
-    out += _axes(x_max, y_max, "time into the run", fmt_tick)
+    out += _axes(x_max, y_max, "time into the recording", fmt_tick)
     base = [0.0] * len(points)
     for k in BLOCK_KEYS:
         upper = [b + (p[k] or 0) for b, p in zip(base, points)]
@@ -667,7 +667,7 @@ def render_html(a: dict, rec: Recording) -> str:
         alloc_series = [("tracked tensors", COLORS["allocated"], [p["total"] for p in pts]),
                         ("process RSS", COLORS["rss"], [p["rss"] for p in pts])]
         third_title = "Tracked tensors vs process RSS (CPU run: no allocator)"
-    third = svg_lines([p["t"] - t0 for p in pts], alloc_series, "time into the run", fmt_tick, third_title)
+    third = svg_lines([p["t"] - t0 for p in pts], alloc_series, "time into the recording", fmt_tick, third_title)
     text = render_text(a)
     p = a.get("peak") or {}
     title = f"vramtop report: {job.get('model') or 'run'}"
@@ -675,7 +675,7 @@ def render_html(a: dict, rec: Recording) -> str:
                    f"tried to allocate {_e(fmt_bytes(o.get('requested')))}</li>" for o in a["ooms"])
     adv = "".join(f"<li>{_e(x)}</li>" for x in a["advice"])
     summary = (f"<p><b>Peak {_e(fmt_bytes(p.get('level')))}</b> at step {_e(p.get('step'))} ({_e(p.get('phase'))}), "
-               f"{_e(fmt_offset(p.get('offset')))} into the run; largest block: <b>{_e(p.get('largest'))}</b> "
+               f"{_e(fmt_offset(p.get('offset')))} into the recording; largest block: <b>{_e(p.get('largest'))}</b> "
                f"({p.get('largest_share', 0):.0f}%).</p>") if p else "<p>No samples.</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

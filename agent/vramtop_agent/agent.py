@@ -401,7 +401,8 @@ class Agent:
             self._note_level(level, blocks, "backward")  # backward starts from the forward's level
         else:
             self._note_level(level, blocks, phase)
-        self._emit({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level})
+        self._emit({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level,
+                    "blocks": dict(blocks)})  # the job view compares ranks block by block at the edges
 
     def _note_level(self, level: int, blocks: dict, phase: str) -> None:
         if self._cuda_index is None:

@@ -148,6 +148,7 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "phase": (_STR, True),
         "edge": (_STR, True),            # start | end
         "level": (_INT, True),           # bytes allocated (tracked on CPU) at the edge
+        "blocks": (_MAP, False),         # BLOCK_KEYS at the edge (the blocks that make up `level`)
     },
     "step": {
         "eseq": (_INT, True),
@@ -237,6 +238,9 @@ def validate(msg: Any) -> dict[str, Any]:
             for key in ("allocated", "reserved"):
                 if not isinstance(msg["cuda"].get(key), int) or isinstance(msg["cuda"][key], bool):
                     raise SchemaError(f"sample.cuda: {key} is missing or not an integer")
+    elif kind == "phase":
+        if "blocks" in msg:
+            _check_blocks(msg["blocks"], "phase.blocks")
     elif kind == "step":
         _check_blocks(msg["peak_blocks"], "step.peak_blocks")
         _check_sizes(msg["peaks"], "step.peaks")

@@ -32,10 +32,11 @@ from vramtop_agent.schema import BLOCK_KEYS
 BAR_WIDTH = 24
 HI_STYLE = "bold white on #a1262b"  # the largest rank of an imbalanced block
 LO_STYLE = "bold black on #76b7b2"  # the smallest
-COLUMNS = (("rank", "rank"), ("node", "node"), ("pid", "pid"), ("stack", "stack at step peak"),
-           ("parameters", "params"), ("gradients", "grads"), ("optimizer", "optim"), ("activations", "activ"),
-           ("other", "other"), ("peak", "step peak"), ("now", "now"), ("step", "step"), ("step_time", "step time"),
-           ("state", "state"))
+# (key, label, width): fixed widths, since cells are updated in place as numbers grow.
+COLUMNS = (("rank", "rank", 6), ("node", "node", 14), ("pid", "pid", 8), ("stack", "stack at step peak", BAR_WIDTH),
+           ("parameters", "params", 9), ("gradients", "grads", 9), ("optimizer", "optim", 9),
+           ("activations", "activ", 9), ("other", "other", 9), ("peak", "step peak", 9), ("now", "now", 9),
+           ("step", "step", 7), ("step_time", "step time", 9), ("state", "state", 7))
 _SHORT = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "activ",
           "other": "other", "peak": "step peak", "step_time": "step time"}
 
@@ -103,8 +104,11 @@ def imbalance_text(job: JobState, imb: dict | None = None) -> Text:
             hi, lo, spread = f"{i.max * 1000:.0f} ms", f"{i.min * 1000:.0f} ms", f"{i.spread * 1000:.0f} ms"
         else:
             hi, lo, spread = render.fmt_bytes(i.max), render.fmt_bytes(i.min), render.fmt_bytes(i.spread)
-        line = (f"{_SHORT[metric]:>9}  max {hi} (rank {job.rank(i.max_key)}) vs min {lo} "
-                f"(rank {job.rank(i.min_key)}): {spread}, {100 * i.ratio:.0f}% of max")
+        if i.spread == 0:
+            line = f"{_SHORT[metric]:>9}  {hi} on every rank"
+        else:
+            line = (f"{_SHORT[metric]:>9}  max {hi} (rank {job.rank(i.max_key)}) vs min {lo} "
+                    f"(rank {job.rank(i.min_key)}): {spread}, {100 * i.ratio:.0f}% of max")
         if i.flagged:
             t.append("▲ " + line + "\n", style="bold red")
         else:
@@ -149,8 +153,8 @@ class OverviewScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Static(id="job-header")
         table = DataTable(id="ranks", cursor_type="row", zebra_stripes=True)
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
+        for key, label, width in COLUMNS:
+            table.add_column(label, key=key, width=width)
         yield table
         yield Static(id="imbalance")
         yield Static(id="status")
@@ -176,14 +180,14 @@ class OverviewScreen(Screen):
             table.clear()
             for k in keys:
                 c = rank_cells(job, k, imb, scale)
-                table.add_row(*[c[col] for col, _ in COLUMNS], key=k)
+                table.add_row(*[c[col] for col, _, _ in COLUMNS], key=k)
             self._order = keys
             if current in keys:
                 table.move_cursor(row=keys.index(current))
         else:
             for k in keys:
                 c = rank_cells(job, k, imb, scale)
-                for col, _ in COLUMNS:
+                for col, _, _ in COLUMNS:
                     table.update_cell(k, col, c[col])
         self.query_one("#job-header", Static).update(job_header(job, app.job_source.describe))
         self.query_one("#imbalance", Static).update(imbalance_text(job, imb))

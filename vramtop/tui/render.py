@@ -106,7 +106,7 @@ def header(state: SessionState, source: str = "") -> Text:
     t.append("  model ", style="dim")
     t.append(_text(model.get("class"), 60), style="bold")
     if model:
-        t.append(f"  {_text(model.get('method'), 20)}", style="magenta")
+        t.append(f"  {_text(model.get('summary') or model.get('method'), 60)}", style="magenta")
         t.append(f"  params {fmt_count(model.get('params_trainable'))} trainable / {fmt_count(model.get('params_total'))}")
         t.append(f"  {_text(model.get('dtype'), 30)}")
         if model.get("grad_ckpt"):

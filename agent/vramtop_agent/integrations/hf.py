@@ -17,8 +17,10 @@ LLaMA-Factory and axolotl take the same `callbacks=`). What it does:
 - marks steps: the agent's step number follows `state.global_step` (resumed
   runs included), and an optimizer step the agent did not see (skipped by
   the fp16 grad scaler, or a DeepSpeed engine step) still ends the step at
-  on_step_end; gradient-accumulation micro-steps are counted per step
-  (`micro_steps` of each step message; on_substep_end marks their boundaries);
+  on_step_end; gradient-accumulation micro-steps (forward/backward passes)
+  are counted per optimizer step (`micro_steps` of each step message): the
+  optimizer is known from the first micro-step on, so the first accumulation
+  window is not split into steps;
 - on_log: adds vramtop/<block>_mib (parameters, gradients, optimizer,
   activations, other, total) and vramtop/peak_<phase>_mib, peak_mib,
   backward_spike_mib (over the steps since the previous log) to the logs, so
@@ -96,7 +98,6 @@ class VramtopCallback(_Base):
         self._window = _common.StepWindow()
         self._promoted = False
         self._step_at_begin = None
-        self.substeps = 0  # micro-steps in the current optimizer step (gradient accumulation)
 
     # -------------------------------------------------------------- ordering
 
@@ -153,12 +154,8 @@ class VramtopCallback(_Base):
                 _common.attach_optimizer(agent, optimizer)
             self._sync_step(state)
             self._step_at_begin = agent.step
-            self.substeps = 0
         except Exception as exc:
             self._fail("hf-step-begin", exc)
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self.substeps += 1  # a micro-step without an optimizer step ended
 
     def on_step_end(self, args, state, control, **kwargs):
         agent = self.agent
