@@ -30,6 +30,32 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "agent")]
 # ---------------------------------------------------------------------- overhead
 
 
+RECORDER_CPU = {"seconds": 0.0, "wall": 0.0, "messages": 0}
+
+
+class NullSink:
+    def send(self, msg):
+        pass
+
+    def close(self):
+        pass
+
+
+def _meter(rec) -> None:
+    """Count the CPU time the sampler thread spends inside Recorder.send (encoding, SQLite, commits)."""
+    inner = rec.send
+
+    def send(msg):
+        t = time.thread_time()
+        try:
+            inner(msg)
+        finally:
+            RECORDER_CPU["seconds"] += time.thread_time() - t
+            RECORDER_CPU["messages"] += 1
+
+    rec.send = send
+
+
 def _run_steps(model, opt, batches, mode: str, path: str) -> list[float]:
     import vramtop_agent
 
@@ -38,8 +64,13 @@ def _run_steps(model, opt, batches, mode: str, path: str) -> list[float]:
         if os.path.exists(path):
             os.remove(path)
         agent = vramtop_agent.watch(model, opt, publish=False, record=path)
+        for sink in agent._sinks:
+            if type(sink).__name__ == "Recorder":
+                _meter(sink)
     elif mode == "agent":
-        agent = vramtop_agent.watch(model, opt, publish=False)
+        # The same agent with its sampler thread running, its messages dropped: the baseline that
+        # isolates the recorder (without any sink the agent starts no sampler at all).
+        agent = vramtop_agent.watch(model, opt, publish=False, sinks=[NullSink()])
     times = []
     for b in batches:
         t0 = time.perf_counter()
@@ -47,6 +78,8 @@ def _run_steps(model, opt, batches, mode: str, path: str) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+    if mode == "record":
+        RECORDER_CPU["wall"] += sum(times)
     if agent is not None:
         agent.stop()
         if mode == "record" and agent.errors:
@@ -66,6 +99,7 @@ def overhead(pairs: int, steps: int, batch: int, seq: int) -> dict:
     path = os.path.join(tempfile.mkdtemp(), "bench.vramtop")
     _run_steps(model, opt, batches[:3], "bare", path)  # warm-up
     _run_steps(model, opt, batches[:3], "record", path)
+    RECORDER_CPU.update(seconds=0.0, wall=0.0, messages=0)
     ratios = {"record/agent": [], "record/bare": [], "agent/bare": []}
     med = {"bare": [], "agent": [], "record": []}
     for i in range(pairs):
@@ -227,11 +261,15 @@ def main() -> int:
         print(f"1. recorder overhead: tiny LoRA fine-tune, batch {args.batch}x{args.seq}, {args.pairs} interleaved "
               f"runs of {args.steps} steps")
         r = overhead(args.pairs, args.steps, args.batch, args.seq)
-        print(f"   median step: bare {r['step_ms']['bare']:.1f} ms, agent {r['step_ms']['agent']:.1f} ms, "
+        print(f"   median step: bare {r['step_ms']['bare']:.1f} ms, agent (null sink) {r['step_ms']['agent']:.1f} ms, "
               f"agent+recorder {r['step_ms']['record']:.1f} ms")
         print(f"   ratio agent+recorder / agent     = {r['ratios']['record/agent']:.3f}x  (the recorder's own cost)")
         print(f"   ratio agent+recorder / no agent  = {r['ratios']['record/bare']:.3f}x")
         print(f"   ratio agent / no agent           = {r['ratios']['agent/bare']:.3f}x")
+        cpu = RECORDER_CPU
+        print(f"   recorder CPU, measured in its thread: {cpu['seconds'] * 1e3:.0f} ms over {cpu['wall']:.1f} s of "
+              f"training = {100 * cpu['seconds'] / max(cpu['wall'], 1e-9):.2f}% of a core "
+              f"({cpu['messages']} messages, {1e6 * cpu['seconds'] / max(cpu['messages'], 1):.0f} us each)")
         print(f"   recording of one run: {r['file_bytes_per_run'] / 1024:.0f} KiB")
 
     if not args.skip_day:

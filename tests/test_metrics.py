@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 from conftest import train_steps
+from helpers import optimizer_tensors, storage_bytes
 from prometheus_client.parser import text_string_to_metric_families
 
 import vramtop_agent
@@ -89,7 +90,7 @@ def test_metrics_scraped_over_http_match_the_stream(exporter):
                 break
             assert time.time() < deadline, (last_step and last_step["step"], value(m, "vramtop_step", **labels))
         assert last_sample["blocks"]["parameters"] == agent.snapshot()["blocks"]["parameters"] > 0
-        assert last_sample["blocks"]["optimizer"] == 2 * last_sample["blocks"]["parameters"]  # AdamW: two fp32 moments
+        assert last_sample["blocks"]["optimizer"] == storage_bytes(optimizer_tensors(opt))  # AdamW: moments + step
         for phase in PHASES:
             assert value(m, "vramtop_phase_peak_bytes", phase=phase, **labels) == last_step["peaks"][phase]
         assert value(m, "vramtop_step_peak_bytes", **labels) == last_step["peak"]

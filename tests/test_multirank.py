@@ -239,3 +239,33 @@ async def test_torchrun_job_in_one_view_matches_each_ranks_accounting(torchrun_j
                 (ref["peaks"], ref["peak"], ref["peak_blocks"], ref["backward_spike"])
     r0, r1 = (json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r1["steps"][-1]["peak_blocks"]["activations"] > r0["steps"][-1]["peak_blocks"]["activations"]
+
+
+@pytest.mark.asyncio
+async def test_bare_vramtop_shows_the_gpus_until_an_agent_starts():
+    """No agent: NVML's GPUs and processes, or one line saying there is no driver; then the agent, once it starts."""
+    import vramtop_agent
+    from vramtop.gpus import NodeSource, list_gpus
+    from vramtop.tiny import build_model
+    from vramtop.tui.app import VramtopApp
+
+    report = list_gpus()
+    app = VramtopApp(NodeSource(), refresh_hz=10)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await pilot.pause(0.5)
+        text = _screen_text(app)
+        if report.error:  # this machine: no NVIDIA driver
+            assert "no NVIDIA driver on this machine" in text or "NVML" in text
+            assert "showing vramtop agents as they start" in text
+        else:  # a GPU node: every GPU, with its memory
+            assert "GPUs on this machine" in text and report.gpus[0].name in text
+        assert "no vramtop agent on this machine yet" in text
+        agent = vramtop_agent.watch(build_model(vocab_size=512), sample_hz=20)
+        try:
+            await _until(pilot, lambda: app.state.sample is not None, timeout=20, what="the agent's first sample")
+            app._refresh_view()
+            text = _screen_text(app)
+            assert f"pid {os.getpid()}" in text and "parameters" in text
+            assert "showing vramtop agents as they start" not in text
+        finally:
+            agent.stop()

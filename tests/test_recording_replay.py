@@ -175,6 +175,11 @@ async def test_replay_drives_the_tui_and_seeks():
         await pilot.pause(0.3)
         assert app.state.bye is not None
         assert app.state.connection() == "ended"
+        await pilot.press("space")  # pause, so that the position is exact
+        assert not src.clock.playing
+        await pilot.press("home")
+        await pilot.pause(0.1)
+        assert app.state.bye is None and src.clock.position() == src.clock.start
         await pilot.press("o")  # no OOM in this recording: a notice, no crash
         await pilot.pause(0.1)
         header = str(app.query_one("#header").render())

@@ -196,3 +196,32 @@ def test_one_job_view_over_two_host_spellings(ssh_env, remote_job):
         assert len(src.tunnels) == 2 and all(t.up for t in src.tunnels)
     finally:
         src.close()
+
+
+def test_tcp_agent_and_the_picker_through_ssh(ssh_env, remote_job, monkeypatch, free_tcp_endpoint):
+    """Two agents on the host: the picker's choices; the tcp one is reached by a socket-to-127.0.0.1:PORT forward."""
+    import vramtop_agent
+    from vramtop.tiny import build_model
+
+    monkeypatch.setenv("VRAMTOP_RUNTIME_DIR", str(ssh_env.remote_runtime_dir))  # this agent lives on "the remote"
+    agent = vramtop_agent.watch(build_model(vocab_size=512), endpoint=free_tcp_endpoint, sample_hz=20)
+    try:
+        agents = remote_ls(ssh_env.alias, VRAMTOP)
+        assert {a["pid"] for a in agents} == {remote_job.pid, os.getpid()}
+        src = RemoteSource(ssh_env.alias, agents, remote_vramtop=VRAMTOP)
+        try:
+            assert len(src.choices) == 2 and "pick one" in src.status and src.sub is None
+            src.choose(next(a for a in agents if a["endpoint"].startswith("tcp://")))
+            assert src.tunnel.forwards[0][1] == "127.0.0.1:" + free_tcp_endpoint.rsplit(":", 1)[1]
+            got = []
+            deadline = time.time() + 30
+            while time.time() < deadline and not [m for m in got if m["type"] == "sample"]:
+                got += src.poll()
+                time.sleep(0.05)
+            sample = [m for m in got if m["type"] == "sample"][-1]
+            assert sample["pid"] == os.getpid()
+            assert sample["blocks"]["parameters"] == agent.snapshot()["blocks"]["parameters"]
+        finally:
+            src.close()
+    finally:
+        agent.stop()

@@ -136,8 +136,7 @@ def render_gpus(report: GpuReport, agents: list[dict] | None = None):
     agent_pids = {a.get("pid") for a in (agents or [])}
     title = Text()
     title.append("GPUs on this machine ", style="bold")
-    title.append("(NVML" + (f", driver {report.driver}" if report.driver else "") + "; no vramtop agent attached)",
-                 style="dim")
+    title.append("(NVML" + (f", driver {report.driver}" if report.driver else "") + ")", style="dim")
     table = Table(box=None, padding=(0, 1), expand=True)
     for col, justify in (("GPU", "right"), ("name", "left"), ("memory used", "right"), ("util", "right"),
                          ("pid", "right"), ("proc mem", "right"), ("process", "left")):

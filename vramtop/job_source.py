@@ -96,7 +96,10 @@ class JobSource:
         else:
             endpoint = info["endpoint"]
         sub = Subscriber(endpoint)
-        socks = (sub._samples, sub._events)
+        # Every socket the subscriber polls (its two SUB sockets, and the monitors that make it
+        # reconnect): one of them ready means sub.poll() has something to do.
+        poller = getattr(sub, "_poller", None)
+        socks = tuple(s for s, _ in poller.sockets) if poller is not None else (sub._samples, sub._events)
         for s in socks:
             self._poller.register(s, self._zmq.POLLIN)
             self._by_sock[s] = key

@@ -169,10 +169,10 @@ class JobState:
         return out
 
     def imbalance(self, ratio: float = IMBALANCE_RATIO, floor: int = BYTES_FLOOR,
-                  keys: list[str] | None = None) -> dict[str, Imbalance]:
+                  keys: list[str] | None = None, values: dict | None = None) -> dict[str, Imbalance]:
         """Per metric: max vs min across the ranks (two or more) that have a value."""
         keys = self.keys() if keys is None else keys
-        vals = {k: self.values(k) for k in keys}
+        vals = values if values is not None else {k: self.values(k) for k in keys}
         out: dict[str, Imbalance] = {}
         for metric in METRICS:
             have = [(v[metric], k) for k, v in vals.items() if isinstance(v.get(metric), (int, float))]

@@ -244,17 +244,34 @@ def _clean_info(item) -> dict | None:
     return out
 
 
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+@%=,~-]+$")
+_SAFE_HOST = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
 def remote_target(endpoint: str) -> str:
-    """What ssh forwards to on the node: the agent's socket path or HOST:PORT."""
+    """What ssh forwards to on the node: the agent's socket path or HOST:PORT.
+
+    The endpoint comes from the other machine: anything that could change how
+    ssh reads the -L argument (a ':' in a path, spaces, an odd host) is refused.
+    """
     if endpoint.startswith("ipc://"):
-        return endpoint[len("ipc://"):]
+        path = endpoint[len("ipc://"):]
+        if not _SAFE_PATH.match(path):
+            raise UserError(f"refusing to forward to the agent socket {path[:80]!r}: unexpected characters")
+        return path
     parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
     host = parts.hostname or "127.0.0.1"
     if host in ("0.0.0.0", "*", "::", ""):
         host = "127.0.0.1"
+    if port is None or not (_SAFE_HOST.match(host) or ":" in host and re.match(r"^[0-9a-fA-F:]+$", host)):
+        raise UserError(f"refusing to forward to the agent endpoint {endpoint[:80]!r}")
     if ":" in host:
         host = f"[{host}]"
-    return f"{host}:{parts.port}"
+    return f"{host}:{port}"
 
 
 def local_socket_dir() -> Path:

@@ -6,6 +6,12 @@ stale state. Events (hello, phase edges, step summaries, errors, OOM) arrive
 on a second socket with a deep queue, since each of them matters. Every
 frame is size-capped and validated; a bad frame is counted and dropped, never
 raised.
+
+A frame over the cap never reaches Python: libzmq (ZMQ_MAXMSGSIZE) drops the
+connection instead of allocating it, and treats that as a protocol error after
+which it does not reconnect. A monitor on each socket sees the disconnect and
+connects again, so one oversized frame costs the frames in flight (visible as
+an `eseq` gap: "dropped"), never the rest of the stream.
 """
 
 from __future__ import annotations
@@ -70,8 +76,14 @@ class Subscriber:
         self._poller = zmq.Poller()
         self._poller.register(self._samples, zmq.POLLIN)
         self._poller.register(self._events, zmq.POLLIN)
+        self._monitors = {}
+        for sock in (self._samples, self._events):
+            mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitors[mon] = sock
+            self._poller.register(mon, zmq.POLLIN)
         self.rejected = 0
         self.last_rejection: str | None = None
+        self.reconnects = 0  # connections dropped (agent gone, network, an oversized frame) and made again
 
     def _socket(self, topic: bytes, conflate: bool):
         zmq = self._zmq
@@ -99,6 +111,9 @@ class Subscriber:
         zmq = self._zmq
         out: list[dict] = []
         ready = dict(self._poller.poll(timeout_ms))
+        for mon, sock in self._monitors.items():
+            if mon in ready:
+                self._reconnect(mon, sock)
         if self._events in ready:
             for _ in range(max_events):
                 try:
@@ -113,6 +128,27 @@ class Subscriber:
                 pass
         return out
 
+    def _reconnect(self, mon, sock) -> None:
+        zmq = self._zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        disconnected = False
+        while True:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except Exception:  # a malformed monitor message: not ours to die of
+                break
+            disconnected |= event.get("event") == zmq.EVENT_DISCONNECTED
+        if disconnected:
+            try:  # disconnect first: connecting twice would deliver every frame twice
+                sock.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass
+            sock.connect(self.endpoint)
+            self.reconnects += 1
+
     def _take(self, frame: bytes, out: list[dict]) -> None:
         try:
             out.append(decode(frame, self.max_frame))
@@ -121,6 +157,12 @@ class Subscriber:
             self.last_rejection = str(exc)
 
     def close(self) -> None:
+        for mon, sock in self._monitors.items():
+            try:
+                sock.disable_monitor()
+                mon.close(linger=0)
+            except Exception:
+                pass
         for sock in (self._samples, self._events):
             try:
                 sock.close(linger=0)

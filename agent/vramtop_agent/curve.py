@@ -53,8 +53,6 @@ def load_key(value, secret: bool = False) -> bytes:
         raise CurveKeyError(f"cannot read the CURVE key file {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode) or st.st_size > 64 * 1024:
         raise CurveKeyError(f"{path} is not a CURVE certificate file")
-    if secret and stat.S_IMODE(st.st_mode) & 0o077:
-        raise CurveKeyError(f"{path} holds a secret key but others can read it: chmod 600 {path}")
     from zmq.auth import load_certificate
 
     try:
@@ -64,7 +62,9 @@ def load_key(value, secret: bool = False) -> bytes:
     key = secret_key if secret else public
     if not key:
         raise CurveKeyError(f"{path} holds no {'secret' if secret else 'public'} key"
-                        + (" (pass the .key_secret file)" if secret else ""))
+                            + (" (pass the .key_secret file)" if secret else ""))
+    if secret and stat.S_IMODE(st.st_mode) & 0o077:
+        raise CurveKeyError(f"{path} holds a secret key but others can read it: chmod 600 {path}")
     if not _is_z85_key(key):
         raise CurveKeyError(f"{path}: the key is not a 40-character Z85 string")
     return key

@@ -83,7 +83,7 @@ def _cell(v):
 def export_csv(rec, fh: IO[str], what: str = "samples", session: int | None = None) -> int:
     from vramtop.recording import SAMPLE_COLUMNS, STEP_COLUMNS
 
-    w = csv.writer(fh)
+    w = csv.writer(fh, lineterminator="\n")
     if what == "steps":
         cols = [c for c in STEP_COLUMNS if c not in ("id", "rseq")]
         idx = [STEP_COLUMNS.index(c) for c in cols]

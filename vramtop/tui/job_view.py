@@ -5,11 +5,11 @@ screen pushed on top of it:
 - the overview (OverviewScreen) lists every rank: a compact stack bar (the
   breakdown at the rank's last step peak, all bars on one scale so a heavier
   rank is a longer bar), then per block the most it held during the rank's
-  last step (see vramtop.job_state), the step peak, the allocated level now,
-  step, step time and connection state. Per block, the largest and smallest
+  last step (see vramtop.job_state), the step peak, step, step time and
+  connection state (the live numbers are one Enter away). Per block, the largest and smallest
   rank are coloured when they differ by 10% or more (and 1 MiB); the panel
   below says by how much;
-- Enter (or a click on the highlighted row) drills into that rank: the
+- Enter (or a click on a rank's line) drills into that rank: the
   overview is popped and the dashboard underneath shows the rank's own
   SessionState, live; Escape brings the overview back.
 The rendering functions here are pure (JobState in, Rich out), like render.py.
@@ -20,8 +20,10 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import Footer, Static
 
 from vramtop.job_state import JobState
 from vramtop.state import SessionState
@@ -35,7 +37,7 @@ LO_STYLE = "bold black on #76b7b2"  # the smallest
 # (key, label, width): fixed widths, since cells are updated in place as numbers grow.
 COLUMNS = (("rank", "rank", 6), ("node", "node", 14), ("pid", "pid", 8), ("stack", "stack at step peak", BAR_WIDTH),
            ("parameters", "params", 9), ("gradients", "grads", 9), ("optimizer", "optim", 9),
-           ("activations", "activ", 9), ("other", "other", 9), ("peak", "step peak", 9), ("now", "now", 9),
+           ("activations", "activ", 9), ("other", "other", 9), ("peak", "step peak", 9),
            ("step", "step", 7), ("step_time", "step time", 9), ("state", "state", 7))
 _SHORT = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "activ",
           "other": "other", "peak": "step peak", "step_time": "step time"}
@@ -44,11 +46,12 @@ _SHORT = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "a
 # --------------------------------------------------------------------- pure rendering
 
 
-def rank_cells(job: JobState, key: str, imb: dict, scale: int, width: int = BAR_WIDTH) -> dict[str, Text]:
-    """The overview's cells for one rank (column key -> Text)."""
-    v = job.values(key)
+def rank_cells(job: JobState, key: str, imb: dict, scale: int, width: int = BAR_WIDTH, v: dict | None = None,
+               world_size: int | None = -1) -> dict[str, Text]:
+    """The overview's cells for one rank (column key -> Text). `v`, `world_size`: precomputed, for speed."""
+    v = job.values(key) if v is None else v
     cells: dict[str, Text] = {}
-    ws = job.world_size()
+    ws = job.world_size() if world_size == -1 else world_size
     r = job.rank(key)
     cells["rank"] = Text(f"{r}/{ws}" if ws and ws > 1 else str(r), style="bold")
     cells["node"] = Text(job.node(key)[:16])
@@ -60,7 +63,6 @@ def rank_cells(job: JobState, key: str, imb: dict, scale: int, width: int = BAR_
     cells["stack"] = bar
     for metric in (*BLOCK_KEYS, "peak"):
         cells[metric] = _flag(render.fmt_bytes(v.get(metric)), metric, key, imb)
-    cells["now"] = Text(render.fmt_bytes(v.get("now")), style="dim")
     cells["step"] = Text(str(v.get("step")) if v.get("step") is not None else "-")
     st = v.get("step_time")
     cells["step_time"] = _flag(f"{st * 1000:.0f} ms" if st else "-", "step_time", key, imb)
@@ -79,13 +81,71 @@ def _flag(text: str, metric: str, key: str, imb: dict) -> Text:
     return Text(text)
 
 
-def bar_scale(job: JobState, keys: list[str] | None = None) -> int:
+def bar_scale(job: JobState, keys: list[str] | None = None, vals: dict | None = None) -> int:
     """One scale for every rank's bar: the largest sum of blocks."""
     best = 0
     for k in keys if keys is not None else job.keys():
-        v = job.values(k)
+        v = vals[k] if vals is not None else job.values(k)
         best = max(best, sum(int(v["peak_blocks"].get(b) or 0) for b in BLOCK_KEYS))
     return best
+
+
+def line(cells: dict[str, Text]) -> Text:
+    """One fixed-width line of the overview table from a row's cells (or the header's)."""
+    out = Text(no_wrap=True, overflow="crop")
+    for i, (col, _, width) in enumerate(COLUMNS):
+        cell = cells[col].copy()
+        cell.truncate(width, overflow="ellipsis")
+        if col in _RIGHT:
+            out.append(" " * (width - cell.cell_len))
+            out.append_text(cell)
+        else:
+            out.append_text(cell)
+            out.append(" " * (width - cell.cell_len))
+        if i < len(COLUMNS) - 1:
+            out.append(" ")
+    return out
+
+
+_RIGHT = {"pid", "parameters", "gradients", "optimizer", "activations", "other", "peak", "step", "step_time"}
+
+
+def header_line() -> Text:
+    t = line({col: Text(label) for col, label, _ in COLUMNS})
+    t.stylize("bold")
+    return t
+
+
+def overview_rows(job: JobState, cache: dict | None = None) -> tuple[list[str], list[Text], dict]:
+    """(keys in rank order, one line per rank, imbalance) for the whole job: what the overview draws.
+
+    With `cache` (a dict kept between calls), a rank's line is rebuilt only when
+    what it shows changed: its step, its last step summary, its connection state,
+    the bar scale, or whether it is the max/min of an imbalanced metric. Lines
+    change at the step rate, not at the sample rate.
+    """
+    keys = job.keys()
+    vals = {k: job.values(k) for k in keys}
+    imb = job.imbalance(keys=keys, values=vals)
+    scale = bar_scale(job, keys, vals)
+    ws = job.world_size()
+    flags = tuple((m, i.max_key, i.min_key) for m, i in imb.items() if i.flagged)
+    lines = []
+    for k in keys:
+        v = vals[k]
+        st = job.members[k]
+        last = st.last_step()
+        sig = (v["step"], id(last), v["connection"], scale, ws, job.node(k), job.pid(k),
+               tuple(f for f in flags if k in (f[1], f[2])))
+        hit = cache.get(k) if cache is not None else None
+        if hit is not None and hit[0] == sig:
+            lines.append(hit[1])
+            continue
+        ln = line(rank_cells(job, k, imb, scale, v=v, world_size=ws))
+        if cache is not None:
+            cache[k] = (sig, ln)
+        lines.append(ln)
+    return keys, lines, imb
 
 
 def imbalance_text(job: JobState, imb: dict | None = None) -> Text:
@@ -105,14 +165,14 @@ def imbalance_text(job: JobState, imb: dict | None = None) -> Text:
         else:
             hi, lo, spread = render.fmt_bytes(i.max), render.fmt_bytes(i.min), render.fmt_bytes(i.spread)
         if i.spread == 0:
-            line = f"{_SHORT[metric]:>9}  {hi} on every rank"
+            text = f"{_SHORT[metric]:>9}  {hi} on every rank"
         else:
-            line = (f"{_SHORT[metric]:>9}  max {hi} (rank {job.rank(i.max_key)}) vs min {lo} "
+            text = (f"{_SHORT[metric]:>9}  max {hi} (rank {job.rank(i.max_key)}) vs min {lo} "
                     f"(rank {job.rank(i.min_key)}): {spread}, {100 * i.ratio:.0f}% of max")
         if i.flagged:
-            t.append("▲ " + line + "\n", style="bold red")
+            t.append("▲ " + text + "\n", style="bold red")
         else:
-            t.append("  " + line + "\n", style="dim")
+            t.append("  " + text + "\n", style="dim")
     return t
 
 
@@ -127,81 +187,158 @@ def job_header(job: JobState, where: str = "") -> Text:
     nodes = sorted({job.node(k) for k in job.members})
     if nodes:
         t.append(f"  on {len(nodes)} node{'s' if len(nodes) != 1 else ''}: {', '.join(nodes)[:60]}", style="dim")
-    t.append(f"  live {job.live_count()}/{n}", style="green" if job.live_count() == n and n else "yellow")
+    live = job.live_count()
+    t.append(f"  live {live}/{n}", style="green" if live == n and n else "yellow")
     lo, hi = job.steps()
     if lo is not None:
         t.append("  step ", style="dim")
         t.append(f"{lo}" if lo == hi else f"{lo}..{hi}", style="bold" if lo == hi else "bold yellow")
     if where:
         t.append(f"  {where}", style="dim")
-    t.append("\nEnter: drill into a rank   Esc (in a rank): back to all ranks", style="dim")
+    t.append("\nEnter or click: drill into a rank   Esc (in a rank): back to all ranks", style="dim")
     return t
 
 
-# --------------------------------------------------------------------- screens
+# --------------------------------------------------------------------- widgets
+
+
+class RankTable(Static, can_focus=True):
+    """The ranks, one line each, with a cursor: Enter or a click drills into the rank.
+
+    One Text for the whole table (not a DataTable of cells): with 64 ranks
+    refreshed 4 times a second, per-cell rendering cost more than everything
+    else in the viewer; and it is re-rendered only when a line changed.
+    """
+
+    BINDINGS = [
+        Binding("up,k", "move(-1)", "Up", show=False),
+        Binding("down,j", "move(1)", "Down", show=False),
+        Binding("pageup", "move(-10)", show=False),
+        Binding("pagedown", "move(10)", show=False),
+        Binding("home", "move(-1000000)", show=False),
+        Binding("end", "move(1000000)", show=False),
+        Binding("enter", "select", "Drill into rank"),
+    ]
+    CURSOR_STYLE = "reverse"
+
+    class Selected(Message):
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
+
+    def __init__(self, **kwargs):
+        super().__init__("", **kwargs)
+        self.keys: list[str] = []
+        self.lines: list[Text] = []
+        self.cursor = 0
+        self._shown: Text | None = None
+
+    @property
+    def cursor_key(self) -> str | None:
+        return self.keys[self.cursor] if 0 <= self.cursor < len(self.keys) else None
+
+    def set_rows(self, keys: list[str], lines: list[Text]) -> None:
+        if keys == self.keys and len(lines) == len(self.lines) and all(a is b for a, b in zip(lines, self.lines)):
+            return  # the same line objects (overview_rows' cache): nothing to redraw
+        current = self.cursor_key
+        self.keys, self.lines = keys, lines
+        if current in keys:
+            self.cursor = keys.index(current)
+        self.cursor = max(0, min(self.cursor, len(keys) - 1))
+        self._draw()
+
+    def _draw(self) -> None:
+        rows = []
+        for i, ln in enumerate(self.lines):
+            if i == self.cursor and self.has_focus:
+                ln = ln.copy()
+                ln.stylize(self.CURSOR_STYLE)
+            elif i % 2:
+                ln = ln.copy()
+                ln.stylize("on #1c1c1c")
+            rows.append(ln)
+        text = Text("\n", no_wrap=True).join([header_line(), *rows]) if rows else Text("waiting for the ranks…",
+                                                                                      style="dim")
+        if text != self._shown:  # identical content: no re-render at all
+            self._shown = text
+            self.update(text)
+
+    def action_move(self, delta: int) -> None:
+        if not self.keys:
+            return
+        self.cursor = max(0, min(self.cursor + delta, len(self.keys) - 1))
+        self._draw()
+        self.scroll_visible_line(self.cursor + 1)
+
+    def scroll_visible_line(self, y: int) -> None:
+        from textual.geometry import Region
+
+        parent = self.parent
+        if parent is not None and hasattr(parent, "scroll_to_region"):
+            parent.scroll_to_region(Region(0, y, 1, 1), animate=False)
+
+    def action_select(self) -> None:
+        if self.cursor_key is not None:
+            self.post_message(self.Selected(self.cursor_key))
+
+    def on_click(self, event) -> None:
+        row = event.y - 1  # the header is line 0
+        if 0 <= row < len(self.keys):
+            self.cursor = row
+            self._draw()
+            self.post_message(self.Selected(self.keys[row]))
+
+    def on_focus(self) -> None:
+        self._draw()
+
+    def on_blur(self) -> None:
+        self._draw()
 
 
 class OverviewScreen(Screen):
     CSS = """
     OverviewScreen { layout: vertical; }
     #job-header { height: 2; padding: 0 1; background: $boost; }
-    #ranks { height: 1fr; }
+    #ranks-scroll { height: 1fr; padding: 0 1; }
+    #ranks { width: auto; height: auto; }
     #imbalance { height: auto; max-height: 10; padding: 0 1; }
     #status { height: 1; padding: 0 1; color: $text-muted; }
     """
 
     def compose(self) -> ComposeResult:
         yield Static(id="job-header")
-        table = DataTable(id="ranks", cursor_type="row", zebra_stripes=True)
-        for key, label, width in COLUMNS:
-            table.add_column(label, key=key, width=width)
-        yield table
+        with VerticalScroll(id="ranks-scroll"):
+            yield RankTable(id="ranks")
         yield Static(id="imbalance")
         yield Static(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        self._order: list[str] = []
+        self._lines: dict = {}  # overview_rows' cache
         self.set_interval(1.0 / self.app.refresh_hz, self.refresh_rows)
         self.refresh_rows()
-        self.query_one(DataTable).focus()
+        self.query_one(RankTable).focus()
 
     def refresh_rows(self) -> None:
         app = self.app
         if getattr(app, "paused", False):
             return
         job: JobState = app.job
-        table = self.query_one(DataTable)
-        keys = job.keys()
-        imb = job.imbalance(keys=keys)
-        scale = bar_scale(job, keys)
-        if keys != self._order:
-            current = self._cursor_key(table)
-            table.clear()
-            for k in keys:
-                c = rank_cells(job, k, imb, scale)
-                table.add_row(*[c[col] for col, _, _ in COLUMNS], key=k)
-            self._order = keys
-            if current in keys:
-                table.move_cursor(row=keys.index(current))
-        else:
-            for k in keys:
-                c = rank_cells(job, k, imb, scale)
-                for col, _, _ in COLUMNS:
-                    table.update_cell(k, col, c[col])
-        self.query_one("#job-header", Static).update(job_header(job, app.job_source.describe))
-        self.query_one("#imbalance", Static).update(imbalance_text(job, imb))
-        self.query_one("#status", Static).update(app.job_source.status)
+        keys, lines, imb = overview_rows(job, self._lines)
+        self.query_one(RankTable).set_rows(keys, lines)
+        _update(self.query_one("#job-header", Static), job_header(job, app.job_source.describe))
+        _update(self.query_one("#imbalance", Static), imbalance_text(job, imb))
+        _update(self.query_one("#status", Static), Text(app.job_source.status))
 
-    @staticmethod
-    def _cursor_key(table: DataTable) -> str | None:
-        try:
-            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
+    def on_rank_table_selected(self, event: RankTable.Selected) -> None:
+        self.app.drill(event.key)
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        self.app.drill(event.row_key.value)
+
+def _update(widget: Static, content: Text) -> None:
+    """Static.update only when the content changed (an update re-renders the widget)."""
+    if getattr(widget, "_vramtop_shown", None) != content:
+        widget._vramtop_shown = content
+        widget.update(content)
 
 
 class _RankView:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import ScrollableContainer, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
@@ -59,8 +59,9 @@ class ReplayApp(VramtopApp):
         super().__init__(source, state=SessionState(clock=source.now), refresh_hz=refresh_hz, pump_hz=pump_hz)
 
     def on_mount(self) -> None:
-        # The side panel's scroll bindings (home/end/left/right) would swallow the playback keys.
-        for widget in self.query("#side"):
+        # A focused scroll container's bindings (home/end/left/right) would swallow the playback keys;
+        # the panels still scroll with the mouse.
+        for widget in self.query(ScrollableContainer):
             widget.can_focus = False
         self.set_focus(None)
 
