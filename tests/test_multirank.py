@@ -214,6 +214,13 @@ async def test_torchrun_job_in_one_view_matches_each_ranks_accounting(torchrun_j
         await pilot.press("escape")
         await pilot.pause(0.2)
         assert isinstance(app.screen, OverviewScreen)
+        # A click on rank 0's line (line 1: line 0 is the column header) drills into rank 0.
+        await pilot.click("#ranks", offset=(3, 1))
+        await pilot.pause(0.3)
+        assert not isinstance(app.screen, OverviewScreen) and job.rank(app.current) == 0
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, OverviewScreen)
 
         stop.touch()
         await _until(pilot, lambda: child.poll() is not None, what="the job to finish")

@@ -200,11 +200,12 @@ def test_one_job_view_over_two_host_spellings(ssh_env, remote_job):
 
 def test_tcp_agent_and_the_picker_through_ssh(ssh_env, remote_job, monkeypatch, free_tcp_endpoint):
     """Two agents on the host: the picker's choices; the tcp one is reached by a socket-to-127.0.0.1:PORT forward."""
+    import torch
+
     import vramtop_agent
-    from vramtop.tiny import build_model
 
     monkeypatch.setenv("VRAMTOP_RUNTIME_DIR", str(ssh_env.remote_runtime_dir))  # this agent lives on "the remote"
-    agent = vramtop_agent.watch(build_model(vocab_size=512), endpoint=free_tcp_endpoint, sample_hz=20)
+    agent = vramtop_agent.watch(torch.nn.Linear(256, 256), endpoint=free_tcp_endpoint, sample_hz=20)
     try:
         agents = remote_ls(ssh_env.alias, VRAMTOP)
         assert {a["pid"] for a in agents} == {remote_job.pid, os.getpid()}
@@ -225,3 +226,28 @@ def test_tcp_agent_and_the_picker_through_ssh(ssh_env, remote_job, monkeypatch, 
             src.close()
     finally:
         agent.stop()
+
+
+def test_a_killed_viewer_leaves_no_ssh_behind(ssh_env, remote_job, tmp_path):
+    """SIGKILL the viewer (no close()): its tunnel's ssh ends by itself."""
+    script = tmp_path / "viewer.py"
+    script.write_text(
+        "import sys, time\n"
+        "from vramtop.remote import RemoteSource\n"
+        f"src = RemoteSource({ssh_env.alias!r}, remote_vramtop={VRAMTOP!r})\n"
+        "deadline = time.time() + 30\n"
+        "while time.time() < deadline and not (src.tunnel and src.tunnel.up):\n"
+        "    src.poll(); time.sleep(0.05)\n"
+        "print(src.tunnel.proc.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    viewer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=dict(os.environ))
+    try:
+        ssh_pid = int(viewer.stdout.readline())
+        ssh = psutil.Process(ssh_pid)
+        assert "ssh" in ssh.name()
+        viewer.kill()
+        viewer.wait()
+        ssh.wait(timeout=15)  # raises TimeoutExpired if the tunnel outlived its viewer
+    finally:
+        if viewer.poll() is None:
+            viewer.kill()

@@ -63,7 +63,7 @@ async def test_dashboard_shows_the_streams_numbers(demo_job):
         assert f"parameters {render.fmt_bytes(sample['blocks']['parameters'])}" in text
         assert f"activations {render.fmt_bytes(sample['blocks']['activations'])}" in text
         assert f"pid {demo_job.pid}" in text
-        assert "PeftModelForCausalLM" in text and "lora" in text
+        assert "PeftModelForCausalLM" in text and "LoRA r=8" in text
         assert "batch×seq 4×128" in text
         assert "[live]" in text
         last = app.state.steps[-1]

@@ -3,7 +3,7 @@
 `poll()` returns `(member key, message)` pairs (see vramtop.job_state) from
 all the members whose sockets have something, through one ZeroMQ poller, so
 64 ranks cost one poll call, not 64. Agents on other hosts are reached
-through one `ssh -N` per host carrying one unix-socket forward per agent
+through one ssh per host carrying one unix-socket forward per agent
 (vramtop.remote.SshTunnel): a dropped host comes back with all its ranks.
 
 Rescans (every `rescan_s`; local discovery in the polling thread since it

@@ -9,14 +9,15 @@ ours.
 
 - Listing: `ssh HOST -- sh -c '... vramtop ls --json'`; the JSON is parsed and
   validated (never unpickled, never evaluated).
-- Tunnelling: `ssh -N -L LOCAL.sock:REMOTE` where LOCAL.sock is a unix socket
+- Tunnelling: `ssh -L LOCAL.sock:REMOTE HOST cat` where LOCAL.sock is a unix socket
   in a fresh 0700 directory inside this user's vramtop runtime directory and
   REMOTE is the agent's own ipc socket path (stream-local forward) or its
   127.0.0.1:PORT. Nothing listens on a TCP port on either side: on the node
   sshd connects to the agent's socket; here only this user can open the
   socket file. The ssh process is ours: started, watched, restarted with a
   backoff when it dies (the ZeroMQ sockets reconnect by themselves), ended
-  on close().
+  on close(), and ended by itself if this process dies first (the remote
+  `cat` reads our stdin pipe, which closes with us).
 
 `RemoteSource` is `LiveSource`'s remote twin (poll/status/choices/choose/
 describe/close) for the single-process dashboard; `vramtop.job_source`
@@ -291,7 +292,7 @@ def local_socket_dir() -> Path:
 
 
 class SshTunnel:
-    """One `ssh -N` carrying unix-socket forwards to one host; kept alive until close().
+    """One ssh carrying unix-socket forwards to one host; kept alive until close().
 
     `ensure()` never blocks: call it often (the sources call it on every poll).
     A dead ssh is restarted after a backoff (0.5 s doubling to 10 s; reset
@@ -320,7 +321,11 @@ class SshTunnel:
         fwd: list[str] = []
         for local, remote in self.forwards:
             fwd += ["-L", f"{local}:{remote}"]
-        return [*ssh_program(), *_opts(_COMMON_OPTS), *_opts(_TUNNEL_OPTS), "-N", "-n", *fwd, *self.host.ssh_args()]
+        # Not `-N`: a remote `cat` that reads our stdin pipe. If this process dies without
+        # closing the tunnel (SIGKILL, a crash), the pipe closes, cat ends, and so does ssh:
+        # no orphaned tunnel, on any OS, without preexec_fn tricks.
+        return [*ssh_program(), *_opts(_COMMON_OPTS), *_opts(_TUNNEL_OPTS), *fwd, *self.host.ssh_args(),
+                "cat >/dev/null"]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -340,6 +345,11 @@ class SshTunnel:
 
     def _reap(self) -> None:
         rc = self.proc.returncode if self.proc else None
+        if self.proc is not None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         self.last_error = self._read_log() or f"ssh exited with status {rc}"
         lived = time.monotonic() - self._started_at
         self._backoff = self.min_backoff if lived > 10.0 else min(self._backoff * 2, self.max_backoff)
@@ -369,7 +379,8 @@ class SshTunnel:
                 pass
         self._log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall ssh
         try:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            # stdin: a pipe we never write to and close only by ending (see command()).
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          stderr=self._log, start_new_session=True)
         except (OSError, UserError) as exc:
             self.last_error = str(exc)
@@ -393,6 +404,11 @@ class SshTunnel:
     def close(self) -> None:
         self._closed = True
         proc, self.proc = self.proc, None
+        if proc is not None and proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
         if proc is not None and proc.poll() is None:
             try:
                 proc.send_signal(signal.SIGTERM)

@@ -82,7 +82,7 @@ def header(state: SessionState, source: str = "") -> Text:
         conn_text = f"agent ended ({_text((state.bye or {}).get('reason'), 40)})"
     elif conn == "gone":
         conn_text = "process exited"
-    t = Text()
+    t = Text(no_wrap=True, overflow="ellipsis")  # three lines, each cut rather than wrapped
     cmd = " ".join(c for c in (h.get("cmdline") or []) if isinstance(c, str))
     if len(cmd) > 60:
         cmd = cmd[:57] + "..."
