@@ -162,6 +162,7 @@ class Tally:
 
     def add(self, name: str, ok: bool, detail: str, where: str) -> None:
         r = self.results.setdefault(name, [0, 0, None, detail])
+        r[3] = detail  # shown when all pass: the latest sample
         r[1] += 1
         if ok:
             r[0] += 1

@@ -243,9 +243,15 @@ async def test_agent_sigkilled_the_dashboard_says_gone(jobs):
         await pilot.press("q")
 
 
-@pytest.mark.parametrize("how", ["sigkill", "clean-exit"])
-def test_restarted_job_is_found_again_in_discovery_mode(jobs, how):
-    source = LiveSource(None, rescan_s=0.2)
+@pytest.mark.parametrize("how, source_kind", [("sigkill", "LiveSource"), ("clean-exit", "LiveSource"),
+                                              ("sigkill", "NodeSource")])
+def test_restarted_job_is_found_again_in_discovery_mode(jobs, how, source_kind):
+    if source_kind == "NodeSource":  # what `vramtop attach` with no target uses when no multi-rank job runs
+        from vramtop.gpus import NodeSource
+
+        source = NodeSource(rescan_s=0.2)
+    else:
+        source = LiveSource(None, rescan_s=0.2)
     state = SessionState()
 
     def gone():  # what the app's pump does

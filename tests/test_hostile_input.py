@@ -457,6 +457,29 @@ async def test_the_dashboard_shows_rejections_as_text_not_markup(hostile_pub):
         await pilot.press("q")
 
 
+async def test_a_panel_that_cannot_render_a_frame_costs_that_panel_not_the_dashboard(hostile_pub):
+    """hello.estimate is a free-form map (the estimator's); the estimate panel fails on a broken one."""
+    from vramtop.tui.app import VramtopApp
+
+    pub, endpoint = hostile_pub
+    hello = next(m for m in _real_messages() if m["type"] == "hello")
+    sample = next(m for m in _real_messages() if m["type"] == "sample")
+    app = VramtopApp(LiveSource(endpoint), refresh_hz=10)
+    async with app.run_test(size=(200, 50)) as pilot:
+        deadline = time.monotonic() + 20
+        while app.state.sample is None and time.monotonic() < deadline:
+            pub.send(encode(dict(hello, pid=4243, estimate={"blocks": 5, "setup": None})))
+            pub.send(encode(dict(sample, pid=4243)))
+            await pilot.pause(0.1)
+        assert app.state.hello["estimate"] == {"blocks": 5, "setup": None}
+        await pilot.pause(0.3)
+        app._refresh_view()
+        text = _screen(app)
+        assert "gap: cannot show this data" in text
+        assert "pid 4243" in text and app.is_running
+        await pilot.press("q")
+
+
 def _screen(app) -> str:
     import re
 

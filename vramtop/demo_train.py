@@ -16,6 +16,13 @@ import sys
 import time
 
 
+SIZES = {
+    "tiny": dict(vocab_size=512),
+    "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=12,
+                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),
+}
+
+
 def corpus_tokens():
     import argparse as text_source  # any stdlib module's source is a few hundred KB of text
 
@@ -37,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sleep", type=float, default=0.0, help="pause between steps, to watch slowly")
     ap.add_argument("--endpoint", default=None, help="agent endpoint (default: per-user ipc socket)")
     ap.add_argument("--record", default=None, help="also record to this file")
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                    help="tiny: 0.9M params, a few MB; small: ~0.3B params, a few GB on a GPU")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -46,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from vramtop.tiny import add_lora, build_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(vocab_size=512)
+    model = build_model(**SIZES[args.size])
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

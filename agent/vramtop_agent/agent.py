@@ -320,7 +320,8 @@ class Agent:
     def breakdown(self) -> Breakdown:
         return self.acct.breakdown(fresh=threading.current_thread() is not self._thread)
 
-    def _level(self, bd: Breakdown | None = None, fresh: bool = False) -> tuple[int, dict]:
+    def _level(self, bd: Breakdown | None = None, fresh: bool = False,
+               allocated: int | None = None) -> tuple[int, dict]:
         """Bytes in use on the primary device now, and the blocks that make it up.
 
         `fresh` re-reads gradients and optimizer state: only on the training
@@ -331,7 +332,8 @@ class Agent:
         if self._cuda_index is not None:
             import torch
 
-            allocated = int(torch.cuda.memory_allocated(self._cuda_index))
+            if allocated is None:
+                allocated = devices.allocated_and_peak(devices.raw_cuda_stats(self._cuda_index))[0]
             four = sum(blocks[k] for k in BLOCK_KEYS if k != "other")
             blocks["other"] = max(allocated - four, 0)
             return allocated, blocks
@@ -346,7 +348,8 @@ class Agent:
         if fresh is None:
             fresh = threading.current_thread() is not self._thread
         bd = self.acct.breakdown(fresh=fresh)
-        level, blocks = self._level(bd)
+        raw = devices.raw_cuda_stats(self._cuda_index) if self._cuda_index is not None else None
+        level, blocks = self._level(bd, allocated=devices.allocated_and_peak(raw)[0] if raw is not None else None)
         self._seq += 1
         msg = self._base("sample")
         per_device = {dev: bd.blocks(dev) for dev in bd.devices}
@@ -367,7 +370,7 @@ class Agent:
         if self.batch is not None:
             msg["batch"] = list(self.batch)
         if self._cuda_index is not None:
-            stats = devices.cuda_stats(self._cuda_index)
+            stats = devices.cuda_stats(self._cuda_index, raw)  # the same reading as the blocks' "other"
             if stats:
                 msg["cuda"] = stats
             nv = devices.nvml_stats(self._cuda_index)
@@ -381,11 +384,12 @@ class Agent:
     # ------------------------------------------------------------------ phases
 
     def _edge(self, phase: str, edge: str) -> None:
+        allocated = None
         if self._cuda_index is not None:
             import torch
 
+            allocated, peak = devices.allocated_and_peak(devices.raw_cuda_stats(self._cuda_index))
             if edge == "end" or phase == "backward":
-                peak = int(torch.cuda.max_memory_allocated(self._cuda_index))
                 ended = "forward" if (phase == "backward" and edge == "start") else phase
                 self._phase_peak[ended] = max(self._phase_peak.get(ended, 0), peak)
             if edge == "start" and self.reset_peaks:
@@ -393,7 +397,7 @@ class Agent:
         # Gradients change under zero_grad (before forward) and optimizer states in step():
         # re-read them there; during backward the grad hooks keep the cache current.
         fresh = (phase, edge) in (("forward", "start"), ("optimizer", "end"))
-        level, blocks = self._level(fresh=fresh)
+        level, blocks = self._level(fresh=fresh, allocated=allocated)
         if phase == "backward" and edge == "start":
             self._eof_level = max(self._eof_level, level)
             self._eof_blocks = blocks

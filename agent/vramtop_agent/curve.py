@@ -46,7 +46,7 @@ def load_key(value, secret: bool = False) -> bytes:
         return value.encode("ascii") if isinstance(value, str) else bytes(value)
     if not isinstance(value, (str, bytes, os.PathLike)):
         raise CurveKeyError(f"a CURVE key is a 40-character Z85 string or a certificate file, not {type(value).__name__}")
-    path = Path(os.fsdecode(value))
+    path = Path(os.fsdecode(value)).expanduser()
     try:
         st = path.stat()
     except OSError as exc:
@@ -80,8 +80,8 @@ def load_keypair(value) -> tuple[bytes, bytes]:
 
 def load_public_keys(value) -> set[bytes]:
     """Public keys from a list of keys/files, or from a directory of `*.key` files."""
-    if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
-        files = sorted(Path(value).glob("*.key"))
+    if isinstance(value, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(value)):
+        files = sorted(Path(value).expanduser().glob("*.key"))
         if not files:
             raise CurveKeyError(f"no *.key files in {value}")
         return {load_key(f) for f in files}

@@ -7,28 +7,55 @@ never filled with zeros.
 
 from __future__ import annotations
 
+import functools
 import os
 
 _NVML_FAILED = False
 _NVML_HANDLES: dict = {}
 
 
-def cuda_stats(device_index: int) -> dict | None:
+def raw_cuda_stats(device_index: int) -> dict:
+    """The allocator's nested stats dict, as the C++ side builds it.
+
+    torch.cuda.memory_allocated() and friends flatten and sort all ~300
+    counters into an OrderedDict on every call; at phase edges on the
+    training thread that Python work is most of our cost, so read the
+    nested dict once and pick the few numbers we need.
+    """
+    import torch
+
+    return torch.cuda.memory_stats_as_nested_dict(device_index)
+
+
+def _get(raw: dict, *path, default=0) -> int:
+    node = raw
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return int(node)
+
+
+def allocated_and_peak(raw: dict) -> tuple[int, int]:
+    return _get(raw, "allocated_bytes", "all", "current"), _get(raw, "allocated_bytes", "all", "peak")
+
+
+def cuda_stats(device_index: int, raw: dict | None = None) -> dict | None:
     """torch.cuda.memory_stats of one device, reduced to what the view needs."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    s = torch.cuda.memory_stats(device_index)
+    raw = raw if raw is not None else raw_cuda_stats(device_index)
     return {
-        "allocated": int(s.get("allocated_bytes.all.current", 0)),
-        "reserved": int(s.get("reserved_bytes.all.current", 0)),
-        "active": int(s.get("active_bytes.all.current", 0)),
-        "inactive_split": int(s.get("inactive_split_bytes.all.current", 0)),
-        "alloc_retries": int(s.get("num_alloc_retries", 0)),
-        "ooms": int(s.get("num_ooms", 0)),
-        "peak_allocated": int(s.get("allocated_bytes.all.peak", 0)),
-        "peak_reserved": int(s.get("reserved_bytes.all.peak", 0)),
+        "allocated": _get(raw, "allocated_bytes", "all", "current"),
+        "reserved": _get(raw, "reserved_bytes", "all", "current"),
+        "active": _get(raw, "active_bytes", "all", "current"),
+        "inactive_split": _get(raw, "inactive_split_bytes", "all", "current"),
+        "alloc_retries": _get(raw, "num_alloc_retries"),
+        "ooms": _get(raw, "num_ooms"),
+        "peak_allocated": _get(raw, "allocated_bytes", "all", "peak"),
+        "peak_reserved": _get(raw, "reserved_bytes", "all", "peak"),
     }
 
 
@@ -58,8 +85,28 @@ def _nvml_handle(device_index: int):
         return None
 
 
+SLOW_STATS_TTL = 1.0  # NVML and /proc are read at most once a second: each read hands the GIL around
+_slow_cache: dict = {}
+
+
+def _cached(key, fn):
+    import time
+
+    now = time.monotonic()
+    hit = _slow_cache.get(key)
+    if hit is not None and now - hit[0] < SLOW_STATS_TTL:
+        return hit[1]
+    value = fn()
+    _slow_cache[key] = (now, value)
+    return value
+
+
 def nvml_stats(device_index: int, pid: int | None = None) -> dict | None:
-    """Device total/used and this process's use, from the driver."""
+    """Device total/used and this process's use, from the driver (cached for a second)."""
+    return _cached(("nvml", device_index, pid), lambda: _nvml_stats(device_index, pid))
+
+
+def _nvml_stats(device_index: int, pid: int | None = None) -> dict | None:
     handle = _nvml_handle(device_index)
     if handle is None:
         return None
@@ -83,12 +130,18 @@ def nvml_stats(device_index: int, pid: int | None = None) -> dict | None:
 
 
 def host_stats() -> dict:
+    """Process RSS and host memory (cached for a second)."""
+    return dict(_cached("host", _host_stats))
+
+
+def _host_stats() -> dict:
     import psutil
 
     vm = psutil.virtual_memory()
     return {"rss": int(psutil.Process().memory_info().rss), "total": int(vm.total), "available": int(vm.available)}
 
 
+@functools.lru_cache(maxsize=16)
 def device_name(device: str) -> str | None:
     if device.startswith("cuda"):
         try:
@@ -105,6 +158,7 @@ def device_name(device: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=16)
 def device_total(device: str) -> int | None:
     if device.startswith("cuda"):
         try:

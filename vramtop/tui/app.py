@@ -116,7 +116,10 @@ class VramtopApp(App):
             self.source.status = f"error reading the stream: {exc}"
             return
         for msg in msgs:
-            self.state.apply(msg)
+            try:
+                self.state.apply(msg)
+            except Exception as exc:  # noqa: BLE001 - a validated frame the model still cannot fold: count it
+                self.state.reject(f"{msg.get('type')} frame not applied: {type(exc).__name__}: {exc}"[:200])
         rejected, reason = getattr(self.source, "rejected", (0, None))
         if rejected > self.state.rejected_frames:
             self.state.rejected_frames, self.state.last_rejection = rejected, reason
@@ -144,17 +147,19 @@ class VramtopApp(App):
         if self.paused:
             return
         st = self.state
-        self.query_one("#header", Static).update(render.header(st, getattr(self.source, "describe", "")))
+        self._panel("#header", render.header, st, getattr(self.source, "describe", ""))
         width = self.query_one("#stack", Static).size.width or self.size.width
         idle = getattr(self.source, "idle_view", None) if st.sample is None else None  # NodeSource: the GPUs (NVML)
-        self.query_one("#stack", Static).update(idle() if idle else render.stack(st, max(width - 2, 20)))
+        if idle:
+            self._panel("#stack", idle)
+        else:
+            self._panel("#stack", render.stack, st, max(width - 2, 20))
         tl = self.query_one("#timeline", Static)
-        self.query_one("#timeline", Static).update(
-            render.timeline(st, max(tl.size.width - 2, 20), max(tl.size.height - 4, 4)))
+        self._panel("#timeline", render.timeline, st, max(tl.size.width - 2, 20), max(tl.size.height - 4, 4))
         side = self.query_one("#side")
-        self.query_one("#frag", Static).update(render.fragmentation(st, max(side.size.width - 12, 10)))
-        self.query_one("#phases", Static).update(render.phases(st))
-        self.query_one("#gap", Static).update(render_gap(st, self.gap_model))
+        self._panel("#frag", render.fragmentation, st, max(side.size.width - 12, 10))
+        self._panel("#phases", render.phases, st)
+        self._panel("#gap", render_gap, st, self.gap_model)
         status = getattr(self.source, "status", "")
         if st.last_rejection:
             status += f"  | last rejected frame: {st.last_rejection}"
@@ -162,6 +167,15 @@ class VramtopApp(App):
             status = "[paused] " + status
         # Text, not markup: the status quotes rejected frames, i.e. whatever a peer sent.
         self.query_one("#status", Static).update(Text(str(status)))
+
+    def _panel(self, widget_id: str, fn, *args) -> None:
+        """Render one panel. A renderer that fails on odd data (the stream is outside input) says so
+        in its panel instead of ending the dashboard."""
+        try:
+            content = fn(*args)
+        except Exception as exc:  # noqa: BLE001
+            content = Text(f"{widget_id[1:]}: cannot show this data ({type(exc).__name__}: {exc})"[:300], style="red")
+        self.query_one(widget_id, Static).update(content)
 
     # ------------------------------------------------------------------ actions
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU session's checks in one go (see bench/gpu_validate.py). Run from the repo root on a CUDA box:
+#   bash bench/device_run.sh OUTDIR
+# Expects wheels for what the box lacks in .whl/ (pyzmq, textual, bitsandbytes, ...).
+set -u
+OUT=${1:-/tmp/vramtop-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; }
+  export PYTHONPATH=/tmp/site:$PWD:$PWD/agent
+else
+  export PYTHONPATH=$PWD:$PWD/agent
+fi
+nvidia-smi -L
+python3 -c "import torch, zmq, textual; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'zmq', zmq.__version__)"
+python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>&1 | tail -1
+echo "== gpu_validate =="
+timeout 330 python3 bench/gpu_validate.py --budget-s 300 --json "$OUT/gpu_validate.json" 2>&1 | tee "$OUT/gpu_validate.log"
+echo "== screenshot of the dashboard on the GPU =="
+timeout 70 python3 bench/gpu_screenshot.py "$OUT/dashboard-gpu.svg" --seconds 30 2>&1 | grep -v -i warn | tail -8
+echo "== gpu tests =="
+timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4
