@@ -21,4 +21,4 @@ timeout 330 python3 bench/gpu_validate.py --budget-s 300 --json "$OUT/gpu_valida
 echo "== screenshot of the dashboard on the GPU =="
 timeout 70 python3 bench/gpu_screenshot.py "$OUT/dashboard-gpu.svg" --seconds 30 2>&1 | grep -v -i warn | tail -8
 echo "== gpu tests =="
-timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4
+timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4

@@ -35,6 +35,9 @@ Checks, each printed as one PASS/FAIL/SKIP line:
   without any of them, interleaved in one run (RATIO lines).
 
 Exit status: 0 when every check ran passed, 1 when one failed, 2 without CUDA.
+Rows stream as they come (a run cut short still shows what it checked);
+--json writes them too. On CUDA the NVML checks read the driver right after
+each sample (the agent caches NVML for a second, while reserved is fresh).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ FOUR = ("parameters", "gradients", "optimizer", "activations")
 BLOCKS = (*FOUR, "other")
 PHASES = ("forward", "backward", "optimizer")
 CONFIGS = ("tiny-full", "tiny-lora", "1b-full", "1b-lora", "1b-qlora")
+# Rough H100 seconds per part, so that a part that would overrun the budget is skipped, not cut.
+COST_S = {"tiny-full": 15, "tiny-lora": 45, "oom": 20, "1b-full": 45, "1b-lora": 75, "1b-qlora": 70}
 OVERHEAD_MODES = ("bare", "agent", "profiler", "memory-history")
 
 # A ~1.1B-parameter Llama (TinyLlama-1.1B's shape), built from the config with random weights.
@@ -87,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
     p.add_argument("--no-oom", action="store_true", help="skip the forced OOM")
     p.add_argument("--budget-s", type=float, default=450.0,
-                   help="wall-clock budget: later parts are skipped (and say so) once it is spent")
+                   help="wall-clock budget (default 450): a part whose usual cost would overrun it is skipped, "
+                   "with a SKIP line; order: tiny runs, the OOM, the 1B runs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON")
     args = p.parse_args(argv)
     if args.steps < 3:
@@ -183,11 +189,13 @@ def fmt(n) -> str:
 
 
 def sample_checks(sample: dict, allocated_now: int | None = None,
-                  other_limit: int | None = None) -> list[tuple[str, bool, str]]:
+                  other_limit: int | None = None, nvml: dict | None = None) -> list[tuple[str, bool, str]]:
     """Consistency of one agent sample taken on a CUDA device: (check, ok, detail) triples.
 
     allocated_now: torch.cuda.memory_allocated() read right after the sample, on the same thread.
     other_limit: when given, `other` must not exceed it (a moment without transients).
+    nvml: the driver's numbers read right after the sample (the agent's own are cached for up to a
+          second, while reserved is read fresh); default: the sample's.
     """
     out: list[tuple[str, bool, str]] = []
     blocks = sample.get("blocks") or {}
@@ -209,7 +217,7 @@ def sample_checks(sample: dict, allocated_now: int | None = None,
     if "inactive_split" in cuda:
         out.append(("inactive_split <= reserved - allocated", int(cuda["inactive_split"]) <= reserved - alloc,
                     f"inactive split {fmt(cuda['inactive_split'])}, cache {fmt(reserved - alloc)}"))
-    nv = sample.get("nvml")
+    nv = nvml if nvml is not None else sample.get("nvml")
     if isinstance(nv, dict) and "total" in nv and "used" in nv:
         out.append(("NVML used <= total", nv["used"] <= nv["total"], f"used {fmt(nv['used'])}, total {fmt(nv['total'])}"))
         if "process_used" in nv:
@@ -258,9 +266,17 @@ def quant_extras(param) -> list:
     return out
 
 
-def reference_blocks(model, optimizer) -> dict:
-    """parameters / gradients / optimizer from the tensors themselves, with the agent's precedence."""
+def reference_blocks(model, optimizer, device: str | None = None) -> dict:
+    """parameters / gradients / optimizer from the tensors themselves, with the agent's precedence.
+
+    `device`: count only tensors there, as the sample's `blocks` do (AdamW keeps its `step`
+    counters on the CPU, so they belong to the sample's devices["cpu"], not to the GPU's blocks).
+    """
     params = list(model.parameters())
+    if device is not None:
+        here = lambda ts: [t for t in ts if t is not None and str(t.device) == device]  # noqa: E731
+    else:
+        here = lambda ts: ts  # noqa: E731
     p_tensors = params + [q for p in params for q in quant_extras(p)]
     p_keys = {(str(t.device), t.untyped_storage().data_ptr()) for t in p_tensors}
 
@@ -272,7 +288,8 @@ def reference_blocks(model, optimizer) -> dict:
     states = [v for st in optimizer.state.values() if isinstance(st, dict) for v in st.values()
               if hasattr(v, "untyped_storage")]
     states = [t for t in outside(states) if (str(t.device), t.untyped_storage().data_ptr()) not in g_keys]
-    return {"parameters": storage_sum(p_tensors), "gradients": storage_sum(grads), "optimizer": storage_sum(states)}
+    return {"parameters": storage_sum(here(p_tensors)), "gradients": storage_sum(here(grads)),
+            "optimizer": storage_sum(here(states))}
 
 
 def reference_checks(sample: dict, ref: dict) -> list[tuple[str, bool, str]]:
@@ -434,23 +451,33 @@ def validate_config(config: str, args, report: Report) -> None:
     others: list[int] = []
     lock = threading.Lock()
 
+    from vramtop_agent import devices
+
+    fresh_nvml = getattr(devices, "_nvml_stats", devices.nvml_stats)  # uncached where the agent caches it
+
     def take(where: str, fresh=None, quiet_moment=False):
         s = agent.snapshot(fresh=fresh)
         now = torch.cuda.memory_allocated(0)
+        nv = fresh_nvml(0)
         with lock:
-            for name, ok, detail in sample_checks(s, now, other_limit_for(now) if quiet_moment else None):
+            for name, ok, detail in sample_checks(s, now, other_limit_for(now) if quiet_moment else None, nv):
                 tally.add(name, ok, detail, where)
             if quiet_moment:
                 others.append(int(s["blocks"]["other"]))
         return s
 
+    def mid_forward(module, args, output):
+        take("mid-forward")
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        if torch.is_tensor(out) and out.requires_grad:
+            # Fires on autograd's thread, inside backward: the agent's gradient cache, as its sampler uses it.
+            out.register_hook(lambda grad: take("mid-backward", fresh=False) and None)
+        return None  # a forward hook that returns something replaces the module's output
+
     mid = _middle_layer(model)
     hooks = []
     try:
-        # (A hook that returns something replaces the module's output or gradient: these return None.)
-        hooks.append(mid.register_forward_hook(lambda m, a, o: take("mid-forward") and None))
-        # On autograd's thread, inside backward: the gradient cache, as the sampler thread uses it.
-        hooks.append(mid.register_full_backward_hook(lambda m, gi, go: take("mid-backward", fresh=False) and None))
+        hooks.append(mid.register_forward_hook(mid_forward))
         for step in range(args.steps):
             if step == args.steps - 1:  # the last step runs as the bracketed one will: no hooks of ours
                 for h in hooks:
@@ -461,14 +488,14 @@ def validate_config(config: str, args, report: Report) -> None:
             take(f"step {step} after forward")
             out.loss.backward()
             s = take(f"step {step} after backward")
-            for name, ok, detail in reference_checks(s, reference_blocks(model, opt)):
+            for name, ok, detail in reference_checks(s, reference_blocks(model, opt, s.get("device"))):
                 ref_tally.add(name, ok, detail, f"step {step} after backward")
             opt.step()
             take(f"step {step} after optimizer step")
             opt.zero_grad(set_to_none=True)
             del out
             s = take(f"step {step} after zero_grad", quiet_moment=step >= 1)
-            for name, ok, detail in reference_checks(s, reference_blocks(model, opt)):
+            for name, ok, detail in reference_checks(s, reference_blocks(model, opt, s.get("device"))):
                 ref_tally.add(name, ok, detail, f"step {step} after zero_grad")
         torch.cuda.synchronize()
     finally:
@@ -668,25 +695,30 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.manual_seed(0)
-    for config in args.configs:
-        if time.time() - START > args.budget_s:
-            report.skip(config, f"time budget of {args.budget_s:.0f}s spent")
+    # The OOM goes right after the small runs: cheap, and not starved by the 1B ones.
+    parts = [c for c in args.configs if c.startswith("tiny")] + ["oom"] + [c for c in args.configs
+                                                                         if not c.startswith("tiny")]
+    for part in parts:
+        if part == "oom" and args.no_oom:
+            report.skip("oom", "--no-oom")
             continue
-        if config == "1b-qlora":
+        left = args.budget_s - (time.time() - START)
+        cost = COST_S.get(part, 30) - (30 if args.no_overhead and part in ("tiny-lora", "1b-lora") else 0)
+        if cost > left:
+            report.skip(part, f"not started: about {cost}s of work, {max(left, 0):.0f}s of the "
+                        f"{args.budget_s:.0f}s budget left (--budget-s)")
+            continue
+        if part == "1b-qlora":
             why = _bnb_usable()
             if why:
-                report.skip(config, why)
+                report.skip(part, why)
                 continue
-        with report.guard(f"{config}: run"):
-            validate_config(config, args, report)
+        with report.guard(f"{part}: run"):
+            if part == "oom":
+                validate_oom(report)
+            else:
+                validate_config(part, args, report)
         _free()
-    if args.no_oom:
-        report.skip("oom", "--no-oom")
-    elif time.time() - START > args.budget_s:
-        report.skip("oom", "time budget spent")
-    else:
-        with report.guard("oom: run"):
-            validate_oom(report)
     print(f"\n{report.summary()}\n(wall time {time.time() - START:.0f}s)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report.rows, indent=1))

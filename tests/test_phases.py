@@ -111,3 +111,19 @@ def test_a_forward_that_raises_leaves_no_hooks_behind(list_sink):
     forward_starts = [m for m in list_sink.of("phase") if m["phase"] == "forward" and m["edge"] == "start"]
     assert len(forward_starts) == 3  # the failed forward and the two that trained
     assert agent.snapshot()["blocks"]["activations"] == 0
+
+
+def test_a_stopped_agent_lets_its_model_go():
+    """Nothing global (hooks, probes, excepthooks) keeps the agent, and so the model, alive."""
+    import gc
+    import weakref
+
+    model = add_lora(build_model(vocab_size=512))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    agent = vramtop_agent.watch(model, opt)
+    train_steps(model, opt, make_batch(model, 1, 16), steps=2)
+    agent.stop()
+    refs = weakref.ref(model), weakref.ref(agent)
+    del model, opt, agent
+    gc.collect()
+    assert [r() for r in refs] == [None, None]

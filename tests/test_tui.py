@@ -52,7 +52,9 @@ async def test_dashboard_shows_the_streams_numbers(demo_job):
     expected_params = sum_unique(add_lora(build_model(vocab_size=512), rank=8).parameters())
     app = VramtopApp(LiveSource(str(demo_job.pid)), refresh_hz=10)
     async with app.run_test(size=(180, 50)) as pilot:
-        await _until(pilot, lambda: len(app.state.steps) >= 3 and app.state.sample is not None)
+        # The hello is re-sent every second: wait for one that describes the model.
+        await _until(pilot, lambda: len(app.state.steps) >= 3 and app.state.sample is not None
+                     and ((app.state.hello or {}).get("model") or {}).get("summary"))
         await pilot.pause(0.3)
         app.paused = False
         app._refresh_view()

@@ -215,7 +215,10 @@ class _AutocastProbe:
 
     def __init__(self, model, on_result=None):
         self.result: str | None = None
-        self.on_result = on_result
+        # Weakly: _PROBES is a WeakKeyDictionary keyed by the model, and a strong
+        # callback to the agent (which holds the model) would keep the key alive forever.
+        self.on_result = weakref.WeakMethod(on_result) if hasattr(on_result, "__self__") else (
+            (lambda f=on_result: f) if on_result is not None else None)
         self._handle = None
         target = model
         for m in model.modules():
@@ -243,9 +246,11 @@ class _AutocastProbe:
         except Exception:
             self.result = None
         self.remove()
-        if self.result is not None and self.on_result is not None:
+        callback = self.on_result() if self.on_result is not None else None
+        self.on_result = None
+        if self.result is not None and callback is not None:
             try:
-                self.on_result()  # e.g. the agent re-sends its hello with the autocast dtype
+                callback()  # e.g. the agent re-sends its hello with the autocast dtype
             except Exception:
                 pass
         return None
