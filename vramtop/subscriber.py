@@ -47,7 +47,7 @@ class Subscriber:
     fresh key pair. See vramtop_agent.curve and docs/security.md."""
 
     def __init__(self, endpoint: str, curve_server_key=None, max_frame: int = MAX_FRAME_BYTES,
-                 curve_client_key=None):
+                 curve_client_key=None, every_sample: bool = False):
         import zmq
 
         self.endpoint = check_endpoint(endpoint)
@@ -71,7 +71,9 @@ class Subscriber:
             self._curve = (server, *client)
         elif curve_client_key is not None:
             raise UserError("a client key needs the agent's public key too (--server-key)")
-        self._samples = self._socket(TOPIC_SAMPLE, conflate=True)
+        # A dashboard wants the newest sample; a recorder (every_sample) wants them all.
+        self.every_sample = every_sample
+        self._samples = self._socket(TOPIC_SAMPLE, conflate=not every_sample)
         self._events = self._socket(TOPIC_EVENT, conflate=False)
         self._poller = zmq.Poller()
         self._poller.register(self._samples, zmq.POLLIN)
@@ -122,10 +124,11 @@ class Subscriber:
                     break
                 self._take(frame, out)
         if self._samples in ready:
-            try:
-                self._take(self._samples.recv(zmq.NOBLOCK, copy=True), out)
-            except zmq.Again:
-                pass
+            for _ in range(max_events if self.every_sample else 1):
+                try:
+                    self._take(self._samples.recv(zmq.NOBLOCK, copy=True), out)
+                except zmq.Again:
+                    break
         return out
 
     def _reconnect(self, mon, sock) -> None:

@@ -32,55 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-going", action="store_true",
                    help="do not stop at the agent's goodbye (an endpoint that a restarted job binds again)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--server-key", metavar="FILE", default=None,
+                   help="the agent's CURVE public key, when it encrypts its stream (see docs/security.md)")
+    p.add_argument("--client-key", metavar="FILE", default=None,
+                   help="with --server-key: this recorder's CURVE secret key file, for an agent that lists its viewers")
     p.set_defaults(func=run)
 
 
-class StreamReader:
-    """One SUB socket for every frame of an agent (samples and events, no conflation)."""
+def StreamReader(endpoint: str, **curve):
+    """The viewer's Subscriber without conflation: every sample and every event, size-capped,
+    validated, reconnecting after an oversized frame, with the same CURVE options."""
+    from vramtop.subscriber import Subscriber
 
-    def __init__(self, endpoint: str, hwm: int = 200_000):
-        import zmq
-
-        from vramtop_agent.schema import MAX_FRAME_BYTES
-
-        self._zmq = zmq
-        self._ctx = zmq.Context.instance()
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        sock.setsockopt(zmq.RCVHWM, hwm)
-        sock.setsockopt(zmq.RECONNECT_IVL, 200)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.connect(endpoint)
-        self._sock = sock
-        self.rejected = 0
-        self.last_rejection: str | None = None
-
-    def poll(self, timeout_ms: int = 200, max_frames: int = 10_000) -> list[dict]:
-        from vramtop_agent.schema import SchemaError, decode
-
-        zmq = self._zmq
-        out: list[dict] = []
-        if not self._sock.poll(timeout_ms, zmq.POLLIN):
-            return out
-        for _ in range(max_frames):
-            try:
-                frame = self._sock.recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            try:
-                out.append(decode(frame))
-            except SchemaError as exc:
-                self.rejected += 1
-                self.last_rejection = str(exc)
-        return out
-
-    def close(self) -> None:
-        try:
-            self._sock.close(linger=0)
-        except Exception:
-            pass
+    return Subscriber(endpoint, every_sample=True, **curve)
 
 
 def resolve_target(target: str | None, wait_s: float | None = None, say=print) -> tuple[str, int | None]:
@@ -131,11 +95,15 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     output = args.output or default_name(pid)
-    return record(endpoint, output, pid=pid, duration=args.duration, stop_at_bye=not args.keep_going, say=say)
+    if args.client_key and not args.server_key:
+        raise UserError("--client-key needs --server-key (the agent's public key)")
+    curve = {"curve_server_key": args.server_key, "curve_client_key": args.client_key}
+    return record(endpoint, output, pid=pid, duration=args.duration, stop_at_bye=not args.keep_going, say=say,
+                  curve=curve)
 
 
 def record(endpoint: str, output: str, *, pid: int | None = None, duration: float | None = None,
-           stop_at_bye: bool = True, say=print, install_signals: bool = True) -> int:
+           stop_at_bye: bool = True, say=print, install_signals: bool = True, curve: dict | None = None) -> int:
     """Record until Ctrl-C / SIGTERM / bye / process exit / duration. Returns an exit code."""
     from vramtop.sources import pid_alive
     from vramtop_agent.recorder import Recorder, RecorderError
@@ -144,7 +112,7 @@ def record(endpoint: str, output: str, *, pid: int | None = None, duration: floa
         rec = Recorder(output, writer="vramtop record")
     except (RecorderError, OSError) as exc:
         raise UserError(f"cannot record to {output}: {exc}") from None
-    reader = StreamReader(endpoint)
+    reader = StreamReader(endpoint, **(curve or {}))
     stop = {"why": None}
 
     def _stop(signum, frame):
