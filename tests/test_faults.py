@@ -35,7 +35,7 @@ from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber
 from vramtop.tui import render
 from vramtop.tui.app import VramtopApp
-from vramtop_agent.schema import SchemaError, decode
+from vramtop_agent.schema import SchemaError, decode_many
 
 HERE = Path(__file__).parent
 SLOWDOWN = 1.5
@@ -316,7 +316,8 @@ def test_frozen_viewer_never_slows_the_job_and_the_drops_are_counted(jobs):
                     except zmq.Again:
                         break
                     try:
-                        state.apply(decode(frame))
+                        for msg in decode_many(frame)[0]:
+                            state.apply(msg)
                     except SchemaError as exc:  # pragma: no cover - a real agent sends valid frames
                         raise AssertionError(exc)
     finally:

@@ -74,7 +74,7 @@ def _real_messages() -> list[dict]:
         model(x).sum().backward()
         opt.step()
         opt.zero_grad()
-        agent._send(agent.snapshot())
+        agent._flush(agent.snapshot())
     agent._error("fuzz-seed", RuntimeError("a caught hook error"))
     oom.record(agent, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "top")
     agent.stop()

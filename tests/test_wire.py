@@ -18,7 +18,7 @@ from vramtop.sources import LiveSource
 from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber, check_endpoint
 from vramtop_agent import discovery
-from vramtop_agent.schema import BLOCK_KEYS, SchemaError, decode, encode
+from vramtop_agent.schema import BLOCK_KEYS, SchemaError, decode, decode_many, encode
 from vramtop.tiny import add_lora, build_model, make_batch
 
 
@@ -166,3 +166,43 @@ def test_bad_endpoints_get_one_clear_line():
     for endpoint in ("localhost:5555", "tcp://127.0.0.1", "tcp://127.0.0.1:99999", "http://x", "ipc://"):
         with pytest.raises(UserError):
             check_endpoint(endpoint)
+
+
+def test_event_batches_round_trip_and_bad_items_are_counted_one_by_one():
+    from vramtop_agent.schema import decode_many, encode_events
+
+    base = {"v": 1, "t": 1.0, "pid": 1, "rank": 0}
+    events = [{**base, "type": "bye", "eseq": i, "reason": f"r{i}"} for i in range(1, 4)]
+    [frame] = encode_events(events)
+    assert decode_many(frame) == (events, [])
+    with pytest.raises(SchemaError, match="decode_many"):
+        decode(frame)
+    bad = b"E" + msgpack.packb([events[0], {"type": "bye"}, events[2]])
+    good, reasons = decode_many(bad)
+    assert good == [events[0], events[2]] and len(reasons) == 1
+    big = [{**e, "reason": "x" * 400_000} for e in events]
+    assert len(encode_events(big)) == 2  # split to stay near the 1 MiB batch target
+
+
+def test_a_tick_of_events_is_one_frame(free_tcp_endpoint):
+    """Many phase events between two samples reach the viewer in very few frames."""
+    model = build_model(vocab_size=512)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = vramtop_agent.watch(model, opt, endpoint=free_tcp_endpoint, sample_hz=5)
+    raw = zmq.Context.instance().socket(zmq.SUB)
+    raw.setsockopt(zmq.SUBSCRIBE, b"E")
+    raw.connect(agent.endpoint)
+    try:
+        time.sleep(0.4)
+        train_steps(model, opt, make_batch(model, 1, 8), steps=10)  # 50 phase edges + 10 steps
+        time.sleep(0.6)
+        frames, events = 0, 0
+        while raw.poll(200):
+            frame = raw.recv()
+            frames += 1
+            events += len(decode_many(frame)[0])
+    finally:
+        raw.close(linger=0)
+        agent.stop()
+    assert events >= 60
+    assert frames <= events / 5

@@ -22,20 +22,19 @@ import time
 from typing import Any
 
 from vramtop.recording import SAMPLE_COLUMNS, STEP_COLUMNS, Recording, clean
+from vramtop.tui.render import COLORS as BLOCK_COLORS
+from vramtop.tui.render import PHASE_STYLE
 from vramtop_agent.schema import BLOCK_KEYS, PHASES
 
+# The dashboard's block colours, so the report and the TUI read alike.
 COLORS = {
-    "parameters": "#4e79a7",
-    "gradients": "#f28e2b",
-    "optimizer": "#e15759",
-    "activations": "#59a14f",
-    "other": "#b07aa1",
-    "forward": "#59a14f",
-    "backward": "#e15759",
-    "optimizer_phase": "#4e79a7",
-    "reserved": "#edc948",
+    **{k: BLOCK_COLORS[k] for k in BLOCK_KEYS},
+    "forward": PHASE_STYLE["forward"][1],
+    "backward": PHASE_STYLE["backward"][1],
+    "optimizer_phase": PHASE_STYLE["optimizer"][1],
+    "reserved": BLOCK_COLORS["cache"],
     "allocated": "#4e79a7",
-    "rss": "#9c755f",
+    "rss": BLOCK_COLORS["process"],
 }
 MAX_POINTS = 800
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from vramtop.errors import UserError
-from vramtop_agent.schema import MAX_FRAME_BYTES, TOPIC_EVENT, TOPIC_SAMPLE, SchemaError, decode
+from vramtop_agent.schema import MAX_FRAME_BYTES, TOPIC_EVENT, TOPIC_SAMPLE, SchemaError, decode_many
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -154,10 +154,13 @@ class Subscriber:
 
     def _take(self, frame: bytes, out: list[dict]) -> None:
         try:
-            out.append(decode(frame, self.max_frame))
+            good, bad = decode_many(frame, self.max_frame)
         except SchemaError as exc:
-            self.rejected += 1
-            self.last_rejection = str(exc)
+            good, bad = [], [str(exc)]
+        out.extend(good)
+        if bad:
+            self.rejected += len(bad)
+            self.last_rejection = bad[-1]
 
     def close(self) -> None:
         for mon, sock in self._monitors.items():

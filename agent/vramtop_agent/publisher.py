@@ -15,7 +15,7 @@ import os
 import sys
 from urllib.parse import urlsplit
 
-from vramtop_agent.schema import encode
+from vramtop_agent.schema import encode, encode_events
 
 
 class EndpointError(ValueError):
@@ -123,6 +123,21 @@ class Publisher:
         except self._zmq.Again:
             self.failed += 1
             return False
+
+    def send_many(self, msgs: list[dict]) -> None:
+        """Samples one frame each (the viewer conflates them); the events as one batch frame."""
+        events = []
+        for msg in msgs:
+            if msg.get("type") == "sample":
+                self.send(msg)
+            else:
+                events.append(msg)
+        for frame in encode_events(events):
+            try:
+                self._sock.send(frame, flags=self._zmq.NOBLOCK)
+                self.sent += 1
+            except self._zmq.Again:
+                self.failed += 1
 
     def close(self) -> None:
         try:

@@ -60,8 +60,74 @@ def encode(msg: dict[str, Any]) -> bytes:
     return topic + msgpack.packb(msg, use_bin_type=True)
 
 
+# Events queued during one sampler tick travel as one frame (a msgpack array of
+# event maps): every send hands the GIL to libzmq and back, and on a training
+# thread that is busy launching kernels each hand-off costs it time.
+BATCH_TARGET_BYTES = 1024 * 1024
+
+
+def encode_events(msgs: list[dict[str, Any]]) -> list[bytes]:
+    """Event maps -> as few E frames as fit BATCH_TARGET_BYTES each (order kept)."""
+    frames: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    for msg in msgs:
+        packed = msgpack.packb(msg, use_bin_type=True)
+        if chunk and size + len(packed) > BATCH_TARGET_BYTES:
+            frames.append(_batch_frame(chunk))
+            chunk, size = [], 0
+        chunk.append(packed)
+        size += len(packed)
+    if chunk:
+        frames.append(_batch_frame(chunk))
+    return frames
+
+
+def _batch_frame(packed: list[bytes]) -> bytes:
+    packer = msgpack.Packer(use_bin_type=True)
+    return TOPIC_EVENT + packer.pack_array_header(len(packed)) + b"".join(packed)
+
+
+def decode_many(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[dict[str, Any]], list[str]]:
+    """Parse a frame that holds one message or a batch of events.
+
+    Returns (valid messages in order, one reason per rejected item). A frame
+    that is not even msgpack raises SchemaError, like decode().
+    """
+    body = _body(frame, max_bytes)
+    if not isinstance(body[1], list):
+        return [_check(body[0], body[1])], []
+    if body[0] != TOPIC_EVENT:
+        raise SchemaError("a batch on the sample topic")
+    good: list[dict[str, Any]] = []
+    bad: list[str] = []
+    for item in body[1]:
+        try:
+            msg = _check(TOPIC_EVENT, item)
+            if msg["type"] == "sample":
+                raise SchemaError("sample inside an event batch")
+            good.append(msg)
+        except SchemaError as exc:
+            bad.append(str(exc))
+    return good, bad
+
+
 def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
-    """Parse and validate one frame; raise SchemaError with a one-line reason."""
+    """Parse and validate a frame holding one message; raise SchemaError with a one-line reason."""
+    topic, msg = _body(frame, max_bytes)
+    if isinstance(msg, list):
+        raise SchemaError("a batch of events: read it with decode_many()")
+    return _check(topic, msg)
+
+
+def _check(topic: bytes, msg: Any) -> dict[str, Any]:
+    validate(msg)
+    if (topic == TOPIC_SAMPLE) != (msg["type"] == "sample"):
+        raise SchemaError(f"{msg['type']} frame on topic {topic!r}")
+    return msg
+
+
+def _body(frame: bytes, max_bytes: int) -> tuple[bytes, Any]:
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise SchemaError("frame is not bytes")
     frame = bytes(frame)
@@ -80,10 +146,7 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise SchemaError(f"not msgpack: {type(exc).__name__}") from None
-    validate(msg)
-    if (topic == TOPIC_SAMPLE) != (msg["type"] == "sample"):
-        raise SchemaError(f"{msg['type']} frame on topic {topic!r}")
-    return msg
+    return topic, msg
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
