@@ -28,14 +28,17 @@ def storage_key(t):
     lives, and it works on the meta device, where data_ptr() is always 0.
     """
     s = t.untyped_storage()
-    d = t.device
-    name = _DEV_NAMES.get(d)
-    if name is None:
-        name = _DEV_NAMES[d] = _dev(d)
-    return s._cdata, s.nbytes(), name
+    return s._cdata, s.nbytes(), device_name(t.device)
 
 
 _DEV_NAMES: dict = {}  # torch.device -> "cuda:0"; str(device) is slow on the hot path
+
+
+def device_name(d) -> str:
+    name = _DEV_NAMES.get(d)
+    if name is None:
+        name = _DEV_NAMES[d] = _dev(d)
+    return name
 
 
 def _dev(device) -> str:

@@ -13,6 +13,8 @@ the training thread pays one storage lookup per saved tensor.
 
 from __future__ import annotations
 
+from vramtop_agent.accounting import device_name
+
 
 class _Saved:
     __slots__ = ("t", "key", "tracker")
@@ -23,10 +25,16 @@ class _Saved:
         self.tracker = tracker
 
     def __del__(self):
+        # Inlined _release: this runs once per saved tensor in backward.
         try:
-            self.tracker._release(self.key)
+            live = self.tracker._live
+            entry = live.get(self.key)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] <= 0:
+                    del live[self.key]
         except Exception:
-            pass  # interpreter shutdown
+            pass  # interpreter shutdown, or the entry went away
 
 
 class SavedTensorTracker:
@@ -39,13 +47,16 @@ class SavedTensorTracker:
 
     # Hook pair handed to torch.autograd.graph.saved_tensors_hooks.
     def pack(self, t):
+        # The hot path (once per saved tensor): the storage's identity and size, the
+        # device as torch gives it; naming the device waits until someone reads.
         try:
-            key, nbytes, dev = self._storage_key(t)
+            s = t.untyped_storage()
+            key = s._cdata
         except Exception:
             return t  # a tensor subclass without a storage: not ours to count
         entry = self._live.get(key)
         if entry is None:
-            self._live[key] = [1, nbytes, dev]
+            self._live[key] = [1, s.nbytes(), t.device]
         else:
             entry[0] += 1
         return _Saved(t, key, self)
@@ -81,7 +92,7 @@ class SavedTensorTracker:
         """(key, nbytes, device) of every distinct live saved storage."""
         for _ in range(5):
             try:
-                return [(k, e[1], e[2]) for k, e in list(self._live.items())]
+                return [(k, e[1], device_name(e[2])) for k, e in list(self._live.items())]
             except RuntimeError:  # resized by another thread mid-copy
                 continue
         return []
