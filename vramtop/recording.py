@@ -17,6 +17,7 @@ truncated by a full disk, or be something else entirely. So:
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sqlite3
 import struct
@@ -639,3 +640,28 @@ def damaged(path: str, exc: BaseException):
     from vramtop.errors import UserError
 
     return UserError(f"{path}: damaged recording ({type(exc).__name__}: {str(exc)[:100]})")
+
+
+@contextlib.contextmanager
+def reading(path: str, session: int | None = None) -> Iterator[Recording]:
+    """A recording opened for a command: the session checked, damage turned into one line, closed after."""
+    rec = Recording.open(path)
+    try:
+        if session is not None and rec.session(session) is None:
+            raise UserError(f"{path}: no session {session}")
+        yield rec
+    except DATA_ERRORS as exc:
+        raise damaged(path, exc) from None
+    finally:
+        rec.close()
+
+
+def finish(rec: Recording) -> int:
+    """The exit code of a command that read `rec`: 2, with the problem said once, when part was unreadable."""
+    import sys
+
+    line = rec.problem_line()
+    if line:
+        print(f"vramtop: {line}", file=sys.stderr)
+        return 2
+    return 0

@@ -37,12 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vramtop.recording import DATA_ERRORS, Recording, damaged
+    from vramtop.recording import finish, reading
 
-    rec = Recording.open(args.recording)
-    try:
-        if args.session is not None and rec.session(args.session) is None:
-            raise UserError(f"{args.recording}: no session {args.session}")
+    with reading(args.recording, args.session) as rec:
         if args.output == "-":
             fh = sys.stdout
             close = False
@@ -62,15 +59,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if close:
                 fh.close()
-        line = rec.problem_line()
-    except DATA_ERRORS as exc:
-        raise damaged(args.recording, exc) from None
-    finally:
-        rec.close()
-    if line:
-        print(f"vramtop: {line}", file=sys.stderr)
-        return 2
-    return 0
+        code = finish(rec)
+    return code
 
 
 def _cell(v):

@@ -26,13 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vramtop.recording import DATA_ERRORS, Recording, damaged
+    from vramtop.recording import finish, reading
     from vramtop.report import analyze, render_html, render_text
 
-    rec = Recording.open(args.recording)
-    try:
-        if args.session is not None and rec.session(args.session) is None:
-            raise UserError(f"{args.recording}: no session {args.session}")
+    with reading(args.recording, args.session) as rec:
         a = analyze(rec, args.session)
         if args.json:
             out = dict(a)
@@ -48,12 +45,5 @@ def run(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise UserError(f"cannot write {args.html}: {exc.strerror or exc}") from None
             print(f"wrote {os.path.abspath(args.html)}", file=sys.stderr)
-        line = rec.problem_line()
-    except DATA_ERRORS as exc:
-        raise damaged(args.recording, exc) from None
-    finally:
-        rec.close()
-    if line:
-        print(f"vramtop: {line}", file=sys.stderr)
-        return 2
-    return 0
+        code = finish(rec)
+    return code
