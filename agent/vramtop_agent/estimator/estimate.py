@@ -194,8 +194,8 @@ def _terms(model, setup, wb, tr, other_parts, phase_peaks, eof) -> list:
                   "reserved but unallocated memory (fragmentation, 2 MiB segment rounding)"))
     spike = phase_peaks["backward"] - eof
     t.append(("peak: backward above end of forward", max(spike, 0),
-              f"loss spike: fp32 log-softmax gradient and logits gradient (~12 bytes x b·s·V), then "
-              f"gradients growing while activations free"
+              "loss spike: fp32 log-softmax gradient and logits gradient (~12 bytes x b·s·V), then "
+              "gradients growing while activations free"
               + ("; one layer recomputed at a time (checkpointing)" if setup.grad_ckpt else "")))
     t.append(("peak: optimizer temporaries", wb.optimizer_transient,
               "torch AdamW builds sqrt(exp_avg_sq) for all tensors at once (foreach, CUDA) or per tensor (CPU)"))
