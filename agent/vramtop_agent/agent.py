@@ -330,7 +330,6 @@ class Agent:
         bd = bd or self.acct.breakdown(fresh=fresh)
         blocks = bd.blocks(self.device)
         if self._cuda_index is not None:
-
             if allocated is None:
                 allocated = devices.allocated_and_peak(devices.raw_cuda_stats(self._cuda_index))[0]
             four = sum(blocks[k] for k in BLOCK_KEYS if k != "other")
