@@ -84,6 +84,7 @@ def test_metrics_scraped_over_http_match_the_stream(exporter):
             m = scrape(url)
             last_sample, last_step = samples[-1] if samples else None, steps[-1] if steps else None
             ok = (last_step is not None and last_step["step"] == 2 and value(m, "vramtop_step", **labels) == 3
+                  and value(m, "vramtop_step_peak_bytes", **labels) == last_step["peak"]  # its step summary too
                   and all(value(m, "vramtop_block_bytes", block=b, **labels) == last_sample["blocks"][b]
                           for b in BLOCK_KEYS))
             if ok:

@@ -125,19 +125,21 @@ class Publisher:
             return False
 
     def send_many(self, msgs: list[dict]) -> None:
-        """Samples one frame each (the viewer conflates them); the events as one batch frame."""
-        events = []
-        for msg in msgs:
-            if msg.get("type") == "sample":
-                self.send(msg)
-            else:
-                events.append(msg)
+        """The events as one batch frame, then the samples one frame each (the viewer conflates them).
+
+        Events go first, as they were queued first: a viewer should not see a
+        sample of step N+1 before the summary of step N.
+        """
+        events = [m for m in msgs if m.get("type") != "sample"]
         for frame in encode_events(events):
             try:
                 self._sock.send(frame, flags=self._zmq.NOBLOCK)
                 self.sent += 1
             except self._zmq.Again:
                 self.failed += 1
+        for msg in msgs:
+            if msg.get("type") == "sample":
+                self.send(msg)
 
     def close(self) -> None:
         try:
