@@ -461,15 +461,19 @@ class Recording:
         # _where puts the extra condition last, so its parameters follow.
         out = []
         for eid, blob in self._query(f"SELECT id, msg FROM events{where} ORDER BY t, rseq", params + params_extra):
-            msg = self._decode(blob, "event")
-            if msg is None:
-                continue
-            if msg.get("type") == "oom" and msg.get("segments_stored"):
-                segs = self._segments_for(eid)
-                if segs is not None:
-                    msg["segments"] = segs
-            out.append(msg)
+            msg = self._event(eid, blob)
+            if msg is not None:
+                out.append(msg)
         return out
+
+    def _event(self, eid: int, blob: Any) -> dict | None:
+        """One stored event; an OOM gets its allocator segment map back from its own table."""
+        msg = self._decode(blob, "event")
+        if msg is not None and msg.get("type") == "oom" and msg.get("segments_stored"):
+            segs = self._segments_for(eid)
+            if segs is not None:
+                msg["segments"] = segs
+        return msg
 
     def ooms(self, session: int | None = None) -> list[dict]:
         return self.events(("oom",), session=session)
@@ -531,14 +535,9 @@ class Recording:
                                 f" LIMIT {int(limit)}", params + tuple(types)))
         out = []
         for rseq, eid, blob in reversed(rows):
-            msg = self._decode(blob, "event")
-            if msg is None:
-                continue
-            if msg.get("type") == "oom" and msg.get("segments_stored"):
-                segs = self._segments_for(eid)
-                if segs is not None:
-                    msg["segments"] = segs
-            out.append((rseq, msg))
+            msg = self._event(eid, blob)
+            if msg is not None:
+                out.append((rseq, msg))
         return out
 
     def last_steps(self, before: float, session: int | None = None, limit: int = 200) -> list[tuple[int, dict]]:
