@@ -84,12 +84,13 @@ def _feed(src, state):
 def test_playing_feeds_every_message_once_in_order():
     src, wall = _source(speed=1.0)
     state = SessionState(clock=src.now)
-    seen = []
+    seen, windows = [], []
     while not src.clock.at_end:
         if src.take_reset():
             state = SessionState(clock=src.now)
         msgs = src.poll()
         seen += msgs
+        windows += [[m["t"] for m in msgs]] if msgs else []
         for m in msgs:
             state.apply(m)
         wall.now += 0.05
@@ -98,8 +99,13 @@ def test_playing_feeds_every_message_once_in_order():
     for m in last:
         state.apply(m)
     all_msgs = src.rec.messages()
+    # Every message exactly once. Replay hands them out by time window; within a window in the
+    # order the recorder received them. A message stamped earlier but received later (an event
+    # queued behind a sample on a loaded machine) moves to its time's window, so only the
+    # multiset is compared, plus the time order across windows.
+    assert sorted(map(repr, seen)) == sorted(map(repr, all_msgs))
     assert len(seen) == len(all_msgs)
-    assert [m["t"] for m in seen] == [m["t"] for m in all_msgs]
+    assert all(max(a) <= min(b) for a, b in zip(windows, windows[1:]))
     assert len(state.steps) == STEPS
     assert state.connection() == "ended"
     assert state.peak_step()["step"] == PEAK_STEP
