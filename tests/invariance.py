@@ -223,8 +223,12 @@ class Launched:
 
 
 def launch(tmp_path: Path, script: Path | str, args=(), mode: str = "bare", watch_options: dict | None = None,
-           env: dict | None = None, allow_files=(), stdin=subprocess.DEVNULL, tag: str = "") -> Launched:
-    """Start one run of `script` (a path from write_script, or the script's text) in `mode`."""
+           env: dict | None = None, allow_files=(), stdin=subprocess.DEVNULL, tag: str = "",
+           new_session: bool = False) -> Launched:
+    """Start one run of `script` (a path from write_script, or the script's text) in `mode`.
+
+    new_session: start it in a session of its own, without a controlling terminal (as under a supervisor).
+    """
     tmp_path = Path(tmp_path)
     if not isinstance(script, Path):
         script = write_script(tmp_path, script)
@@ -234,7 +238,8 @@ def launch(tmp_path: Path, script: Path | str, args=(), mode: str = "bare", watc
         d.mkdir(parents=True, exist_ok=True)
     e = job_env(mode, workdir, runtime_dir, tmpdir, watch_options, env)
     proc = subprocess.Popen(command(mode, script, args, workdir), cwd=workdir, env=e, stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=new_session)
     return Launched(mode, proc, workdir, runtime_dir, tmpdir, tuple(allow_files))
 
 
