@@ -33,7 +33,23 @@ def watch(model=None, optimizer=None, **options):
                directory of *.key: only they may subscribe),
                track_activations=True, reset_peaks=True, record=None (path of
                a recording; VRAMTOP_RECORD in the environment does the same).
+
+    A model this process already watches (the same module, one inside it or
+    one around it, also by `vramtop run`'s zero-code agent) is not watched
+    twice: the running agent is returned, held once more, and its stop()
+    (or `with` exit) releases that hold only. Its other options stay.
+    Never raises for reasons of its own: where the machine refuses (a runtime
+    directory of another user, a port in use) the agent does not publish and
+    says so once on stderr; wrong options (a non-loopback endpoint without
+    allow_remote, a bad key) still raise.
     """
+    from vramtop_agent import lifecycle
+
+    running = lifecycle.reusable(model)  # one agent per model: nested / repeated watch() joins it
+    if running is not None:
+        if model is not None and running.model is None:
+            running.attach_model(model)
+        return running._rejoin(optimizer, options.get("record"))
     from vramtop_agent.agent import Agent
 
     return Agent(model, optimizer, **options)

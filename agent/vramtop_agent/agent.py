@@ -63,8 +63,12 @@ class Agent:
         self.rank = _env_int("RANK", 0)
         self.local_rank = _env_int("LOCAL_RANK", self.rank)
         self.world_size = _env_int("WORLD_SIZE", 1)
-        self.sample_hz = float(sample_hz)
+        from vramtop_agent import lifecycle
+
+        self.sample_hz = lifecycle.bounded_sample_hz(sample_hz)  # inf would make the sampler spin
         self.reset_peaks = reset_peaks
+        self.slot = lifecycle.next_slot(self.rank)  # a second agent of this process gets its own socket
+        self._holds = 1  # watch() of an already watched model holds this agent once more (lifecycle.py)
 
         self.saved = SavedTensorTracker(storage_key)
         self.saved.enabled = track_activations
@@ -119,6 +123,10 @@ class Agent:
         if record:
             self._start_recorder(record)
 
+        lifecycle.register(self)  # stopped at exit if nobody stops it; inert in a forked child
+        if any(type(s).__name__ == "Recorder" for s in self._sinks):
+            lifecycle.stop_on_polite_signals(self)  # SIGTERM/SIGHUP: the recording still gets its goodbye
+
         self._install_optimizer_hooks()
         from vramtop_agent import oom  # OOM postmortem: excepthook chain (recordings work)
 
@@ -136,20 +144,35 @@ class Agent:
     # ------------------------------------------------------------------ setup
 
     def _start_publisher(self, endpoint, hwm, allow_remote, curve_secret_key, curve_client_keys=None) -> None:
-        from vramtop_agent import discovery
+        """Bind and announce. Wrong options (a non-loopback endpoint, a bad key) raise; what the machine
+        refuses (a foreign or uncreatable runtime dir, a port in use) leaves a non-publishing agent and
+        one line on stderr: the job must not die of vramtop."""
+        import zmq
+
+        from vramtop_agent import discovery, lifecycle
         from vramtop_agent.publisher import Publisher
 
-        endpoint = endpoint or os.environ.get("VRAMTOP_ENDPOINT") or discovery.ipc_endpoint(self.pid, self.rank)
+        endpoint = endpoint or os.environ.get("VRAMTOP_ENDPOINT")
         curve_secret_key = curve_secret_key or os.environ.get("VRAMTOP_CURVE_SECRET_KEY") or None  # a key file
-        pub = Publisher(endpoint, hwm=hwm, allow_remote=allow_remote, curve_secret_key=curve_secret_key,
-                        curve_client_keys=curve_client_keys)
+        try:
+            endpoint = endpoint or discovery.ipc_endpoint(self.pid, self.rank, self.slot)
+            pub = Publisher(endpoint, hwm=hwm, allow_remote=allow_remote, curve_secret_key=curve_secret_key,
+                            curve_client_keys=curve_client_keys)
+        except (OSError, zmq.ZMQError) as exc:
+            lifecycle.say_once("publish", f"agent not publishing, viewers cannot attach ({type(exc).__name__}: "
+                               f"{exc}); the job runs on")
+            return
         self.endpoint = pub.endpoint
         self._sinks.append(pub)
-        self._info = discovery.make_info(self.endpoint, self.rank, self.local_rank, self.world_size)
+        self._info = discovery.make_info(self.endpoint, self.rank, self.local_rank, self.world_size, self.slot)
         if pub.curve:
             self._info["curve"] = True  # a local viewer then knows it needs the agent's public key
-        discovery.write_info(self._info)
-        self._info_written = True
+        try:
+            discovery.write_info(self._info)
+            self._info_written = True
+        except OSError as exc:  # a tcp endpoint works without the directory: attach by endpoint
+            lifecycle.say_once("discovery", f"agent publishes on {self.endpoint} but is not listed for `vramtop ls` "
+                               f"({type(exc).__name__}: {exc})")
 
     def _start_recorder(self, path: str) -> None:
         try:
@@ -293,7 +316,7 @@ class Agent:
             "type": "hello",
             "host": getattr(self, "_info", {}).get("host") or __import__("socket").gethostname(),
             "node": getattr(self, "_info", {}).get("node") or __import__("socket").gethostname(),
-            "cmdline": list(sys.argv),
+            "cmdline": _safe_argv(),
             "start_time": self._started_at,
             "local_rank": self.local_rank,
             "world_size": self.world_size,
@@ -605,9 +628,19 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def stop(self, reason: str = "stopped") -> None:
-        """Remove every hook, send a last message, close sockets and files."""
+    def stop(self, reason: str = "stopped", *, all_holds: bool = False) -> None:
+        """Remove every hook, send a last message, close sockets and files.
+
+        An agent that watch() handed out more than once (nested watch() of one model) stops at its
+        last stop(); `all_holds` stops it at once (interpreter exit, a polite signal).
+        """
         if self._closed:
+            return
+        if self._holds > 1 and not all_holds:
+            self._holds -= 1
+            return
+        if os.getpid() != self.pid:  # a forked child: the files, socket and recording are the parent's
+            self._disown_after_fork()
             return
         self._closed = True
         self.saved.exit()
@@ -634,6 +667,37 @@ class Agent:
 
     close = stop
 
+    def _rejoin(self, optimizer=None, record: str | None = None) -> "Agent":
+        """watch() of a model this agent already watches: the same agent, held once more (lifecycle.py)."""
+        self._holds += 1
+        if optimizer is not None and self.optimizer is None:
+            self.attach_optimizer(optimizer)
+        if record and not any(type(s).__name__ == "Recorder" for s in self._sinks):
+            self._start_recorder(record)
+            if self._sinks and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="vramtop-agent", daemon=True)
+                self._thread.start()
+        return self
+
+    def _disown_after_fork(self) -> None:
+        """In a forked child: drop the parent's sinks and files unclosed and untouched, unhook the child's copy."""
+        if self.pid == os.getpid():
+            return
+        self._closed = True
+        from vramtop_agent import lifecycle
+
+        lifecycle.keep_forever(self._sinks)  # never closed nor collected here: they flush or unbind the parent's
+        self._sinks = []
+        self._info_written = False
+        self._outbox.clear()
+        self._stop.set()
+        for h in self._hooks:
+            try:
+                h.remove()  # only this process's copy of the module
+            except Exception:
+                pass
+        self._hooks = []
+
     def __enter__(self) -> "Agent":
         return self
 
@@ -643,6 +707,12 @@ class Agent:
 
             oom.on_exception(self, exc)  # an OOM on its way out is recorded before the stop
         self.stop("exception" if exc_type else "finished")
+
+
+def _safe_argv() -> list[str]:
+    from vramtop_agent.discovery import safe_argv  # valid UTF-8, bounded: one odd byte must not sink the hello
+
+    return safe_argv()
 
 
 def _batch_shape(args, kwargs) -> list[int] | None:

@@ -2,6 +2,8 @@
 
 Each agent writes `<runtime dir>/<pid>-<rank>.json` (pid, host, cmdline,
 ranks, endpoint, start time) and binds its ipc socket in the same directory.
+A second agent of the same process and rank (a watch() of another model, see
+lifecycle.py) uses `<pid>-<rank>-<slot>`, and its map carries "slot".
 The directory is per user and mode 0700, so other users can neither read the
 stream nor plant a fake agent. A file whose process is gone (or whose pid was
 reused by another process) is stale: readers ignore and remove it.
@@ -19,8 +21,16 @@ import time
 from pathlib import Path
 
 # Keep ipc paths short: sun_path is limited to ~107 bytes.
-_IPC_NAME = "{pid}-{rank}.sock"
-_INFO_NAME = "{pid}-{rank}.json"
+_IPC_NAME = "{pid}-{rank}{slot}.sock"
+_INFO_NAME = "{pid}-{rank}{slot}.json"
+# The command line as published: bounded so the discovery file stays under the readers' 64 KiB
+# even with every character JSON-escaped (\uXXXX, 6 bytes), and always valid UTF-8.
+MAX_ARG_CHARS = 1024
+MAX_CMDLINE_CHARS = 8192
+
+
+def _names(pid, rank, slot) -> dict:
+    return {"pid": pid, "rank": rank, "slot": f"-{slot}" if slot else ""}
 
 
 def runtime_dir(create: bool = True) -> Path:
@@ -55,8 +65,8 @@ def _check_dir(path: Path) -> None:
                                "(remove it, or set VRAMTOP_RUNTIME_DIR)")
 
 
-def ipc_endpoint(pid: int, rank: int) -> str:
-    return "ipc://" + str(runtime_dir() / _IPC_NAME.format(pid=pid, rank=rank))
+def ipc_endpoint(pid: int, rank: int, slot: int = 0) -> str:
+    return "ipc://" + str(runtime_dir() / _IPC_NAME.format(**_names(pid, rank, slot)))
 
 
 def process_start_time(pid: int) -> float | None:
@@ -69,26 +79,80 @@ def process_start_time(pid: int) -> float | None:
 
 
 def write_info(info: dict) -> Path:
-    """Atomically write this agent's discovery file (mode 0600)."""
+    """Atomically write this agent's discovery file (mode 0600).
+
+    The temporary file gets a fresh random name, opened O_EXCL|O_NOFOLLOW: whatever sits at a
+    guessable path (a symlink to a file of ours) is never opened, let alone truncated.
+    """
     d = runtime_dir()
-    path = d / _INFO_NAME.format(pid=info["pid"], rank=info.get("rank", 0))
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(info, fh)
-    os.replace(tmp, path)
+    path = d / _INFO_NAME.format(**_names(info["pid"], info.get("rank", 0), info.get("slot", 0)))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = d / f".{path.stem}.{os.urandom(6).hex()}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"cannot create a temporary file in {d}")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return path
 
 
-def make_info(endpoint: str, rank: int, local_rank: int, world_size: int) -> dict:
+def safe_argv(argv=None) -> list[str]:
+    """sys.argv as valid UTF-8 text of bounded size: what discovery files and hellos carry.
+
+    Bytes that are not UTF-8 (kept by Python as lone surrogates) become U+FFFD; a long argument
+    is cut with a note, and arguments past MAX_CMDLINE_CHARS are summarized in a last element.
+    """
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    out: list[str] = []
+    used = 0
+    for i, arg in enumerate(argv):
+        text = to_text(arg)
+        if len(text) > MAX_ARG_CHARS:
+            text = text[:MAX_ARG_CHARS] + f"…[+{len(text) - MAX_ARG_CHARS} chars]"
+        if used + len(text) > MAX_CMDLINE_CHARS:
+            out.append(f"…[+{len(argv) - i} more arguments]")
+            break
+        out.append(text)
+        used += len(text)
+    return out
+
+
+def to_text(value) -> str:
+    """Any str (or bytes) as a str that encodes to UTF-8: undecodable bytes become U+FFFD."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    value = str(value)
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:  # lone surrogates: one U+FFFD each, as bytes.decode(errors="replace") gives
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+
+
+def make_info(endpoint: str, rank: int, local_rank: int, world_size: int, slot: int = 0) -> dict:
     import sys
 
     pid = os.getpid()
-    return {
+    info = {
         "pid": pid,
         "host": socket.gethostname(),
-        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-        "cmdline": list(sys.argv) if sys.argv and sys.argv != [""] else [sys.executable],
+        "node": to_text(os.environ.get("SLURMD_NODENAME") or socket.gethostname()),
+        "cmdline": safe_argv() if sys.argv and sys.argv != [""] else [sys.executable],
         "rank": rank,
         "local_rank": local_rank,
         "world_size": world_size,
@@ -96,6 +160,9 @@ def make_info(endpoint: str, rank: int, local_rank: int, world_size: int) -> dic
         "start_time": time.time(),
         "proc_start": process_start_time(pid),
     }
+    if slot:
+        info["slot"] = slot
+    return info
 
 
 def _alive(info: dict) -> bool:
@@ -167,6 +234,8 @@ def check_info(info) -> dict | None:
     for key, default in (("rank", 0), ("local_rank", 0), ("world_size", 1)):
         if not is_int(info.setdefault(key, default)):
             return None
+    if "slot" in info and not (is_int(info["slot"]) and 0 <= info["slot"] < 1000):
+        return None
     for key in ("start_time", "proc_start"):
         if info.get(key) is not None and not is_num(info[key]):
             return None
@@ -184,8 +253,9 @@ def remove_files(info: dict, d: Path | None = None) -> None:
         d = d or runtime_dir(create=False)
     except PermissionError:
         return
+    names = _names(info.get("pid"), info.get("rank", 0), info.get("slot", 0))
     for name in (_INFO_NAME, _IPC_NAME):
         try:
-            (d / name.format(pid=info.get("pid"), rank=info.get("rank", 0))).unlink()
+            (d / name.format(**names)).unlink()
         except OSError:
             pass

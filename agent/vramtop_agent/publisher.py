@@ -65,6 +65,24 @@ def _warn_exposed(endpoint: str, curve: bool) -> None:
         pass
 
 
+_warned_plain_tcp = []
+
+
+def _warn_plain_loopback(endpoint: str) -> None:
+    """Once per process: a loopback tcp port is open to every local user (an ipc socket in the 0700
+    runtime directory is not)."""
+    if _warned_plain_tcp:
+        return
+    _warned_plain_tcp.append(endpoint)
+    try:
+        sys.stderr.write(f"vramtop: warning: vramtop agent publishes on {endpoint} without CURVE: every user of "
+                         "this machine can read the stream (use the default ipc socket, or CURVE keys: see "
+                         "docs/security.md)\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
 class Publisher:
     """curve_secret_key: the agent's CURVE secret key (Z85) or its `.key_secret` file: the stream is
     encrypted and only viewers given the matching public key can connect. curve_client_keys: public
@@ -109,6 +127,8 @@ class Publisher:
             self._stop_auth()
             raise
         _restrict_ipc_socket(endpoint)
+        if endpoint.startswith("tcp://") and secret is None and not allow_remote:
+            _warn_plain_loopback(endpoint)  # beyond loopback, check_bind_endpoint already said more
         self.endpoint = endpoint
         self.curve = secret is not None
         self._sock = sock
@@ -131,7 +151,8 @@ class Publisher:
         sample of step N+1 before the summary of step N.
         """
         events = [m for m in msgs if m.get("type") != "sample"]
-        for frame in encode_events(events):
+        refused: list[str] = []
+        for frame in encode_events(events, refused):
             try:
                 self._sock.send(frame, flags=self._zmq.NOBLOCK)
                 self.sent += 1
@@ -140,6 +161,8 @@ class Publisher:
         for msg in msgs:
             if msg.get("type") == "sample":
                 self.send(msg)
+        if refused:  # the rest went out; the agent counts and reports this one
+            raise ValueError(f"{len(refused)} event(s) not sent: {refused[0]}")
 
     def close(self) -> None:
         try:

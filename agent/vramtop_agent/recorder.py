@@ -222,6 +222,15 @@ _LIVE: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 _ATEXIT_SET = False
 
 
+def _forget_after_fork() -> None:
+    # A forked child's copies of the parent's recorders must never write: their rows are the parent's.
+    _LIVE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _flush_all_at_exit() -> None:
     for rec in list(_LIVE):
         try:
@@ -256,6 +265,7 @@ class Recorder:
         self.written = 0
         self.unwritable = 0  # messages skipped because msgpack could not encode them
         self.closed = False
+        self._pid = os.getpid()  # a forked child's copy writes nothing (see _mine)
         self._lock = threading.Lock()
         self._pending: list[tuple[str, dict]] = []
         self._last_commit = time.monotonic()
@@ -354,7 +364,7 @@ class Recorder:
 
     def send(self, msg: dict) -> None:
         """Queue one message; commit when the interval has passed. Raises RecorderError on a failed commit."""
-        if self.disabled or self.closed:
+        if self.disabled or self.closed or not self._mine():
             return
         with self._lock:
             if len(self._pending) >= self.max_pending:
@@ -366,7 +376,7 @@ class Recorder:
 
     def flush(self, timeout: float | None = None) -> None:
         """Commit what is pending now (callable from any thread)."""
-        if self.disabled or self.closed:
+        if self.disabled or self.closed or not self._mine():
             return
         if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
             return
@@ -377,6 +387,8 @@ class Recorder:
 
     def close(self) -> None:
         """Commit, checkpoint the WAL into the main file and close. Never raises."""
+        if not self._mine():
+            return  # a forked child: the connection and the rows are the parent's
         with self._lock:
             if self.closed:
                 return
@@ -398,6 +410,9 @@ class Recorder:
                 except Exception:
                     pass
                 _LIVE.discard(self)
+
+    def _mine(self) -> bool:
+        return os.getpid() == self._pid
 
     # ------------------------------------------------------------------ writing
 

@@ -66,13 +66,26 @@ def encode(msg: dict[str, Any]) -> bytes:
 BATCH_TARGET_BYTES = 1024 * 1024
 
 
-def encode_events(msgs: list[dict[str, Any]]) -> list[bytes]:
-    """Event maps -> as few E frames as fit BATCH_TARGET_BYTES each (order kept)."""
+def encode_events(msgs: list[dict[str, Any]], refused: list[str] | None = None) -> list[bytes]:
+    """Event maps -> as few E frames as fit BATCH_TARGET_BYTES each (order kept).
+
+    One event that msgpack cannot encode (text with undecodable bytes, an odd object) never costs the
+    batch: it is sent with such text replaced (U+FFFD) and objects as their str(), or, failing that,
+    left out with a reason appended to `refused`.
+    """
     frames: list[bytes] = []
     chunk: list[bytes] = []
     size = 0
     for msg in msgs:
-        packed = msgpack.packb(msg, use_bin_type=True)
+        try:
+            packed = msgpack.packb(msg, use_bin_type=True)
+        except Exception:
+            try:
+                packed = msgpack.packb(_encodable(msg), use_bin_type=True)
+            except Exception as exc:
+                if refused is not None:
+                    refused.append(f"{msg.get('type')!r} event: {type(exc).__name__}: {exc}"[:300])
+                continue
         if chunk and size + len(packed) > BATCH_TARGET_BYTES:
             frames.append(_batch_frame(chunk))
             chunk, size = [], 0
@@ -81,6 +94,21 @@ def encode_events(msgs: list[dict[str, Any]]) -> list[bytes]:
     if chunk:
         frames.append(_batch_frame(chunk))
     return frames
+
+
+def _encodable(obj: Any, depth: int = 0) -> Any:
+    """A copy msgpack can encode: str as valid UTF-8, unknown objects as their str(), bounded depth."""
+    if isinstance(obj, str):  # lone surrogates (undecodable bytes in argv, paths) cannot be UTF-8
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in obj)
+    if obj is None or isinstance(obj, (bool, int, float, bytes)):
+        return obj
+    if depth > 32:
+        return None
+    if isinstance(obj, dict):
+        return {_encodable(k, depth + 1): _encodable(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encodable(v, depth + 1) for v in obj]
+    return _encodable(str(obj), depth + 1)
 
 
 def _batch_frame(packed: list[bytes]) -> bytes:

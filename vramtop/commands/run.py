@@ -15,7 +15,12 @@ the job's output (kept in a log file while the dashboard owns the terminal)
 is shown. Without a terminal, with --no-tui or with --record, the job keeps
 the terminal and vramtop just waits. The child's exit status is vramtop's
 (128+N when a signal N ended it); SIGTERM/SIGHUP received by vramtop are
-passed on to the child, Ctrl-C reaches it through the terminal.
+passed on to the child (whose agent then closes its recording with its
+goodbye). Ctrl-C at the terminal reaches the child directly (the terminal
+signals its whole foreground process group), so vramtop does not pass it on
+again; a SIGINT that cannot have come from that terminal (vramtop has none,
+or the child is not in its foreground group: a supervisor's `kill -INT`) is
+passed on, each time.
 """
 
 from __future__ import annotations
@@ -170,8 +175,8 @@ def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: floa
                 info = find_job_agent(child.pid)
                 if info is None:
                     _sleep(0.2, child)
-        except KeyboardInterrupt:  # the job got it too; see how it ends
-            return _wait(child, out, interrupts=1)
+        except KeyboardInterrupt:  # from the terminal the job got it too; else pass it on. See how it ends.
+            return _wait(child, out, interrupts=_on_interrupt(child, 0))
         if info is not None and child.poll() is None:
             try:
                 from vramtop.commands.attach import attach_pid
@@ -243,11 +248,35 @@ def _wait(child: subprocess.Popen, out: "_LogFollower | None" = None, interrupts
         except subprocess.TimeoutExpired:
             continue
         except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts == 2:
-                _forward(child, signal.SIGTERM)
-            elif interrupts >= 3:
-                try:
-                    child.kill()
-                except Exception:
-                    pass
+            interrupts = _on_interrupt(child, interrupts)
+
+
+def _on_interrupt(child: subprocess.Popen, interrupts: int) -> int:
+    """A SIGINT reached vramtop. From the terminal the child has it too: escalate only on repeats."""
+    if not terminal_reaches(child):
+        _forward(child, signal.SIGINT)  # a supervisor signalled vramtop alone
+        return interrupts
+    interrupts += 1
+    if interrupts == 2:
+        _forward(child, signal.SIGTERM)
+    elif interrupts >= 3:
+        try:
+            child.kill()
+        except Exception:
+            pass
+    return interrupts
+
+
+def terminal_reaches(child: subprocess.Popen) -> bool:
+    """True when the child is in the foreground process group of vramtop's controlling terminal,
+    i.e. when a Ctrl-C typed there was delivered to the child as well."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | getattr(os, "O_NOCTTY", 0))
+    except OSError:
+        return False  # no controlling terminal: the SIGINT came from a process
+    try:
+        return os.tcgetpgrp(fd) == os.getpgid(child.pid)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
