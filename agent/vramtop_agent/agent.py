@@ -30,12 +30,14 @@ import os
 import threading
 import time
 import traceback
+import weakref
 from typing import Any, Callable
 
 from vramtop_agent import devices
 from vramtop_agent.accounting import Accountant, Breakdown
 from vramtop_agent.attribution import Attribution
 from vramtop_agent.autodetect import defer_to_closure, watch_root
+from vramtop_agent.compile_guard import skip_our_frames
 from vramtop_agent.saved import SavedTensorTracker
 from vramtop_agent.tracking import TrackingPolicy
 from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
@@ -226,10 +228,15 @@ class Agent:
         if self._info_written:  # `vramtop ls` shows the device (one small file write, once per model)
             self._guard("discovery", self._write_device_info)
         _bind_is_compiling()
-        h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
-        # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
-        h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
-        handles = [h1, h2]
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            # Compiled in place (`model.compile()`): its own hooks run inside the compiled region, where
+            # ours would be traced away. Ours go around the compiled call instead, eagerly.
+            handles = [_CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
+        else:
+            h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
+            # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
+            h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
+            handles = [h1, h2]
         for p in model.parameters():
             if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
                 handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
@@ -547,6 +554,8 @@ class Agent:
             self._estimated_for = self.batch
             self._guard("estimate", self._update_estimate)
         tracked = self.tracking.begin_forward(self.step, self.batch, self.saved.enabled)
+        if tracked:
+            skip_our_frames(self.saved.hot_functions() + self.attribution.hot_functions())
         self.phase = "forward"
         self._edge("forward", "start")
         if tracked and self.saved.enter():
@@ -802,6 +811,33 @@ class Agent:
 
             oom.on_exception(self, exc)  # an OOM on its way out is recorded before the stop
         self.stop("exception" if exc_type else "finished")
+
+
+class _CompiledCallWrap:
+    """Our forward pre/post hooks around an in-place compiled module's call; `remove()` undoes it."""
+
+    def __init__(self, module, pre, post):
+        self._module = weakref.ref(module)
+        inner = module._compiled_call_impl
+        self._inner = inner
+
+        def call(*args, **kwargs):
+            pre(module_ref(), args, kwargs)
+            out = None
+            try:
+                out = inner(*args, **kwargs)
+                return out
+            finally:
+                post(module_ref(), args, out)
+
+        module_ref = self._module
+        self._call = call
+        module._compiled_call_impl = call
+
+    def remove(self) -> None:
+        m = self._module()
+        if m is not None and getattr(m, "_compiled_call_impl", None) is self._call:
+            m._compiled_call_impl = self._inner
 
 
 def _batch_shape(args, kwargs) -> list[int] | None:

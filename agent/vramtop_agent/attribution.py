@@ -102,6 +102,9 @@ class Attribution:
 
         return pre
 
+    def hot_functions(self) -> list:
+        return [self._hook_for("")]
+
     @property
     def units(self) -> list[str]:
         return [n for n, _, _ in self._units]

@@ -161,6 +161,14 @@ class SavedTensorTracker:
 
             _autograd._pop_saved_tensors_default_hooks()
 
+    def hot_functions(self) -> list:
+        """What runs inside a compiled forward (compile_guard.py marks it skip)."""
+        import vramtop_agent.accounting as acc
+
+        pack, unpack = self._chained(None, None)
+        return [self.pack, self.unpack, self._add, pack, unpack, _Saved.__init__, _Saved.__del__, _count,
+                _first_tensor, acc.device_name, acc._dev]
+
     @property
     def tracking(self) -> bool:
         return self._pushed
