@@ -15,9 +15,12 @@ every allocation).
 
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from vramtop_agent.ledger import StorageLedger
 from vramtop_agent.schema import BLOCK_KEYS
 
 
@@ -89,51 +92,134 @@ class Breakdown:
 
 
 class Accountant:
-    """Categorizes on demand from caches that the right threads keep fresh.
+    """Categorizes from incremental caches that the right threads keep current.
 
-    Walking `model.parameters()` costs more than everything else in a sample
-    (named_modules recursion), so parameters, optimizer states and gradients
-    are cached as (storage key, bytes, device) tuples:
-    - parameters: refreshed at most once a second (and on attach), from any
-      thread; their storages only change when a job swaps them (FSDP).
-    - optimizer states: refreshed at the optimizer-step edges and when a
-      caller asks for `fresh` numbers, i.e. on the training thread.
-    - gradients: autograd assigns `param.grad` from C++ without the GIL, so
-      reading `p.grad` from another Python thread while a backward pass runs
-      races on the tensor's refcount and corrupts memory (reproduced with
-      torch 2.13). Only the training thread (`fresh=True`) and autograd's own
-      threads (post-accumulate-grad hooks, `note_grad`) read `p.grad`; the
-      sampler thread uses what they leave in the cache.
+    Edge work is incremental: what changes rarely is cached and invalidated
+    cheaply, so a phase edge costs a few dict copies, not a walk of every
+    parameter and optimizer state.
+    - parameters: the set is rebuilt when a parameter is registered anywhere
+      (PyTorch's global registration hook: a replaced parameter is dropped at
+      once) and re-checked at most once a second on the training thread (a
+      storage swapped under `p.data = ...`, as FSDP does).
+    - gradients: a ledger (ledger.py) fed by the post-accumulate-grad hooks,
+      which run on the thread that just wrote `param.grad`. Autograd assigns
+      `param.grad` from C++ without the GIL, so reading `p.grad` from another
+      Python thread while a backward pass runs races on the tensor's refcount
+      and corrupts memory (reproduced with torch 2.13): only the watched
+      model's training thread (`sync`/`fresh`) and those hooks read `.grad`,
+      and only for the watched model's parameters. At a forward start the
+      training thread drops the entries `zero_grad` set to None.
+    - optimizer states: a ledger per adopted optimizer, re-walked when the
+      number of states changes (the first step, new parameters) and at most
+      once a second otherwise (states are updated in place between).
+    - the model and the optimizers are held weakly: a job that drops or
+      rebuilds them gets their memory back.
     Activations are counted incrementally by the SavedTensorTracker.
     """
 
     PARAM_REFRESH_S = 1.0
+    OPT_REFRESH_S = 1.0
 
     def __init__(self, model=None, optimizer=None, saved=None):
-        self.model = model
-        self.optimizer = optimizer
+        self._model_ref = None
+        self._opt_refs: list = []  # weakrefs, oldest first
         self.saved = saved
-        self._grads: dict[int, tuple] = {}  # id(param) -> storage_key(param.grad)
-        self._params: list = []  # (key, nbytes, dev, trainable, quant extras)
-        self._param_objs: list = []
+        self.grads = StorageLedger()  # owner: id(param)
+        self._grad_params: dict = {}  # id(param) -> weakref(param), params that have a grad entry
+        self._opt_ledgers: dict = {}  # id(optimizer) -> (ledger, n states, monotonic time of the walk)
         self._params_at = -1e9
-        self._opt: list = []  # storage keys of optimizer state tensors
+        self._params_dirty = True
+        self._param_refs: list = []  # weakrefs to the parameter objects
+        self._param_ids: frozenset = frozenset()
+        self._param_bd = Breakdown()
         self.param_keys: frozenset = frozenset()
+        self._buffer_entries: list = []
+        _watch_registrations(self)
+        self.model = model
+        if optimizer is not None:
+            self.add_optimizer(optimizer)
+
+    # ------------------------------------------------------------------ what is watched
+
+    @property
+    def model(self):
+        ref = self._model_ref
+        return ref() if ref is not None else None
+
+    @model.setter
+    def model(self, model) -> None:
+        self._model_ref = weakref.ref(model) if model is not None else None
+        self.invalidate()
+
+    def optimizers(self) -> list:
+        """The adopted optimizers still alive, oldest first."""
+        out = []
+        for ref in self._opt_refs:
+            opt = ref()
+            if opt is not None:
+                out.append(opt)
+        return out
+
+    @property
+    def optimizer(self):
+        """The newest adopted optimizer still alive (the one a hello describes)."""
+        for ref in reversed(self._opt_refs):
+            opt = ref()
+            if opt is not None:
+                return opt
+        return None
+
+    @optimizer.setter
+    def optimizer(self, opt) -> None:
+        if opt is not None:
+            self.add_optimizer(opt)
+
+    def add_optimizer(self, opt) -> bool:
+        """Count this optimizer's states too; False when it was already counted."""
+        if any(ref() is opt for ref in self._opt_refs):
+            return False
+        key = id(opt)
+
+        def gone(_ref, self_ref=weakref.ref(self), key=key):
+            acct = self_ref()
+            if acct is not None:
+                acct._opt_ledgers.pop(key, None)
+                acct._opt_refs = [r for r in acct._opt_refs if r() is not None]
+                acct._params_dirty = True
+
+        self._opt_refs.append(weakref.ref(opt, gone))
+        self._opt_ledgers[key] = (StorageLedger(), -1, -1e9)
+        self._params_dirty = True
+        return True
+
+    def steps_params_of_model(self, opt) -> bool:
+        """True when `opt` trains a parameter of the watched model."""
+        if self._params_dirty or not self._param_ids:
+            self.refresh_params()
+        ids = self._model_param_ids
+        for group in list(opt.param_groups):
+            for p in group.get("params", ()):
+                if id(p) in ids:
+                    return True
+        return False
 
     def invalidate(self) -> None:
-        """The model or optimizer changed: rebuild every cache on next use."""
-        self._params_at = -1e9
-        self._opt = []
-        self._grads = {}
+        """The model or an optimizer changed: rebuild every cache on next use."""
+        self._params_dirty = True
+        self.grads.clear()
+        self._grad_params = {}
+        for key, (ledger, _, _) in list(self._opt_ledgers.items()):
+            self._opt_ledgers[key] = (ledger, -1, -1e9)
 
-    # ------------------------------------------------------------------ caches
+    # ------------------------------------------------------------------ parameters
 
     def param_objects(self) -> list:
-        params = list(self.model.parameters()) if self.model is not None else []
-        opt = self.optimizer
-        if opt is not None:
+        model = self.model
+        params = list(model.parameters()) if model is not None else []
+        self._model_param_ids = frozenset(id(p) for p in params)
+        known = set(self._model_param_ids)
+        for opt in self.optimizers():
             # Parameters the optimizer trains but the model does not own (rare, but count them).
-            known = {id(p) for p in params}
             for group in list(opt.param_groups):
                 for p in group.get("params", ()):
                     if id(p) not in known:
@@ -142,124 +228,190 @@ class Accountant:
         return params
 
     def refresh_params(self) -> None:
-        import time
-
         objs = self.param_objects()
-        entries = []
-        for p in objs:
-            extras = []
-            for q in _quant_state_tensors(p):
-                try:
-                    extras.append(storage_key(q))
-                except Exception:
-                    pass
-            entries.append((*storage_key(p), bool(p.requires_grad), extras, p.dtype.itemsize == 1))
-        self._param_objs = objs
-        self._params = entries
-        # The parameter part of every breakdown, computed once per refresh.
         bd = Breakdown()
         seen: set = set()
-        for key, nbytes, dev, trainable, extras, one_byte in entries:
+        for p in objs:
+            key, nbytes, dev = storage_key(p)
             if key not in seen:
                 seen.add(key)
                 bd.add(dev, "parameters", nbytes)
-                if trainable:
+                if p.requires_grad:
                     bd.trainable += nbytes
                 else:
                     bd.frozen += nbytes
-                    if extras or one_byte:
+                    if p.dtype.itemsize == 1 or _quant_state_tensors(p):
                         bd.quantized += nbytes
-            for qkey, qbytes, qdev in extras:
+            for q in _quant_state_tensors(p):
+                try:
+                    qkey, qbytes, qdev = storage_key(q)
+                except Exception:
+                    continue
                 if qkey not in seen:
                     seen.add(qkey)
                     bd.add(qdev, "parameters", qbytes)
                     bd.frozen += qbytes
                     bd.quantized += qbytes
+        self._param_refs = [weakref.ref(p) for p in objs]
+        self._param_ids = frozenset(id(p) for p in objs)
+        # A replaced parameter's gradient is no longer ours.
+        for pid in [pid for pid in self._grad_params if pid not in self._param_ids]:
+            self._grad_params.pop(pid, None)
+            self.grads.drop(pid)
         self._param_bd = bd
         self.param_keys = frozenset(seen)
+        if self.saved is not None:
+            self.saved.exclude = self.param_keys
+        model = self.model
+        entries = []
+        if model is not None:
+            for b in model.buffers():
+                try:
+                    entries.append(storage_key(b))
+                except Exception:
+                    pass
+        self._buffer_entries = entries
+        self._params_dirty = False
         self._params_at = time.monotonic()
 
-    def _maybe_refresh_params(self) -> None:
-        import time
-
-        if time.monotonic() - self._params_at > self.PARAM_REFRESH_S:
+    def _maybe_refresh_params(self, training_thread: bool) -> None:
+        if self._params_dirty or (training_thread and time.monotonic() - self._params_at > self.PARAM_REFRESH_S):
             self.refresh_params()
 
-    def refresh_optimizer(self) -> None:
-        opt = self.optimizer
-        entries = []
-        if opt is not None:
-            for state in list(opt.state.values()):
-                if isinstance(state, dict):
-                    for v in list(state.values()):
-                        if hasattr(v, "untyped_storage"):
-                            try:
-                                entries.append(storage_key(v))
-                            except Exception:
-                                pass
-        self._opt = entries
+    # ------------------------------------------------------------------ gradients
 
     def note_grad(self, param) -> None:
         """Post-accumulate-grad hook: runs on the thread that just wrote param.grad."""
         g = param.grad
+        pid = id(param)
         if g is None:
-            self._grads.pop(id(param), None)
-        else:
-            self._grads[id(param)] = storage_key(g)
+            self._grad_params.pop(pid, None)
+            self.grads.drop(pid)
+            return
+        if pid not in self._grad_params:
+            self._grad_params[pid] = weakref.ref(param)
+        s = g.untyped_storage()
+        self.grads.set(pid, s._cdata, s.nbytes(), device_name(g.device))
+
+    def sync_grads(self) -> None:
+        """Drop the gradients that are gone (zero_grad(set_to_none)); training thread only, no backward running."""
+        for pid, ref in list(self._grad_params.items()):
+            p = ref()
+            if p is None or p.grad is None:
+                self._grad_params.pop(pid, None)
+                self.grads.drop(pid)
 
     def refresh_grads(self) -> None:
-        """Re-read every .grad; call only where no backward pass can be running."""
-        grads = {}
-        for p in self._param_objs:
+        """Re-read every .grad of the watched parameters; training thread only, no backward running."""
+        self.grads.clear()
+        self._grad_params = {}
+        for ref in self._param_refs:
+            p = ref()
+            if p is None:
+                continue
             g = p.grad
             if g is not None:
                 try:
-                    grads[id(p)] = storage_key(g)
+                    s = g.untyped_storage()
+                    self.grads.set(id(p), s._cdata, s.nbytes(), device_name(g.device))
+                    self._grad_params[id(p)] = ref
                 except Exception:
                     pass
-        self._grads = grads
+
+    # ------------------------------------------------------------------ optimizer states
+
+    def sync_optimizers(self, force: bool = False) -> None:
+        """Re-walk an optimizer's states when their number changed, or once a second (training thread)."""
+        now = time.monotonic()
+        for opt in self.optimizers():
+            ledger, n, at = self._opt_ledgers.get(id(opt), (None, -1, 0.0))
+            if ledger is None:
+                continue
+            count = len(opt.state)
+            if force or count != n or now - at > self.OPT_REFRESH_S:
+                _walk_states(opt, ledger)
+                self._opt_ledgers[id(opt)] = (ledger, count, now)
+
+    refresh_optimizer = sync_optimizers
 
     # ------------------------------------------------------------------ breakdown
 
-    def breakdown(self, fresh: bool = False) -> Breakdown:
-        """Bytes per block and device. `fresh`: re-read grads and optimizer state (training thread only)."""
-        self._maybe_refresh_params()
+    def breakdown(self, fresh: bool = False, training_thread: bool | None = None) -> Breakdown:
+        """Bytes per block and device.
+
+        `fresh` (training thread only, no backward running): re-read every
+        gradient and optimizer state. Otherwise the caches are used as they are.
+        """
+        if training_thread is None:
+            training_thread = fresh
+        self._maybe_refresh_params(training_thread)
         if fresh:
             self.refresh_grads()
-            self.refresh_optimizer()
+            self.sync_optimizers(force=True)
+        return self.assemble()
+
+    def assemble(self) -> Breakdown:
+        """The breakdown from the caches as they are (any thread)."""
         pbd = self._param_bd
         bd = Breakdown(devices={d: dict(b) for d, b in pbd.devices.items()}, trainable=pbd.trainable,
                        frozen=pbd.frozen, quantized=pbd.quantized)
-        seen = set(self.param_keys)
-        bd.param_keys = self.param_keys
-        for block, entries in (("gradients", list(self._grads.values())), ("optimizer", self._opt)):
-            for key, nbytes, dev in entries:
-                if key not in seen:
-                    seen.add(key)
-                    bd.add(dev, block, nbytes)
+        pkeys = self.param_keys
+        bd.param_keys = pkeys
+        gkeys = self.grads.keys()
+        for dev, nbytes in self.grads.totals(pkeys).items():
+            if nbytes:
+                bd.add(dev, "gradients", nbytes)
+        opt_keys: list = []
+        for ledger, _, _ in list(self._opt_ledgers.values()):
+            for dev, nbytes in ledger.totals(pkeys, gkeys, *opt_keys).items():
+                if nbytes:
+                    bd.add(dev, "optimizer", nbytes)
+            opt_keys.append(ledger.keys())
         if self.saved is not None:
-            for dev, nbytes in self.saved.live(seen).items():
-                bd.add(dev, "activations", nbytes)
-        if self.model is not None:
-            # CPU has no allocator counter: its buffers are the "other" we can see.
-            for key, nbytes, dev in self._buffers():
-                if key not in seen:
-                    seen.add(key)
-                    bd.add(dev, "other", nbytes if dev == "cpu" else 0)
+            for dev, nbytes in self.saved.live(gkeys, *opt_keys).items():
+                if nbytes:
+                    bd.add(dev, "activations", nbytes)
+        # CPU has no allocator counter: the model's buffers are the "other" we can see.
+        for key, nbytes, dev in self._buffer_entries:
+            if key not in pkeys:
+                bd.add(dev, "other", nbytes if dev == "cpu" else 0)
         return bd
 
-    def _buffers(self) -> list:
-        cached = getattr(self, "_buffer_cache", None)
-        if cached is not None and cached[0] == self._params_at:
-            return cached[1]
-        entries = []
-        for b in self.model.buffers():
-            try:
-                entries.append(storage_key(b))
-            except Exception:
-                pass
-        self._buffer_cache = (self._params_at, entries)
-        return entries
+
+def _walk_states(opt, ledger: StorageLedger) -> None:
+    ledger.clear()
+    for state in list(opt.state.values()):
+        if isinstance(state, dict):
+            for v in list(state.values()):
+                if hasattr(v, "untyped_storage"):
+                    try:
+                        s = v.untyped_storage()
+                        ledger.set(id(v), s._cdata, s.nbytes(), device_name(v.device))
+                    except Exception:
+                        pass
+
+
+_ACCOUNTANTS: "weakref.WeakSet" = weakref.WeakSet()
+_REGISTRATION_HOOK = None
+
+
+def _watch_registrations(acct: Accountant) -> None:
+    """One process-wide parameter-registration hook marks every accountant's parameter set stale."""
+    global _REGISTRATION_HOOK
+    _ACCOUNTANTS.add(acct)
+    if _REGISTRATION_HOOK is not None:
+        return
+    try:
+        from torch.nn.modules.module import register_module_parameter_registration_hook
+    except Exception:
+        return
+
+    def registered(module, name, param):
+        for a in list(_ACCOUNTANTS):
+            a._params_dirty = True
+        return None
+
+    _REGISTRATION_HOOK = register_module_parameter_registration_hook(registered)
 
 
 def sum_unique(tensors: Iterable) -> int:

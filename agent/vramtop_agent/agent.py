@@ -1,13 +1,23 @@
-"""The in-process agent: hooks, phase tracking, a sampler thread, publishing.
+"""The in-process agent: hooks, phase tracking, edge sampling, publishing.
 
 Threads:
 - the training thread (and, on CUDA, autograd's device threads) run the hooks.
-  They do bookkeeping only and append finished messages to a bounded deque;
+  They do bookkeeping only, take the samples (at the phase edges, and at the
+  next hook they pass once 1/sample_hz has gone by: no other thread competes
+  for the GIL to measure) and append finished messages to a bounded deque;
   they never touch a socket, a file or a lock that another thread could hold
   for long.
-- the agent's sampler thread takes a categorized sample at `sample_hz`,
-  drains the deque and hands every message to the sinks (ZeroMQ publisher,
-  recorder). It is a daemon thread: it never keeps a finished job alive.
+- the agent's I/O thread drains the deque and hands every message to the
+  sinks (ZeroMQ publisher, recorder): socket and file writes, which release
+  the GIL. Only when the training thread has produced no sample for a second
+  (one long op, a hang, no training at all) does it take a sample itself, from
+  the caches, marked `source: "tick"`. It is a daemon thread: it never keeps a
+  finished job alive.
+
+Activations are tracked (saved-tensor hooks, exact) on the steps that decide
+the picture: the first steps, a new input shape, a new model or optimizer,
+and one step in `track_every`; on the steps in between no hook runs per op
+and they are derived (tracking.py). Every sample and step says which.
 
 Every hook body runs under `_guard`: an exception inside vramtop is counted,
 reported in the stream and swallowed; the training job never sees it.
@@ -20,16 +30,37 @@ import os
 import threading
 import time
 import traceback
+import weakref
 from typing import Any, Callable
 
 from vramtop_agent import devices
-from vramtop_agent.accounting import Accountant, Breakdown, storage_key
+from vramtop_agent.accounting import Accountant, Breakdown
+from vramtop_agent.attribution import Attribution
 from vramtop_agent.autodetect import defer_to_closure, watch_root
+from vramtop_agent.compile_guard import skip_our_frames
 from vramtop_agent.saved import SavedTensorTracker
+from vramtop_agent.tracking import TrackingPolicy
 from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
 
 AGENT_VERSION = "0.1.0"
 OUTBOX_LIMIT = 10_000
+FALLBACK_TICK_S = 1.0  # the I/O thread samples only when the training thread has not for this long
+HELLO_REBUILD_S = 30.0  # the re-sent hello is a copy; rebuilt (model walk) this rarely
+
+
+def _is_compiling() -> bool:
+    """True while Dynamo traces: every hook returns at once, so it is invisible to torch.compile."""
+    return False
+
+
+def _bind_is_compiling() -> None:
+    global _is_compiling
+    try:
+        import torch
+
+        _is_compiling = torch.compiler.is_compiling
+    except Exception:
+        pass
 
 
 def _env_int(name: str, default: int) -> int:
@@ -58,6 +89,7 @@ class Agent:
         reset_peaks: bool = True,
         record: str | None = None,
         sinks: list | None = None,
+        track_every: int | None = None,
     ):
         self.pid = os.getpid()
         self.rank = _env_int("RANK", 0)
@@ -70,11 +102,20 @@ class Agent:
         self.slot = lifecycle.next_slot(self.rank)  # a second agent of this process gets its own socket
         self._holds = 1  # watch() of an already watched model holds this agent once more (lifecycle.py)
 
-        self.saved = SavedTensorTracker(storage_key)
+        _bind_is_compiling()
+        self.saved = SavedTensorTracker()
         self.saved.enabled = track_activations
         self.acct = Accountant(None, None, self.saved)
-        self.model = None
-        self.optimizer = None
+        self.tracking = TrackingPolicy(track_every if track_every is not None
+                                       else _env_int("VRAMTOP_TRACK_EVERY", TrackingPolicy.DEFAULT_EVERY))
+        self.attribution = Attribution(self.saved)
+        self._train_thread: int | None = None  # ident of the thread running the watched model's forward
+        self._in_opt = None  # the optimizer whose step is the optimizer phase now
+        self._bwd_started = False
+        self._last_sample_at = -1e9  # monotonic time of the newest sample
+        self._pending_sample: dict | None = None
+        self._last_hello: dict | None = None
+        self._hello_built_at = -1e9
         self.device = "cpu"
         self._cuda_index: int | None = None
 
@@ -92,12 +133,12 @@ class Agent:
         self._step_started: float | None = None
         self._last_step_end: float | None = None
         self._micro_steps = 0
-        self._optimizer_seen = False
         self._backward_done = False
         self._phase_peak: dict[str, int] = {}
         self._phase_start_level = 0
         self._eof_level = 0
         self._eof_blocks: dict | None = None
+        self._eof_by_module: dict | None = None
         self._best_level = -1
         self._best_blocks: dict | None = None
         self._best_phase = "forward"
@@ -185,23 +226,40 @@ class Agent:
         except Exception as exc:  # a bad path must not stop the job
             self._error("recorder", exc)
 
+    # The model and the optimizers are held weakly (by the Accountant): a job that drops or
+    # rebuilds them gets their memory back.
+    @property
+    def model(self):
+        return self.acct.model
+
+    @property
+    def optimizer(self):
+        """The newest adopted optimizer still alive."""
+        return self.acct.optimizer
+
     def attach_model(self, model) -> None:
         """Watch this module as the root: its forward marks the forward phase."""
         if self.model is model:
             return
         for h in self._hooks_model():
             h.remove()
-        self.model = model
         self.acct.model = model
-        self.acct.invalidate()
+        self.attribution.set_model(model)
+        self.tracking.changed()
         self.device = self._primary_device(model)
         self._cuda_index = int(self.device.split(":")[1]) if self.device.startswith("cuda") else None
         if self._info_written:  # `vramtop ls` shows the device (one small file write, once per model)
             self._guard("discovery", self._write_device_info)
-        h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
-        # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
-        h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
-        handles = [h1, h2]
+        _bind_is_compiling()
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            # Compiled in place (`model.compile()`): its own hooks run inside the compiled region, where
+            # ours would be traced away. Ours go around the compiled call instead, eagerly.
+            handles = [_CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
+        else:
+            h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
+            # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
+            h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
+            handles = [h1, h2]
         for p in model.parameters():
             if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
                 handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
@@ -220,10 +278,10 @@ class Agent:
         discovery.write_info(self._info)
 
     def attach_optimizer(self, optimizer) -> None:
-        self.optimizer = optimizer
-        self.acct.optimizer = optimizer
-        self.acct.invalidate()
-        self._queue_hello()
+        """Count this optimizer's states; its step (or any adopted one's) marks the optimizer phase."""
+        if self.acct.add_optimizer(optimizer):
+            self.tracking.changed()
+            self._queue_hello()
 
     def _hooks_model(self):
         keep, drop = [], []
@@ -293,7 +351,10 @@ class Agent:
         self._outbox.append(msg)
 
     def _queue_hello(self) -> None:
-        self._emit(self.hello_fields())
+        hello = self.hello_fields()
+        self._last_hello = hello
+        self._hello_built_at = time.monotonic()
+        self._emit(hello)
 
     def hello_fields(self) -> dict:
         import sys
@@ -343,18 +404,26 @@ class Agent:
     def breakdown(self) -> Breakdown:
         return self.acct.breakdown(fresh=threading.current_thread() is not self._thread)
 
+    def _on_training_thread(self) -> bool:
+        return threading.get_ident() == self._train_thread
+
     def _level(self, bd: Breakdown | None = None, fresh: bool = False,
-               allocated: int | None = None) -> tuple[int, dict]:
+               allocated: int | None = None, edge: tuple | None = None) -> tuple[int, dict]:
         """Bytes in use on the primary device now, and the blocks that make it up.
 
         `fresh` re-reads gradients and optimizer state: only on the training
-        thread (forward start, optimizer end), never inside backward.
+        thread, never inside backward. On a step whose activations are not
+        tracked they are derived (tracking.py); `edge` names the phase edge.
         """
         bd = bd or self.acct.breakdown(fresh=fresh)
         blocks = bd.blocks(self.device)
+        if self._cuda_index is not None and allocated is None:
+            allocated = devices.allocated_and_peak(devices.raw_cuda_stats(self._cuda_index))[0]
+        if not self.tracking.tracked:
+            blocks["activations"] = self.tracking.derive(blocks, allocated, edge)
+        elif edge is not None:
+            self.tracking.learn(blocks, allocated, edge)
         if self._cuda_index is not None:
-            if allocated is None:
-                allocated = devices.allocated_and_peak(devices.raw_cuda_stats(self._cuda_index))[0]
             four = sum(blocks[k] for k in BLOCK_KEYS if k != "other")
             blocks["other"] = max(allocated - four, 0)
             return allocated, blocks
@@ -363,14 +432,21 @@ class Agent:
     def snapshot(self, fresh: bool | None = None) -> dict:
         """The current sample: the same map that goes on the wire.
 
-        Called from the training thread (the default outside the sampler), it
-        re-reads every gradient; the sampler thread uses the gradient cache.
+        Called from the training thread (the default outside the agent's I/O
+        thread), it re-reads every gradient; the I/O thread uses the caches.
         """
         if fresh is None:
             fresh = threading.current_thread() is not self._thread
         bd = self.acct.breakdown(fresh=fresh)
+        return self._sample(bd, "edge" if fresh else "tick")
+
+    def _sample(self, bd: Breakdown, source: str, level_blocks: tuple | None = None) -> dict:
         raw = devices.raw_cuda_stats(self._cuda_index) if self._cuda_index is not None else None
-        level, blocks = self._level(bd, allocated=devices.allocated_and_peak(raw)[0] if raw is not None else None)
+        if level_blocks is None:
+            level, blocks = self._level(bd, allocated=devices.allocated_and_peak(raw)[0] if raw is not None else None)
+        else:
+            level, blocks = level_blocks
+            blocks = dict(blocks)
         self._seq += 1
         msg = self._base("sample")
         per_device = {dev: bd.blocks(dev) for dev in bd.devices}
@@ -387,7 +463,13 @@ class Agent:
             "dropped": self.dropped,
             "errors": self.errors,
             "last_error": self.last_error,
+            "source": source,  # edge: taken on the training thread; tick: the I/O thread's fallback
+            "activations_source": "tracked" if self.tracking.tracked else "derived",
         })
+        if self.tracking.tracked:
+            by_module = self.attribution.live()
+            if by_module:
+                msg["activations_by_module"] = by_module
         if self.batch is not None:
             msg["batch"] = list(self.batch)
         if self._cuda_index is not None:
@@ -400,7 +482,19 @@ class Agent:
         # A sample taken inside a phase can see a higher level than its edges (CPU bookkeeping).
         if self.phase in PHASES:
             self._note_level(level, blocks, self.phase)
+        self._last_sample_at = time.monotonic()
         return msg
+
+    def _sample_due(self) -> bool:
+        return bool(self._sinks) and self.sample_hz > 0 and \
+            time.monotonic() - self._last_sample_at >= self._sample_interval()
+
+    def _sample_interval(self) -> float:
+        return 1.0 / self.sample_hz if self.sample_hz > 0 else 0.1
+
+    def _offer_sample(self, msg: dict) -> None:
+        """The newest sample waits for the I/O thread (only the newest matters: a viewer conflates)."""
+        self._pending_sample = msg
 
     # ------------------------------------------------------------------ phases
 
@@ -415,19 +509,31 @@ class Agent:
                 self._phase_peak[ended] = max(self._phase_peak.get(ended, 0), peak)
             if edge == "start" and self.reset_peaks:
                 torch.cuda.reset_peak_memory_stats(self._cuda_index)
-        # Gradients change under zero_grad (before forward) and optimizer states in step():
-        # re-read them there; during backward the grad hooks keep the cache current.
-        fresh = (phase, edge) in (("forward", "start"), ("optimizer", "end"))
-        level, blocks = self._level(fresh=fresh, allocated=allocated)
+        # Gradients change under zero_grad (before forward), optimizer states in step(): bring the
+        # caches up to date there, incrementally, and only on the watched model's training thread.
+        acct = self.acct
+        if self._on_training_thread():
+            if phase == "forward":
+                acct.sync_grads()
+            elif phase == "optimizer" and edge == "end":
+                acct.sync_optimizers()
+            acct._maybe_refresh_params(True)
+        elif acct._params_dirty:
+            acct.refresh_params()
+        bd = acct.assemble()
+        level, blocks = self._level(bd, allocated=allocated, edge=(phase, edge))
         if phase == "backward" and edge == "start":
             self._eof_level = max(self._eof_level, level)
             self._eof_blocks = blocks
+            self._eof_by_module = self.attribution.live() if self.tracking.tracked else None
             self._note_level(level, blocks, "forward")
             self._note_level(level, blocks, "backward")  # backward starts from the forward's level
         else:
             self._note_level(level, blocks, phase)
         self._emit({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level,
                     "blocks": dict(blocks)})  # the job view compares ranks block by block at the edges
+        if self._sample_due():
+            self._offer_sample(self._sample(bd, "edge", (level, blocks)))
 
     def _note_level(self, level: int, blocks: dict, phase: str) -> None:
         if self._cuda_index is None:
@@ -437,15 +543,22 @@ class Agent:
             self._best_level, self._best_blocks, self._best_phase = level, blocks, phase
 
     def _on_grad(self, param) -> None:
+        if _is_compiling():
+            return
         try:
             self.acct.note_grad(param)
+            if self._sinks and time.monotonic() - self._last_sample_at >= self._sample_interval():
+                # Inside a long backward: the next hook we pass takes the sample (caches only).
+                self._offer_sample(self._sample(self.acct.assemble(), "edge"))
         except Exception as exc:
             self._error("grad-hook", exc)
 
     def _on_forward_pre(self, module, args, kwargs):
-        self._guard("forward-pre", self._forward_pre, args, kwargs)
+        if _is_compiling():
+            return
+        self._guard("forward-pre", self._forward_pre, module, args, kwargs)
 
-    def _forward_pre(self, args, kwargs) -> None:
+    def _forward_pre(self, module, args, kwargs) -> None:
         import torch
 
         if not torch.is_grad_enabled():
@@ -453,7 +566,9 @@ class Agent:
         self._fwd_depth += 1
         if self._fwd_depth > 1:
             return
-        if self._backward_done and self.optimizer is None:
+        self._train_thread = threading.get_ident()
+        self._in_opt = None
+        if self._backward_done and not self.acct.optimizers():
             self._finish_step()  # no optimizer in sight: one forward+backward is a step
         if self._step_started is None:
             self._step_started = time.time()
@@ -461,10 +576,15 @@ class Agent:
         if self.batch != self._estimated_for:
             self._estimated_for = self.batch
             self._guard("estimate", self._update_estimate)
-        self._micro_steps += 1
+        tracked = self.tracking.begin_forward(self.step, self.batch, self.saved.enabled)
+        if tracked:
+            skip_our_frames(self.saved.hot_functions() + self.attribution.hot_functions())
         self.phase = "forward"
         self._edge("forward", "start")
-        self.saved.enter()
+        if tracked and self.saved.enter():
+            self.attribution.enter()
+        elif tracked:
+            self.tracking.tracked = False  # the job disabled saved-tensor hooks: nothing to track here
 
     def _update_estimate(self) -> None:
         """What a correct formula predicts for this model, optimizer and batch (a few ms, once per shape)."""
@@ -476,6 +596,8 @@ class Agent:
             self._queue_hello()
 
     def _on_forward_post(self, module, args, output):
+        if _is_compiling():
+            return
         self._guard("forward-post", self._forward_post, output)
 
     def _forward_post(self, output) -> None:
@@ -485,6 +607,7 @@ class Agent:
         if self._fwd_depth > 0:
             return
         self.saved.exit()
+        self.attribution.exit()
         # The first gradient to reach any output marks the start of backward.
         self._bwd_started = False
         for t in _output_tensors(output):
@@ -501,6 +624,7 @@ class Agent:
         self._bwd_started = True
         import torch
 
+        self._micro_steps += 1  # a forward is a micro-step once its backward runs (eval forwards never do)
         self.phase = "backward"
         self._edge("backward", "start")
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
@@ -514,26 +638,42 @@ class Agent:
         self._backward_done = True
 
     def _on_opt_pre(self, optimizer, args, kwargs):
+        if _is_compiling():
+            return None
         deferred = defer_to_closure(self, optimizer, args, kwargs)  # step(closure): Lightning, LBFGS
         if deferred is not None:
             return deferred
         self._guard("optimizer-pre", self._opt_pre, optimizer)
 
+    def _adopt(self, optimizer) -> bool:
+        """Follow an optimizer that steps the watched model's parameters (and only such a one)."""
+        if any(o is optimizer for o in self.acct.optimizers()):
+            return True
+        if self.model is None or not self.acct.steps_params_of_model(optimizer):
+            return False  # another model's optimizer (another thread's job): not ours to read
+        self.attach_optimizer(optimizer)
+        return True
+
     def _opt_pre(self, optimizer) -> None:
-        if self.optimizer is None:
-            self.attach_optimizer(optimizer)
-        if optimizer is not self.optimizer:
+        if not self._adopt(optimizer):
             return
-        self._optimizer_seen = True
+        if not self._backward_done or self._in_opt is not None:
+            return  # a second optimizer of the same step: counted at its end, no new phase
+        self._in_opt = optimizer
         self.phase = "optimizer"
         self._edge("optimizer", "start")
 
     def _on_opt_post(self, optimizer, args, kwargs):
+        if _is_compiling():
+            return
         self._guard("optimizer-post", self._opt_post, optimizer)
 
     def _opt_post(self, optimizer) -> None:
-        if optimizer is not self.optimizer:
+        if optimizer is not self._in_opt:
+            if self._on_training_thread() and any(o is optimizer for o in self.acct.optimizers()):
+                self.acct.sync_optimizers()  # its states changed: keep the optimizer block current
             return
+        self._in_opt = None
         self._edge("optimizer", "end")
         self._finish_step()
 
@@ -562,7 +702,13 @@ class Agent:
             "peak_phase": peak_phase,
             "peak_blocks": blocks,
             "eof_blocks": dict(self._eof_blocks or dict.fromkeys(BLOCK_KEYS, 0)),
+            "activations_source": "tracked" if self.tracking.step_tracked else "derived",
         }
+        if self._eof_by_module:
+            summary["eof_activations_by_module"] = self._eof_by_module
+        check = self.tracking.take_check()
+        if check is not None:
+            summary["derived_check"] = check  # the derivation, checked against this tracked step
         self._emit(summary)
         full = self._base("step")
         full.update(summary)
@@ -575,26 +721,47 @@ class Agent:
         self._phase_peak = {}
         self._eof_level = 0
         self._eof_blocks = None
+        self._eof_by_module = None
         self._best_level, self._best_blocks = -1, None
+        self.tracking.end_step()
 
-    # ------------------------------------------------------------------ sampler thread
+    # ------------------------------------------------------------------ I/O thread
 
     def _run(self) -> None:
-        interval = 1.0 / self.sample_hz if self.sample_hz > 0 else 0.1
+        """Hand what the training thread queued to the sinks; sample only when it has not for a second."""
+        interval = self._sample_interval()
         last_hello = 0.0
         while not self._stop.is_set():
             try:
                 now = time.time()
                 if now - last_hello >= 1.0:
                     # Re-sent every second: a viewer that joins late learns who this is.
-                    self._queue_hello()
+                    self._resend_hello()
                     last_hello = now
-                sample = self._guard("sampler", self.snapshot) if self.sample_hz > 0 else None
+                sample, self._pending_sample = self._pending_sample, None
+                if sample is None and self.sample_hz > 0 and \
+                        time.monotonic() - self._last_sample_at >= max(FALLBACK_TICK_S, interval):
+                    # The training thread is stuck in one op (or not training): show it is alive.
+                    sample = self._guard("sampler", self._tick_sample)
                 self._flush(sample)  # events first, then the sample: one batch per tick
             except Exception as exc:  # the thread must outlive any bug
                 self._error("sampler", exc)
             self._stop.wait(interval)
-        self._flush()
+        self._flush(self._pending_sample)
+
+    def _tick_sample(self) -> dict:
+        """A sample from the caches only: no `.grad`, no optimizer state, no parameter walk."""
+        return self._sample(self.acct.assemble(), "tick")
+
+    def _resend_hello(self) -> None:
+        """The last hello again (a copy): rebuilding it walks the model, so that happens rarely."""
+        last = self._last_hello
+        if last is None or time.monotonic() - self._hello_built_at > HELLO_REBUILD_S:
+            self._queue_hello()
+            return
+        msg = dict(last)
+        msg.pop("eseq", None)
+        self._emit(msg)
 
     def _flush(self, sample: dict | None = None) -> None:
         """Hand the queued events (and this tick's sample) to every sink in one go.
@@ -644,6 +811,7 @@ class Agent:
             return
         self._closed = True
         self.saved.exit()
+        self.attribution.exit()
         for h in self._hooks:
             try:
                 h.remove()
@@ -713,6 +881,33 @@ def _safe_argv() -> list[str]:
     from vramtop_agent.discovery import safe_argv  # valid UTF-8, bounded: one odd byte must not sink the hello
 
     return safe_argv()
+
+
+class _CompiledCallWrap:
+    """Our forward pre/post hooks around an in-place compiled module's call; `remove()` undoes it."""
+
+    def __init__(self, module, pre, post):
+        self._module = weakref.ref(module)
+        inner = module._compiled_call_impl
+        self._inner = inner
+
+        def call(*args, **kwargs):
+            pre(module_ref(), args, kwargs)
+            out = None
+            try:
+                out = inner(*args, **kwargs)
+                return out
+            finally:
+                post(module_ref(), args, out)
+
+        module_ref = self._module
+        self._call = call
+        module._compiled_call_impl = call
+
+    def remove(self) -> None:
+        m = self._module()
+        if m is not None and getattr(m, "_compiled_call_impl", None) is self._call:
+            m._compiled_call_impl = self._inner
 
 
 def _batch_shape(args, kwargs) -> list[int] | None:

@@ -221,7 +221,8 @@ class _AutocastProbe:
             (lambda f=on_result: f) if on_result is not None else None)
         self._handle = None
         target = model
-        for m in model.modules():
+        # Below a compiled wrapper a hook would be traced (a graph break); the wrapper's own hooks run eagerly.
+        for m in (() if type(model).__name__ == "OptimizedModule" else model.modules()):
             if m is not model and any(True for _ in m.parameters(recurse=False)):
                 target = m
                 break
@@ -236,6 +237,8 @@ class _AutocastProbe:
         try:
             import torch
 
+            if torch.compiler.is_compiling():
+                return None  # traced inside a compiled module: be nothing there
             if not torch.is_grad_enabled():
                 return None
             dt = self._device_type if self._device_type in ("cuda", "cpu", "xpu", "mps", "hpu") else "cuda"
