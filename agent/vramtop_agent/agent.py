@@ -42,6 +42,8 @@ def _env_int(name: str, default: int) -> int:
 class Agent:
     """Watches one training process. Create it with `vramtop_agent.watch()`."""
 
+    injected: dict | None = None  # set when `vramtop attach PID` started this agent in a running job (hello field)
+
     def __init__(
         self,
         model=None,
@@ -308,6 +310,7 @@ class Agent:
             "estimate": self.estimate,
             "endpoint": self.endpoint,
             **({"training": self.training_info} if getattr(self, "training_info", None) else {}),  # integrations/
+            **({"injected": dict(self.injected)} if self.injected else {}),  # _inject_boot.py
         }
 
     def _describe_model(self) -> dict:
@@ -382,6 +385,8 @@ class Agent:
     # ------------------------------------------------------------------ phases
 
     def _edge(self, phase: str, edge: str) -> None:
+        if self.injected and self.step < self.injected.get("first_step", 1 << 62):
+            return  # a step that began before the agent was injected: its edges are not known
         allocated = None
         if self._cuda_index is not None:
             import torch
@@ -498,6 +503,10 @@ class Agent:
 
     def _opt_pre(self, optimizer) -> None:
         if self.optimizer is None:
+            if self.model is None and self.injected:
+                return  # injected mid-step: the first whole step starts at the root's next forward
+            if self.injected:  # this step began before we knew the optimizer: it and earlier ones are unknown
+                self.injected = {**self.injected, "first_step": self.step + 1}
             self.attach_optimizer(optimizer)
         if optimizer is not self.optimizer:
             return
@@ -540,10 +549,11 @@ class Agent:
             "peak_blocks": blocks,
             "eof_blocks": dict(self._eof_blocks or dict.fromkeys(BLOCK_KEYS, 0)),
         }
-        self._emit(summary)
-        full = self._base("step")
-        full.update(summary)
-        self.steps.append(full)
+        if not self.injected or self.step >= self.injected.get("first_step", 1 << 62):
+            self._emit(summary)
+            full = self._base("step")
+            full.update(summary)
+            self.steps.append(full)
         self.step += 1
         self.phase = "idle"
         self._last_step_end = now
@@ -566,7 +576,9 @@ class Agent:
                     # Re-sent every second: a viewer that joins late learns who this is.
                     self._queue_hello()
                     last_hello = now
-                sample = self._guard("sampler", self.snapshot) if self.sample_hz > 0 else None
+                # Injected: no sample until the optimizer is known (its states would read as zero).
+                known = not self.injected or "first_step" in self.injected
+                sample = self._guard("sampler", self.snapshot) if self.sample_hz > 0 and known else None
                 self._flush(sample)  # events first, then the sample: one batch per tick
             except Exception as exc:  # the thread must outlive any bug
                 self._error("sampler", exc)
