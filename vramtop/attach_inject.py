@@ -138,7 +138,7 @@ def offer_plain(yes: bool = False) -> list[dict]:
     _say("vramtop: no vramtop agent here; these processes run PyTorch without one:")
     for i, p in enumerate(plain, 1):
         rank = f"rank {p['rank']}/{p['world_size']}  " if p["world_size"] > 1 else ""
-        _say(f"  {i}) pid {p['pid']}  {rank}{' '.join(p['cmdline'])[:70]}")
+        _say(f"  {i}) pid {p['pid']}  {rank}{inject.one_line(p['cmdline'], 70)}")
     interactive = sys.stdin is not None and sys.stdin.isatty()
     if interactive:
         try:

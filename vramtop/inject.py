@@ -92,8 +92,14 @@ def probe(pid: int) -> Target:
         raise InjectRefused(f"process {pid} runs Python {version[0]}.{version[1]}; injection needs 3.10 or newer: "
                             f"nothing injected; {ALTERNATIVES}")
     if not any("libtorch" in os.path.basename(p) or "/torch/_C" in p for p in paths):
-        raise InjectRefused(f"process {pid} ({' '.join(cmdline)[:60]}) has not imported torch: nothing injected")
+        raise InjectRefused(f"process {pid} ({one_line(cmdline, 60)}) has not imported torch: nothing injected")
     return Target(pid, exe, version, lib or exe, cmdline)
+
+
+def one_line(cmdline: list[str], limit: int) -> str:
+    """A command line fit for a one-line message (`python -c` code has newlines)."""
+    text = re.sub(r"\s+", " ", " ".join(cmdline)).strip()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------- the bootstrap
@@ -307,7 +313,7 @@ def _alive(pid: int) -> bool:
 
 def describe(target: Target) -> str:
     """What will happen, for the confirmation question."""
-    cmd = " ".join(target.cmdline)[:80]
+    cmd = one_line(target.cmdline, 80)
     how = {"remote_exec": "sys.remote_exec (PEP 768)", "ptrace": "ptrace: one idle thread paused for milliseconds",
            "gdb": "gdb: the process paused for well under a second"}[method(target)]
     return (f"process {target.pid} ({cmd}) runs Python {target.version[0]}.{target.version[1]} with torch and no "
