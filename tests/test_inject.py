@@ -343,7 +343,8 @@ def test_torchrun_ranks_are_offered_and_injected(tmp_path):
         view.expect(re.compile(r"rank\s*1"))  # the job view of both ranks
         assert view.quit() == 0
         # Attaching to one rank's PID reuses its agent; its stream is rank 1 of 2.
-        got = collect(agents[1]["endpoint"], lambda ms: any(m["type"] == "step" for m in ms))
+        got = collect(agents[1]["endpoint"], lambda ms: any(m["type"] == "step" for m in ms) and any(
+            m["type"] == "hello" and m.get("model") for m in ms))
         hello = [m for m in got if m["type"] == "hello"][-1]
         assert hello["rank"] == 1 and hello["world_size"] == 2 and hello["injected"]["first_step"] >= 1
         assert hello["model"]["class"] == "DistributedDataParallel(Sequential)"

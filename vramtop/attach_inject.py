@@ -98,7 +98,7 @@ def plain_torch_processes() -> list[dict]:
             target = inject.probe(pid)
         except UserError:
             continue
-        if any(any(word in part for word in _LAUNCHERS) for part in target.cmdline[:3]):
+        if any(part in _LAUNCHERS or os.path.basename(part) in _LAUNCHERS for part in target.cmdline[:3]):
             continue
         env = _env_of(pid)
         found[pid] = {"pid": pid, "ppid": proc.info["ppid"], "cmdline": target.cmdline,
