@@ -1,7 +1,7 @@
 """A plain LoRA fine-tune that knows nothing about vramtop: the target of tests/test_inject.py and bench_inject.py.
 
 python inject_job.py OUT_DIR [EXIT_CODE]. Trains a tiny Llama (random weights, from a config) with PEFT LoRA
-and AdamW until OUT_DIR/stop exists (or STEPS steps); prints one `loss STEP VALUE TIME` line per step;
+and AdamW until OUT_DIR/stop exists (or STEPS steps); prints one `loss STEP VALUE SECONDS END_UNIX_TIME` line per step;
 writes OUT_DIR/truth.json (its own tensors' bytes) after the first step and OUT_DIR/hooks.json (the global
 hooks left in torch) at the end.
 """
@@ -51,7 +51,7 @@ while step < max_steps and not os.path.exists(os.path.join(out, "stop")):
             json.dump(truth, fh)
         os.replace(os.path.join(out, "truth.json.tmp"), os.path.join(out, "truth.json"))
     opt.zero_grad(set_to_none=True)
-    print(f"loss {step} {loss.item():.8f} {time.perf_counter() - t0:.6f}", flush=True)
+    print(f"loss {step} {loss.item():.8f} {time.perf_counter() - t0:.6f} {time.time():.6f}", flush=True)
     step += 1
     time.sleep(pause)
 
