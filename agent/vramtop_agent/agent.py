@@ -73,6 +73,8 @@ def _env_int(name: str, default: int) -> int:
 class Agent:
     """Watches one training process. Create it with `vramtop_agent.watch()`."""
 
+    injected: dict | None = None  # set when `vramtop attach PID` started this agent in a running job (hello field)
+
     def __init__(
         self,
         model=None,
@@ -392,6 +394,7 @@ class Agent:
             "estimate": self.estimate,
             "endpoint": self.endpoint,
             **({"training": self.training_info} if getattr(self, "training_info", None) else {}),  # integrations/
+            **({"injected": dict(self.injected)} if self.injected else {}),  # _inject_boot.py
         }
 
     def _describe_model(self) -> dict:
@@ -499,6 +502,8 @@ class Agent:
     # ------------------------------------------------------------------ phases
 
     def _edge(self, phase: str, edge: str) -> None:
+        if self.injected and self.step < self.injected.get("first_step", 1 << 62):
+            return  # a step that began before the agent was injected: its edges are not known
         allocated = None
         if self._cuda_index is not None:
             import torch
@@ -655,8 +660,12 @@ class Agent:
         return True
 
     def _opt_pre(self, optimizer) -> None:
+        newly = not any(o is optimizer for o in self.acct.optimizers())
         if not self._adopt(optimizer):
             return
+        if newly and self.injected and "first_step" not in self.injected:
+            # Injected: this step began before we knew the optimizer: it and earlier ones are unknown.
+            self.injected = {**self.injected, "first_step": self.step + 1}
         if not self._backward_done or self._in_opt is not None:
             return  # a second optimizer of the same step: counted at its end, no new phase
         self._in_opt = optimizer
@@ -709,10 +718,11 @@ class Agent:
         check = self.tracking.take_check()
         if check is not None:
             summary["derived_check"] = check  # the derivation, checked against this tracked step
-        self._emit(summary)
-        full = self._base("step")
-        full.update(summary)
-        self.steps.append(full)
+        if not self.injected or self.step >= self.injected.get("first_step", 1 << 62):
+            self._emit(summary)
+            full = self._base("step")
+            full.update(summary)
+            self.steps.append(full)
         self.step += 1
         self.phase = "idle"
         self._last_step_end = now
@@ -743,6 +753,8 @@ class Agent:
                         time.monotonic() - self._last_sample_at >= max(FALLBACK_TICK_S, interval):
                     # The training thread is stuck in one op (or not training): show it is alive.
                     sample = self._guard("sampler", self._tick_sample)
+                if self.injected and "first_step" not in self.injected:
+                    sample = None  # injected: no sample until the optimizer is known (its states would read 0)
                 self._flush(sample)  # events first, then the sample: one batch per tick
             except Exception as exc:  # the thread must outlive any bug
                 self._error("sampler", exc)

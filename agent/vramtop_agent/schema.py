@@ -232,6 +232,7 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "sample_hz": (_NUM, True),
         "estimate": (_OPT_MAP, False),   # the estimator's prediction for this run
         "training": (_OPT_MAP, False),   # set by an integration: batch, grad_accum, grad_ckpt, precision, optim, ...
+        "injected": (_OPT_MAP, False),   # `at`: the agent was injected into a running job (vramtop attach PID)
     },
     "phase": {
         "eseq": (_INT, True),

@@ -4,7 +4,9 @@
   of one multi-process job (torchrun): the job view. Several unrelated
   agents: a picker. None: the GPUs and their processes (NVML) while waiting
   for one to start.
-- PID or ENDPOINT: that agent (as before).
+- PID or ENDPOINT: that agent. A PID without an agent (a job started
+  without vramtop): say what will happen, inject one (vramtop/inject.py,
+  attach_inject.py), then its dashboard; --no-inject: wait for an agent.
 - HOST (user@host, ssh://user@host:port, an ssh config alias), one or more,
   or --hosts FILE: the agents there, listed by running `vramtop ls --json`
   over your ssh, reached through ssh tunnels (vramtop.remote). One agent:
@@ -39,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remote-vramtop", metavar="CMD", default=None,
                    help="how to run vramtop on the hosts (default: vramtop, else python3 -m vramtop; "
                    "or set VRAMTOP_REMOTE_VRAMTOP)")
+    p.add_argument("--no-inject", action="store_true",
+                   help="never inject the agent into a process started without vramtop (NVML view only)")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="inject the agent into a process started without vramtop without asking (docs/attach.md)")
     p.add_argument("--refresh", type=float, default=4.0, metavar="HZ", help="screen refreshes per second (default 4)")
     p.add_argument("--server-key", metavar="FILE", default=None,
                    help="with a PID or ENDPOINT: the agent's CURVE public key file (NAME.key), for an agent that "
@@ -69,11 +75,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--remote-vramtop needs a HOST")
     if len(targets) > 1:
         raise UserError("give one PID or ENDPOINT (several targets are for hosts)")
+    if targets and targets[0].isdigit() and not args.no_inject and not (args.server_key or args.client_key):
+        from vramtop.attach_inject import attach_injecting
+
+        return attach_injecting(int(targets[0]), yes=args.yes, refresh_hz=args.refresh)
     if targets:
         return attach(targets[0], refresh_hz=args.refresh, server_key=args.server_key, client_key=args.client_key)
     if args.server_key or args.client_key:
         raise UserError("--server-key/--client-key need a PID or ENDPOINT")
-    return attach_local(all_agents=args.all, refresh_hz=args.refresh)
+    return attach_local(all_agents=args.all, refresh_hz=args.refresh, inject=not args.no_inject, yes=args.yes)
 
 
 def attach(target: str | None, refresh_hz: float = 4.0, server_key: str | None = None,
@@ -115,10 +125,17 @@ def pick_job(agents: list[dict], all_agents: bool):
     return None
 
 
-def attach_local(all_agents: bool = False, refresh_hz: float = 4.0) -> int:
+def attach_local(all_agents: bool = False, refresh_hz: float = 4.0, inject: bool = False, yes: bool = False) -> int:
     from vramtop_agent import discovery
 
-    chosen = pick_job(discovery.list_agents(), all_agents)
+    agents = discovery.list_agents()
+    if not agents and inject:  # plain PyTorch processes (started without vramtop): offer to inject
+        from vramtop.attach_inject import offer_plain
+
+        agents = offer_plain(yes=yes)
+        if len(agents) == 1:
+            return attach(str(agents[0]["pid"]), refresh_hz=refresh_hz)
+    chosen = pick_job(agents, all_agents)
     if chosen is not None:
         from vramtop.job_source import JobSource
 

@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-going", action="store_true",
                    help="do not stop at the agent's goodbye (an endpoint that a restarted job binds again)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--no-inject", action="store_true",
+                   help="never inject the agent into a process started without vramtop: wait for one instead")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="inject the agent into a process started without vramtop without asking (docs/attach.md)")
     p.add_argument("--server-key", metavar="FILE", default=None,
                    help="the agent's CURVE public key, when it encrypts its stream (see docs/security.md)")
     p.add_argument("--client-key", metavar="FILE", default=None,
@@ -80,6 +84,17 @@ def resolve_target(target: str | None, wait_s: float | None = None, say=print) -
         time.sleep(0.5)
 
 
+def _inject_if_plain(pid: int, yes: bool, say) -> None:
+    """A PID with no agent (a job started without vramtop): inject one (vramtop/inject.py), or say why not."""
+    from vramtop import inject
+    from vramtop_agent import discovery
+
+    if any(a.get("pid") == pid for a in discovery.list_agents()):
+        return
+    status = inject.start_agent(pid, yes, "record", say=say)  # a refusal or a block: one line, exit
+    say(f"vramtop record: {'reusing the agent in' if status.get('already') else 'agent started in'} process {pid}")
+
+
 def default_name(pid: int | None) -> str:
     return f"vramtop-{pid if pid is not None else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}.vramtop"
 
@@ -90,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output and os.path.exists(args.output) and not args.append:
         raise UserError(f"{args.output} exists: choose another name or pass --append")
     say = (lambda *a, **k: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.target and args.target.isdigit() and not args.no_inject:
+        _inject_if_plain(int(args.target), args.yes, say)
     try:
         endpoint, pid = resolve_target(args.target, say=say)
     except KeyboardInterrupt:

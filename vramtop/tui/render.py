@@ -118,6 +118,11 @@ def header(state: SessionState, source: str = "") -> Text:
     t.append("×".join(str(x) for x in batch) if batch else "-", style="bold")
     t.append("  step ", style="dim")
     t.append(str(s.get("step", "-")), style="bold")
+    injected = h.get("injected")
+    if isinstance(injected, dict):  # started mid-run by `vramtop attach PID`: nothing known before it
+        first = injected.get("first_step")
+        t.append(f" (injected: steps before {first} unknown)" if isinstance(first, int) else
+                 " (injected: waiting for the next optimizer step)", style="yellow")
     t.append("  phase ", style="dim")
     ph = _text(s.get("phase"), 20, "-")
     t.append(ph, style=PHASE_STYLE.get(ph, ("", "white"))[1])

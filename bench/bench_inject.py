@@ -1,0 +1,118 @@
+"""Injecting the agent into a running job: how long until the full picture, and what the job feels.
+
+    $ python bench/bench_inject.py [--runs 2] [--steps 30]
+
+For each run: start tests/inject_job.py (a plain tiny-Llama LoRA fine-tune, no vramtop in it, no pause
+between steps), let it train `--steps` steps, then run `vramtop record PID --yes` (the same injection as
+`vramtop attach PID --yes`, without a terminal) and measure, side by side in that one job:
+- time from the command's start to the agent's first sample (samples start once the optimizer is known:
+  the full picture) and to its first step summary;
+- the job's step time: the step during which the injection ran (the step containing hello.injected.at)
+  and the median of `--steps` steps after the first reported one, each as a ratio to the median of the
+  `--steps` steps before the injection.
+Prints one line per run and the medians. CPU only; on a GPU machine the same command measures a CPU job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+JOB = ROOT / "tests" / "inject_job.py"
+
+
+def steps_of(text: str) -> list[tuple[int, float, float]]:
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] == "loss":
+            out.append((int(parts[1]), float(parts[3]), float(parts[4])))
+    return out
+
+
+def one_run(work: Path, warm_steps: int, after_steps: int) -> dict:
+    from vramtop.subscriber import Subscriber
+    from vramtop_agent import discovery
+
+    env = {**os.environ, "STEP_PAUSE": "0", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "VRAMTOP_RUNTIME_DIR": str(work / "rt")}
+    os.environ["VRAMTOP_RUNTIME_DIR"] = env["VRAMTOP_RUNTIME_DIR"]
+    log = open(work / "job.log", "w")
+    job = subprocess.Popen([sys.executable, str(JOB), str(work)], stdout=log, stderr=subprocess.DEVNULL, env=env)
+    try:
+        while len(steps_of((work / "job.log").read_text())) < warm_steps + 3:  # 3 more: warm-up
+            assert job.poll() is None, "the job died"
+            time.sleep(0.05)
+        t0 = time.time()
+        rec = subprocess.Popen([sys.executable, "-m", "vramtop", "record", str(job.pid), "--yes", "--quiet",
+                                "-o", str(work / "run.vramtop")], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        endpoint = None
+        while endpoint is None:
+            agents = [a for a in discovery.list_agents() if a["pid"] == job.pid]
+            endpoint = agents[0]["endpoint"] if agents else None
+            assert rec.poll() is None or endpoint, rec.stderr.read()
+            time.sleep(0.01)
+        sub = Subscriber(endpoint, every_sample=True)
+        first_sample = first_step = hello = None
+        summaries = 0
+        while summaries < after_steps + 3 or hello is None:
+            for m in sub.poll(50):
+                if m["type"] == "sample" and first_sample is None:
+                    first_sample = time.time() - t0
+                if m["type"] == "step":
+                    summaries += 1
+                    first_step = first_step or time.time() - t0
+                if m["type"] == "hello" and (m.get("injected") or {}).get("first_step") is not None:
+                    hello = m
+            assert job.poll() is None, "the job died"
+        sub.close()
+        rec.terminate()
+        rec.wait(30)
+    finally:
+        (work / "stop").write_text("")
+        job.wait(60)
+        log.close()
+    steps = steps_of((work / "job.log").read_text())
+    at = hello["injected"]["at"]
+    # The step in which the bootstrap ran: the first step that ended after it.
+    k = next(i for i, (_, _, end) in enumerate(steps) if end >= at)
+    before = [dt for _, dt, _ in steps[max(k - warm_steps, 3):k]]
+    after_start = k + 3  # past the injection step and the agent's first whole step
+    after = [dt for _, dt, _ in steps[after_start:after_start + after_steps]]
+    base = statistics.median(before)
+    return {"first_sample_s": first_sample, "first_step_s": first_step, "base_ms": base * 1000,
+            "inject_step": steps[k][1] / base, "after": statistics.median(after) / base}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    results = []
+    for i in range(args.runs):
+        with tempfile.TemporaryDirectory() as d:
+            r = one_run(Path(d), args.steps, args.steps)
+        results.append(r)
+        print(f"run {i + 1}: attach -> first full sample {r['first_sample_s']:.2f} s, first step summary "
+              f"{r['first_step_s']:.2f} s; step time {r['base_ms']:.0f} ms before; injection step "
+              f"{r['inject_step']:.2f}x, steady state after {r['after']:.2f}x", flush=True)
+    med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    print(f"median of {len(results)}: first full sample {med['first_sample_s']:.2f} s, first step "
+          f"{med['first_step_s']:.2f} s; injection step {med['inject_step']:.2f}x, after {med['after']:.2f}x "
+          f"(tiny Llama LoRA, CPU, {os.cpu_count()} cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
