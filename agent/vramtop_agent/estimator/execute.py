@@ -18,6 +18,9 @@ when it is freed. So:
 - peak_reserved replays the same allocation sequence through the caching-allocator model
   (`allocator.py`).
 
+torch's meta kernel of `_grouped_mm` (transformers' default experts implementation) accepts
+bf16 only; the recorder answers it with the output shape for any dtype.
+
 Data-dependent ops cannot run on the meta device. Two occur in training: `nonzero`/`where`
 in mixture-of-experts routing, answered with the routing assumption (`balanced`: every expert
 gets tokens·top_k/experts tokens; `worst`: the top_k experts get every token), and `.item()`,
@@ -109,6 +112,8 @@ def _recorder_class():
                 return False if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 0)
             if func in (aten.nonzero.default, aten.nonzero_static.default) and args[0].is_meta:
                 out = self._route(args[0])
+            elif func is aten._grouped_mm.default and args[0].is_meta:
+                out = _grouped_mm_meta(*args, **kwargs)
             else:
                 out = func(*args, **kwargs)
             for t in tree_flatten(out)[0]:
@@ -130,6 +135,18 @@ def _recorder_class():
                 count = share + (1 if self._routed % max(experts, 1) < rest else 0)
                 self._routed += 1
             return torch.zeros((count, mask.dim()), dtype=torch.long, device=mask.device)
+
+    def _grouped_mm_meta(a, b, offs=None, bias=None, out_dtype=None):
+        """torch's meta kernel of _grouped_mm accepts bf16 only; CPU and GPU kernels take fp32 too."""
+        if a.dim() == 2 and b.dim() == 3:
+            shape = (a.shape[0], b.shape[-1])
+        elif a.dim() == 2 and b.dim() == 2:
+            shape = (offs.shape[0], a.shape[0], b.shape[1])
+        elif a.dim() == 3 and b.dim() == 3:
+            shape = (a.shape[0], a.shape[1], b.shape[-1])
+        else:
+            shape = (a.shape[1], b.shape[-1])
+        return torch.empty(shape, dtype=out_dtype or a.dtype, device=a.device)
 
     return Recorder
 
@@ -301,7 +318,7 @@ def _optimizer(params, setup):
 
 
 @contextlib.contextmanager
-def _sdpa_kernel(setup):
+def _meta_patches(setup):
     """On the meta device torch's SDPA dispatcher picks the math kernel (s² matrices); a real
     CPU picks its flash kernel and a GPU flash / memory-efficient: call what the device would."""
     import torch
@@ -326,11 +343,21 @@ def _sdpa_kernel(setup):
         return aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p, is_causal,
                                                             scale=scale)[0]
 
+    orig_autocast = torch.autocast
+
+    class autocast(orig_autocast):  # noqa: N801 - stands in for torch.autocast
+        """torch.autocast(device_type="meta") raises; PEFT's expert-parameter LoRA uses the weight's device."""
+
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
     F.scaled_dot_product_attention = sdpa
+    torch.autocast = autocast
     try:
         yield
     finally:
         F.scaled_dot_product_attention = orig
+        torch.autocast = orig_autocast
 
 
 # ------------------------------------------------------------------ one training step
@@ -367,7 +394,7 @@ def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
     rec = _recorder_class()(moe=moe, routing=routing, allocator=alloc)
     m = Measured()
     m.moe = moe
-    with rec, _sdpa_kernel(setup), torch.device("meta"):
+    with rec, _meta_patches(setup), torch.device("meta"):
         model = _prepare(_build(hf, setup), setup)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
