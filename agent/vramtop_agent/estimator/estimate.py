@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramtop_agent.estimator.activations import TAG_EXPLAIN, trace
+from vramtop_agent.estimator.device import device_overhead
 from vramtop_agent.estimator.model_desc import ModelDesc
 from vramtop_agent.estimator.setup import Setup, validate
 from vramtop_agent.estimator.units import DTYPE_BYTES
@@ -27,6 +28,15 @@ class Estimate:
     params_by_dtype: dict = field(default_factory=dict)
     other_parts: dict = field(default_factory=dict)
     activations_by_term: dict = field(default_factory=dict)
+    engine: str = "formula"      # "formula" (hand-written graph) or "execute" (the real model on the meta device)
+    peak_reserved: int = 0       # torch.cuda.max_memory_reserved's view: allocated + caching-allocator slack
+    device_parts: dict = field(default_factory=dict)  # reserved, cuda_context, workspaces, paged_optimizer
+    assumptions: list = field(default_factory=list)
+
+    @property
+    def device(self) -> int:
+        """What nvidia-smi shows for the process: reserved + context + workspaces (+ paged states)."""
+        return self.peak
 
     @property
     def peak_allocated(self) -> int:
@@ -45,6 +55,11 @@ class Estimate:
             "blocks": {k: int(self.blocks[k]) for k in BLOCKS},
             "peak": int(self.peak),
             "peak_allocated": int(self.peak_allocated),
+            "peak_reserved": int(self.peak_reserved),
+            "device": int(self.device),
+            "device_parts": {k: int(v) for k, v in self.device_parts.items()},
+            "engine": self.engine,
+            "assumptions": list(self.assumptions),
             "peak_phase": self.peak_phase,
             "phase_peaks": {k: int(self.phase_peaks[k]) for k in PHASES},
             "end_of_forward": int(self.end_of_forward),
@@ -97,16 +112,22 @@ def estimate(model: ModelDesc, setup: Setup) -> Estimate:
     # + what the caller holds (logits, loss) + layer kwargs kept by checkpoint frames.
     held_other = tr.eof_level - (acts - ids_saved)
     eof = static + tr.eof_level
+    # Paged optimizer states live in CUDA managed memory: on the card (nvidia-smi) but outside torch's allocator.
+    paged = wb.optimizer if wb.paged else 0
     phase_peaks = {
-        "forward": static + tr.forward_peak,
-        "backward": static + tr.backward_peak,
+        "forward": static - paged + tr.forward_peak,
+        "backward": static - paged + tr.backward_peak,
         # After backward: parameter gradients and the held outputs remain; the optimizer adds its temporaries.
-        "optimizer": static + tr.graph.level + wb.optimizer_transient,
+        "optimizer": static - paged + tr.graph.level + wb.optimizer_transient,
     }
     grads_block = wb.gradients
     peak_alloc = max(phase_peaks.values())
     overhead = int(peak_alloc * setup.allocator_overhead)
-    context = setup.context_bytes
+    reserved = peak_alloc + overhead
+    if setup.device.startswith("cuda") and not setup.allocator_overhead:
+        reserved = _reserved_lower_bound(peak_alloc)
+    dev = device_overhead(setup)
+    context = dev["cuda_context"]
     other_parts = {
         "buffers": buffers,
         "inputs": inputs - ids_saved,
@@ -126,7 +147,7 @@ def estimate(model: ModelDesc, setup: Setup) -> Estimate:
     terms = _terms(model, setup, wb, tr, other_parts, phase_peaks, eof)
     return Estimate(
         blocks=blocks,
-        peak=peak_alloc + overhead + context,
+        peak=reserved + context + dev["workspaces"] + paged,
         phase_peaks=phase_peaks,
         terms=terms,
         setup=setup,
@@ -136,7 +157,16 @@ def estimate(model: ModelDesc, setup: Setup) -> Estimate:
         params_by_dtype=dict(wb.params_by_dtype),
         other_parts=other_parts,
         activations_by_term=dict(sorted(tr.saved_by_tag.items(), key=lambda kv: -kv[1])),
+        peak_reserved=reserved,
+        device_parts={"reserved": reserved, **dev, "paged_optimizer": paged},
     )
+
+
+def _reserved_lower_bound(peak_alloc: int) -> int:
+    """Without the allocation sequence (formula path): the peak rounded up to whole 2 MiB segments plus the
+    20 MiB segment the mid-size requests open. The execution path replays the sequence instead."""
+    seg = 2 << 20
+    return -(-peak_alloc // seg) * seg + (20 << 20 if peak_alloc > (20 << 20) else 0)
 
 
 def _terms(model, setup, wb, tr, other_parts, phase_peaks, eof) -> list:

@@ -118,6 +118,30 @@ def from_hf_config(cfg: dict, name: str | None = None) -> ModelDesc:
     )
 
 
+def describe_any(cfg: dict, name: str | None = None) -> ModelDesc:
+    """For the execution path: the formula's description when it knows the family, otherwise the
+    numbers for display only (arch = the config's model_type; the formula is never run on it)."""
+    try:
+        return from_hf_config(cfg, name=name)
+    except ValueError:
+        pass
+    if "text_config" in cfg and isinstance(cfg["text_config"], dict) and "hidden_size" not in cfg:
+        cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    get = lambda *keys, default=0: next((int(cfg[k]) for k in keys if isinstance(cfg.get(k), int)), default)  # noqa: E731
+    h = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head", default=1)
+    return ModelDesc(
+        name=name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "model"),
+        arch=str(cfg.get("model_type") or "unknown"), vocab_size=get("vocab_size"), hidden_size=h,
+        intermediate_size=get("intermediate_size", "ffn_dim", "n_inner", default=4 * h),
+        num_layers=get("num_hidden_layers", "n_layer", "num_layers"), num_heads=heads,
+        num_kv_heads=get("num_key_value_heads", default=heads), head_dim=get("head_dim", default=h // max(heads, 1)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_positions=get("max_position_embeddings", "n_positions", "max_seq_len", default=0),
+        hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or ""),
+    )
+
+
 def _int(cfg: dict, key: str) -> int:
     v = cfg.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

@@ -1,0 +1,635 @@
+"""Estimate by executing: the real architecture on the meta device, one training step, every storage counted.
+
+The formula path (`activations.py`) knows two graphs by hand. This path knows any model
+transformers can build: it builds the model from its config on the meta device (shapes and
+dtypes, no memory), applies the real PEFT adapters, stands in for bitsandbytes 4-bit weights
+with real `Linear4bit` modules whose packed weights and quant-state constants have their true
+sizes (bitsandbytes' own fake kernels make the 16-bit dequantized weight of each matmul), and
+runs two training steps (forward, backward, the real torch optimizer) under a dispatch mode
+that sees every tensor an op creates and learns, through a weak reference to its storage,
+when it is freed. So:
+
+- parameters, gradients, optimizer states are the storages of `model.parameters()`, their
+  `.grad` and `optimizer.state` (quant-state constants count with the parameters);
+- activations are the storages autograd saved during forward (saved_tensors_hooks), minus
+  those blocks, still alive at the end of forward: the agent's definition;
+- the phase peaks are the highest sum of live storages in each phase of the second step
+  (the first one creates the optimizer states), temporaries included;
+- peak_reserved replays the same allocation sequence through the caching-allocator model
+  (`allocator.py`).
+
+torch's meta kernel of `_grouped_mm` (transformers' default experts implementation) accepts
+bf16 only; the recorder answers it with the output shape for any dtype.
+
+Data-dependent ops cannot run on the meta device. Two occur in training: `nonzero`/`where`
+in mixture-of-experts routing, answered with the routing assumption (`balanced`: every expert
+gets tokens·top_k/experts tokens; `worst`: the top_k experts get every token), and `.item()`,
+answered with False for a test, 0 for an index, 1.0 for a float (the optimizer's step count).
+
+torch, transformers and peft are imported only when this runs (the agent never imports it
+at import time: the formula path stays torch-free).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+ROUTINGS = ("balanced", "worst")
+# model_type -> (config key of the expert count, config key of top-k); the MoE families transformers builds.
+_MOE_KEYS = (("num_local_experts", "num_experts_per_tok"), ("num_experts", "num_experts_per_tok"),
+             ("n_routed_experts", "num_experts_per_tok"))
+
+
+class ExecutionError(ValueError):
+    """This model or setup cannot be executed on the meta device (one line for the user)."""
+
+
+def available() -> bool:
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ the recorder
+
+
+def _recorder_class():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    aten = torch.ops.aten
+
+    class Recorder(TorchDispatchMode):
+        """Live storages by identity, their bytes, the level and its peak, and the alloc/free sequence."""
+
+        def __init__(self, moe=None, routing="balanced", allocator=None):
+            super().__init__()
+            self.live: dict = {}
+            self._refs: dict = {}
+            self.level = self.peak = 0
+            self.moe = moe                # (experts, top_k) or None
+            self.routing = routing
+            self.allocator = allocator
+            self._routed = 0
+
+        # -- storages
+        def note(self, t) -> None:
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in self.live:
+                return
+            n = st.nbytes()
+            self.live[key] = n
+            self.level += n
+            if self.level > self.peak:
+                self.peak = self.level
+            self._refs[key] = weakref.ref(st, lambda _r, k=key: self._freed(k))
+            if self.allocator is not None:
+                self.allocator.malloc(key, n)
+
+        def _freed(self, key) -> None:
+            self.level -= self.live.pop(key, 0)
+            self._refs.pop(key, None)
+            if self.allocator is not None:
+                self.allocator.free(key)
+
+        def reset_peak(self) -> None:
+            self.peak = self.level
+            if self.allocator is not None:
+                self.allocator.reset_peaks()
+
+        # -- ops
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is aten._local_scalar_dense.default:   # .item(): a bool test, an index, a step count
+                t = args[0]
+                return False if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 0)
+            if func in (aten.nonzero.default, aten.nonzero_static.default) and args[0].is_meta:
+                out = self._route(args[0])
+            elif func is aten._grouped_mm.default and args[0].is_meta:
+                out = _grouped_mm_meta(*args, **kwargs)
+            else:
+                out = func(*args, **kwargs)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and not t.is_sparse:
+                    with contextlib.suppress(Exception):
+                        self.note(t)
+            return out
+
+        def _route(self, mask):
+            """nonzero() of a routing mask, under the routing assumption."""
+            n = mask.numel()
+            experts, top_k = self.moe or (1, 1)
+            if mask.dim() == 1:      # which experts were hit (MoE loops over them)
+                count = min(n, experts if self.routing == "balanced" else top_k)
+            elif self.routing == "worst":
+                count = n // max(top_k, 1)
+            else:
+                share, rest = divmod(n, max(experts, 1))
+                count = share + (1 if self._routed % max(experts, 1) < rest else 0)
+                self._routed += 1
+            return torch.zeros((count, mask.dim()), dtype=torch.long, device=mask.device)
+
+    def _grouped_mm_meta(a, b, offs=None, bias=None, out_dtype=None):
+        """torch's meta kernel of _grouped_mm accepts bf16 only; CPU and GPU kernels take fp32 too."""
+        if a.dim() == 2 and b.dim() == 3:
+            shape = (a.shape[0], b.shape[-1])
+        elif a.dim() == 2 and b.dim() == 2:
+            shape = (offs.shape[0], a.shape[0], b.shape[1])
+        elif a.dim() == 3 and b.dim() == 3:
+            shape = (a.shape[0], a.shape[1], b.shape[-1])
+        else:
+            shape = (a.shape[1], b.shape[-1])
+        return torch.empty(shape, dtype=out_dtype or a.dtype, device=a.device)
+
+    return Recorder
+
+
+# ------------------------------------------------------------------ building the model
+
+
+def _hf_config(cfg: dict, setup):
+    from transformers import AutoConfig
+
+    cfg = dict(cfg)
+    mtype = cfg.pop("model_type", None)
+    if not mtype:
+        raise ExecutionError("config.json has no model_type: cannot build the architecture")
+    for key in ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+                "quantization_config", "auto_map"):
+        cfg.pop(key, None)
+    try:
+        config = AutoConfig.for_model(mtype, **cfg)
+    except Exception as exc:
+        raise ExecutionError(f"transformers cannot build model_type {mtype!r}: {exc}") from None
+    config._attn_implementation = "eager" if setup.attn == "eager" else "sdpa"
+    config.use_cache = False
+    return config
+
+
+def _moe(config) -> tuple | None:
+    d = config.to_dict()
+    for experts_key, topk_key in _MOE_KEYS:
+        if d.get(experts_key) and d.get(topk_key):
+            return int(d[experts_key]), int(d[topk_key])
+    text = d.get("text_config")
+    if isinstance(text, dict):
+        for experts_key, topk_key in _MOE_KEYS:
+            if text.get(experts_key) and text.get(topk_key):
+                return int(text[experts_key]), int(text[topk_key])
+    return None
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _build(config, setup):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = setup.odtype if setup.quantized else setup.wdtype
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(base))
+        except Exception as exc:
+            raise ExecutionError(f"cannot build {type(config).__name__} as a causal LM: {exc}") from None
+    if setup.quantized:
+        _quantize_4bit(model, setup)
+    return model
+
+
+def _quantize_4bit(model, setup) -> None:
+    """Every nn.Linear but the output head becomes a bitsandbytes Linear4bit whose packed weight and
+    quant state have their real sizes (what transformers' bnb quantizer loads)."""
+    import torch
+
+    if setup.wdtype not in ("nf4", "fp4"):
+        raise ExecutionError("execution models 4-bit (nf4/fp4) quantization; use --engine formula for int8")
+    try:
+        import bitsandbytes as bnb
+    except Exception:
+        raise ExecutionError("QLoRA execution needs bitsandbytes installed (pip install bitsandbytes)") from None
+    head = model.get_output_embeddings()
+    compute = _torch_dtype(setup.cdtype)
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute, compress_statistics=setup.double_quant,
+                                  quant_type=setup.wdtype, device="meta")
+            q.weight = _packed(bnb, child.weight.shape, setup, q)
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.detach().to(compute), requires_grad=False)
+            setattr(mod, child_name, q)
+    model.is_loaded_in_4bit = True
+    model.is_quantized = True
+
+
+def _packed(bnb, shape, setup, module):
+    import torch
+
+    meta = dict(device="meta")
+    n = shape[0] * shape[1]
+    blocks = -(-n // 64)
+    code = torch.empty(16, dtype=torch.float32, **meta)
+    if setup.double_quant:
+        state2 = bnb.functional.QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32, **meta),
+                                           code=torch.empty(256, dtype=torch.float32, **meta), blocksize=256,
+                                           dtype=torch.float32)
+        qs = bnb.functional.QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, **meta), shape=torch.Size(shape),
+                                       code=code, blocksize=64, quant_type=setup.wdtype,
+                                       dtype=_torch_dtype(setup.cdtype),
+                                       offset=torch.empty((), dtype=torch.float32, **meta), state2=state2)
+    else:
+        qs = bnb.functional.QuantState(absmax=torch.empty(blocks, dtype=torch.float32, **meta), shape=torch.Size(shape),
+                                       code=code, blocksize=64, quant_type=setup.wdtype,
+                                       dtype=_torch_dtype(setup.cdtype))
+    data = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, **meta)
+    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=qs, blocksize=64,
+                             compress_statistics=setup.double_quant, quant_type=setup.wdtype,
+                             module=module, bnb_quantized=True)
+
+
+def _prepare(model, setup) -> None:
+    """kbit preparation, checkpointing, input grads, then the adapters (PEFT's order)."""
+    import torch
+
+    if setup.quantized and setup.kbit_prep:
+        for p in model.parameters():   # peft.prepare_model_for_kbit_training's cast
+            if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit":
+                p.data = p.data.to(torch.float32)
+    input_grads = setup.input_grads if setup.input_grads is not None else (setup.quantized and setup.grad_ckpt)
+    if setup.method != "full":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if setup.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if input_grads:
+        model.enable_input_require_grads()
+    if setup.method != "full":
+        model = _lora(model, setup)
+    model.train()
+    return model
+
+
+def _lora(model, setup):
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(setup.lora_targets) if setup.lora_targets else ("all-linear" if setup.method == "qlora" else None)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    extra = getattr(setup, "modules_to_save", None)
+    cfg = LoraConfig(r=setup.lora_rank, lora_alpha=16, lora_dropout=setup.lora_dropout, target_modules=targets,
+                     task_type="CAUSAL_LM", modules_to_save=list(extra) if extra else None)
+    try:
+        return get_peft_model(model, cfg, autocast_adapter_dtype=setup.lora_dtype == "fp32")
+    except ValueError as exc:
+        raise ExecutionError(f"LoRA: {str(exc).splitlines()[0]}") from None
+
+
+def _optimizer(params, setup):
+    import torch
+
+    foreach = setup.foreach if setup.foreach is not None else setup.device.startswith("cuda")
+    name = setup.optimizer
+    if name in ("adamw", "paged-adamw", "adamw-8bit", "paged-adamw-8bit"):
+        # 8-bit and paged states are not torch tensors of the allocator: counted from the formula (see execute()).
+        return torch.optim.AdamW(params, lr=1e-4, foreach=foreach) if name == "adamw" else None
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=1e-3, foreach=foreach)
+    return None
+
+
+# ------------------------------------------------------------------ sdpa kernel choice
+
+
+@contextlib.contextmanager
+def _meta_patches(setup):
+    """On the meta device torch's SDPA dispatcher picks the math kernel (s² matrices); a real
+    CPU picks its flash kernel and a GPU flash / memory-efficient: call what the device would."""
+    import torch
+    import torch.nn.functional as F
+
+    orig = F.scaled_dot_product_attention
+    aten = torch.ops.aten
+    cuda = setup.device.startswith("cuda")
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if not q.is_meta or (not cuda and dropout_p > 0):
+            return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+        if not cuda:
+            return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
+                                                                    attn_mask=attn_mask, scale=scale)[0]
+        if attn_mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+            return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+        if k.shape[-3] != q.shape[-3]:   # the memory-efficient kernel has no GQA: K/V are repeated
+            rep = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        return aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p, is_causal,
+                                                            scale=scale)[0]
+
+    orig_autocast = torch.autocast
+
+    class autocast(orig_autocast):  # noqa: N801 - stands in for torch.autocast
+        """torch.autocast(device_type="meta") raises; PEFT's expert-parameter LoRA uses the weight's device."""
+
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    F.scaled_dot_product_attention = sdpa
+    torch.autocast = autocast
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = orig
+        torch.autocast = orig_autocast
+
+
+# ------------------------------------------------------------------ one training step
+
+
+class Measured:
+    """What the executed step showed (bytes)."""
+
+    def __init__(self):
+        self.parameters = self.gradients = self.optimizer = self.activations = 0
+        self.params_trainable = self.params_frozen = self.params_quantized = 0
+        self.params_by_dtype: dict = {}
+        self.buffers = self.inputs = self.start = self.end_of_forward = 0
+        self.phase_peaks: dict = {}
+        self.reserved_phase_peaks: dict = {}
+        self.allocated_rounded = 0
+        self.rounded_phase_peaks: dict = {}
+        self.trainable_numels: list = []
+        self.peak_reserved = 0
+        self.moe = None
+
+
+def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
+    """Build, prepare and train `config` for two steps on the meta device; measure the second."""
+    import torch
+
+    from vramtop_agent.estimator.allocator import CachingAllocator
+
+    if routing not in ROUTINGS:
+        raise ExecutionError(f"unknown routing {routing!r}: use one of {', '.join(ROUTINGS)}")
+    hf = _hf_config(config, setup)
+    moe = _moe(hf)
+    alloc = CachingAllocator() if setup.device.startswith("cuda") else None
+    rec = _recorder_class()(moe=moe, routing=routing, allocator=alloc)
+    m = Measured()
+    m.moe = moe
+    with rec, _meta_patches(setup), torch.device("meta"):
+        model = _prepare(_build(hf, setup), setup)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ExecutionError("nothing to train: no parameter requires grad")
+        opt = _optimizer(params, setup)
+        b, s = setup.batch, setup.seq_len
+        ids = torch.zeros((b, s), dtype=torch.long)
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        _one_step(model, opt, batch, setup, rec, None)
+        m.start = rec.level
+        _one_step(model, opt, batch, setup, rec, m)
+        _blocks(model, opt, batch, m)
+    if alloc is not None:
+        m.peak_reserved = alloc.peak_reserved
+    return m
+
+
+def _one_step(model, opt, batch, setup, rec, m) -> None:
+    import torch
+
+    saved: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        saved[st._cdata] = weakref.ref(st)
+        return t
+
+    rec.reset_peak()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**batch)
+    loss = out.loss
+    if m is not None:
+        m.phase_peaks["forward"] = rec.peak
+        m.end_of_forward = rec.level
+        _reserved(rec, m, "forward")
+        static = _static_keys(model, opt)
+        m.activations = sum(rec.live.get(k, 0) for k, ref in saved.items() if ref() is not None and k not in static)
+    del saved
+    rec.reset_peak()
+    loss.backward()
+    if m is not None:
+        m.phase_peaks["backward"] = rec.peak
+        _reserved(rec, m, "backward")
+    rec.reset_peak()
+    if opt is not None:
+        opt.step()
+    if m is not None:
+        m.phase_peaks["optimizer"] = rec.peak
+        _reserved(rec, m, "optimizer")
+        m.gradients = _sum_storages(p.grad for p in model.parameters() if p.grad is not None)
+        m.optimizer = _sum_storages(_opt_tensors(opt))
+    del out, loss
+    if setup.grad_accum <= 1 or m is not None:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        else:
+            for p in model.parameters():
+                p.grad = None
+
+
+def _reserved(rec, m, phase) -> None:
+    if rec.allocator is not None:
+        m.reserved_phase_peaks[phase] = rec.allocator.peak_reserved
+        m.rounded_phase_peaks[phase] = rec.allocator.peak_allocated
+        m.allocated_rounded = max(m.allocated_rounded, rec.allocator.peak_allocated)
+
+
+def _opt_tensors(opt) -> list:
+    import torch
+
+    if opt is None:
+        return []
+    return [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+def _quant_tensors(p) -> list:
+    qs = getattr(p, "quant_state", None)
+    if qs is None:
+        return []
+    out = [t for t in (qs.absmax, qs.code, qs.offset) if t is not None]
+    if qs.state2 is not None:
+        out += [qs.state2.absmax, qs.state2.code]
+    return out
+
+
+def _static_keys(model, opt) -> set:
+    keys = set()
+    for p in model.parameters():
+        for t in [p, *_quant_tensors(p)] + ([p.grad] if p.grad is not None else []):
+            keys.add(t.untyped_storage()._cdata)
+    for t in _opt_tensors(opt):
+        keys.add(t.untyped_storage()._cdata)
+    return keys
+
+
+def _sum_storages(tensors) -> int:
+    seen: dict = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+def _blocks(model, opt, batch, m) -> None:
+    from vramtop_agent.estimator.units import norm_dtype
+
+    seen: dict = {}
+    for p in model.parameters():
+        tensors = [p, *_quant_tensors(p)]
+        nbytes = 0
+        for t in tensors:
+            st = t.untyped_storage()
+            if st._cdata not in seen:
+                seen[st._cdata] = st.nbytes()
+                nbytes += st.nbytes()
+        if type(p).__name__ == "Params4bit":
+            m.params_quantized += nbytes
+            dt = str(getattr(p, "quant_type", "nf4"))
+        else:
+            dt = norm_dtype(p.dtype)
+        m.params_by_dtype[dt] = m.params_by_dtype.get(dt, 0) + nbytes
+        if p.requires_grad:
+            m.trainable_numels.append(p.numel())
+            m.params_trainable += nbytes
+        else:
+            m.params_frozen += nbytes
+    m.parameters = sum(seen.values())
+    m.buffers = _sum_storages(b for b in model.buffers() if b.untyped_storage()._cdata not in seen)
+    m.inputs = _sum_storages(batch.values())
+
+
+# ------------------------------------------------------------------ the estimate
+
+
+def execute(config: dict, setup, routing: str = "balanced", name: str | None = None, card: str | None = None):
+    """An `Estimate` of `config` (a config.json dict) under `setup`, by executing one training step."""
+    from vramtop_agent.estimator.device import device_overhead
+    from vramtop_agent.estimator.estimate import Estimate
+    from vramtop_agent.estimator.model_desc import describe_any
+    from vramtop_agent.estimator.setup import validate
+
+    setup = validate(setup)
+    if setup.world_size > 1:
+        raise ExecutionError("execution covers one device; use --engine formula for ZeRO/DDP sharding")
+    m = run_step(config, setup, routing)
+    cuda = setup.device.startswith("cuda")
+    opt_extra, paged = optimizer_only(setup, m.trainable_numels)
+    if setup.masters and m.optimizer:
+        # Mixed precision: an fp32 master copy of each 16-bit trainable weight, and fp32 states (torch's
+        # optimizer ran on the 16-bit weights here, so its states are half that size).
+        opt_extra += 4 * sum(m.trainable_numels) + m.optimizer
+    optimizer = m.optimizer + opt_extra + paged
+    phase_peaks = {k: v + opt_extra for k, v in (m.rounded_phase_peaks if cuda else m.phase_peaks).items()}
+    accum = m.gradients if setup.grad_accum > 1 else 0
+    eof = m.end_of_forward + opt_extra
+    rest = max(m.end_of_forward - m.parameters - m.optimizer - m.activations - accum, 0)
+    buffers = min(m.buffers, rest)
+    inputs = min(m.inputs, rest - buffers)
+    peak_alloc = max(phase_peaks.values())
+    reserved = (m.peak_reserved + _round_up(opt_extra)) if cuda else peak_alloc
+    overhead = device_overhead(setup, card)
+    other_parts = {"buffers": buffers, "inputs": inputs, "held_outputs": rest - buffers - inputs,
+                   "ddp_buckets": 0, "cuda_context": overhead["cuda_context"],
+                   "allocator_overhead": reserved - peak_alloc}
+    device_parts = {"reserved": reserved, **overhead, "paged_optimizer": paged}
+    desc = describe_any(config, name=name)
+    blocks = {"parameters": m.parameters, "gradients": m.gradients, "optimizer": optimizer,
+              "activations": m.activations, "other": sum(other_parts.values())}
+    est = Estimate(
+        blocks=blocks, peak=sum(device_parts.values()), phase_peaks=phase_peaks, terms=[], setup=setup, model=desc,
+        end_of_forward=eof,
+        params_split={"trainable": m.params_trainable, "frozen": m.params_frozen, "quantized": m.params_quantized},
+        params_by_dtype=dict(m.params_by_dtype), other_parts=other_parts, engine="execute",
+        peak_reserved=reserved, device_parts=device_parts,
+        assumptions=_assumptions(m, routing, setup),
+    )
+    est.terms = _terms(est, m)
+    return est
+
+
+def optimizer_only(setup, numels) -> tuple[int, int]:
+    """bitsandbytes optimizer states (not executed: no meta kernels): (in the allocator, paged/managed)."""
+    from vramtop_agent.estimator.weights import OPT8_BLOCK, OPT8_MIN_SIZE, OPT8_QMAP_BYTES
+
+    opt = setup.optimizer
+    if opt == "paged-adamw":
+        return 0, sum(8 * n for n in numels)
+    if opt not in ("adamw-8bit", "paged-adamw-8bit"):
+        return 0, 0
+    total = sum(2 * n + 8 * -(-n // OPT8_BLOCK) if n >= OPT8_MIN_SIZE else 8 * n for n in numels)
+    total += OPT8_QMAP_BYTES if any(n >= OPT8_MIN_SIZE for n in numels) else 0
+    return (0, total) if opt.startswith("paged") else (total, 0)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // (2 << 20)) * (2 << 20)
+
+
+def _assumptions(m, routing, setup) -> list:
+    out = []
+    if m.moe:
+        experts, top_k = m.moe
+        out.append(f"mixture of experts ({experts} experts, top-{top_k}): {routing} routing"
+                   + (" (every expert gets tokens·top_k/experts tokens)" if routing == "balanced"
+                      else " (the top_k experts get every token: the most one expert can hold)"))
+    if setup.device.startswith("cuda"):
+        out.append("reserved memory from the caching-allocator model (defaults, one stream; not yet fitted on a GPU)")
+    return out
+
+
+def _terms(est, m) -> list:
+    s = est.setup
+    t = [("parameters: trainable", est.params_split["trainable"], "storages of the parameters that train"),
+         ("parameters: frozen", est.params_split["frozen"], "frozen weights"
+          + (" incl. packed 4-bit weights and their quantization constants" if s.quantized else ""))]
+    for dt, nbytes in sorted(est.params_by_dtype.items(), key=lambda kv: -kv[1]):
+        t.append((f"parameters: {dt}", nbytes, f"parameters stored as {dt}"))
+    t.append(("gradients", est.blocks["gradients"], "the .grad of every trainable parameter after backward"))
+    t.append(("optimizer states", est.blocks["optimizer"], f"{s.optimizer} state tensors after its step"))
+    t.append(("activations", est.blocks["activations"],
+              "storages autograd saved in forward, alive when backward starts (executed, not modelled)"))
+    for key, label in (("held_outputs", "logits and loss returned by the model"), ("inputs", "input ids and labels"),
+                       ("buffers", "module buffers (rotary tables...)")):
+        t.append((f"other: {key.replace('_', ' ')}", est.other_parts[key], label))
+    for phase, peak in est.phase_peaks.items():
+        t.append((f"peak allocated: {phase}", peak, f"highest sum of live storages during {phase}, temporaries included"))
+    t.append(("peak reserved", est.peak_reserved, "peak allocated + caching-allocator rounding and segment slack"))
+    for key, nbytes in est.device_parts.items():
+        if key != "reserved" and nbytes:
+            t.append((f"device: {key.replace('_', ' ')}", nbytes, _DEVICE_WHY.get(key, key)))
+    return t
+
+
+_DEVICE_WHY = {
+    "cuda_context": "CUDA driver context and loaded kernels (outside torch's allocator)",
+    "workspaces": "cuBLAS/cuBLASLt workspaces (and NCCL buffers with more than one rank)",
+    "paged_optimizer": "paged optimizer states in CUDA managed memory (resident unless memory runs short)",
+}
