@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 
+from vramtop import budget
 from vramtop.errors import UserError
 
 
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "({rank}, {pid}, {host} are filled in per process)")
     p.add_argument("--no-tui", action="store_true", help="do not open the dashboard (attach later with `vramtop attach`)")
     p.add_argument("--refresh", type=float, default=4.0, metavar="HZ", help="dashboard refreshes per second (default 4)")
+    budget.add_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
     p.set_defaults(func=run)
 
@@ -88,10 +90,26 @@ def exit_status(returncode: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The job's exit status; with a budget, EXIT_OVER_BUDGET when the job succeeded but went over it."""
+    limits = budget.from_args(args)
+    if limits is None:
+        return _run(args, args.record)
+    # The verdict is read from a recording: the user's, or one of our own for the job's lifetime.
+    tmp = None if args.record else tempfile.mkdtemp(prefix="vramtop-budget-")
+    record = args.record or os.path.join(tmp, "run.vramtop")
+    try:
+        rc = _run(args, record)
+        return budget.finish_run(record, limits, args.verdict, rc)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, record: str | None) -> int:
     cmd = _command(args)
     if args.refresh <= 0 or args.refresh > 60:
         raise UserError("--refresh must be between 0 and 60 Hz")
-    env = child_env(record=args.record)
+    env = child_env(record=record)
     show = not (args.no_tui or args.record) and sys.stdin.isatty() and sys.stdout.isatty()
     log_path = None
     popen_kw: dict = {}
