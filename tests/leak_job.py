@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--leak", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--oom", action="store_true", help="end with the error a CUDA OOM raises (CPU: raised here)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = add_lora(build_model(vocab_size=2048))
@@ -40,6 +41,8 @@ def main() -> None:
     if kept:
         print(f"LEAK_BYTES {kept[0].untyped_storage().nbytes()}", flush=True)
     print(f"done {len(kept)}", flush=True)
+    if args.oom:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; simulated on CPU)")
 
 
 if __name__ == "__main__":

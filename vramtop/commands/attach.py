@@ -18,6 +18,7 @@ import argparse
 import concurrent.futures
 import re
 
+from vramtop import alerts
 from vramtop.errors import UserError
 
 _ENDPOINT = re.compile(r"^(tcp|ipc)://")
@@ -46,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-key", metavar="FILE", default=None,
                    help="with --server-key: this viewer's CURVE secret key file (NAME.key_secret, mode 0600), for "
                    "an agent that admits only listed viewers (watch(curve_client_keys=...))")
+    alerts.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -70,14 +72,15 @@ def run(args: argparse.Namespace) -> int:
     if len(targets) > 1:
         raise UserError("give one PID or ENDPOINT (several targets are for hosts)")
     if targets:
-        return attach(targets[0], refresh_hz=args.refresh, server_key=args.server_key, client_key=args.client_key)
+        return attach(targets[0], refresh_hz=args.refresh, server_key=args.server_key, client_key=args.client_key,
+                      monitor=alerts.from_args(args))
     if args.server_key or args.client_key:
         raise UserError("--server-key/--client-key need a PID or ENDPOINT")
-    return attach_local(all_agents=args.all, refresh_hz=args.refresh)
+    return attach_local(all_agents=args.all, refresh_hz=args.refresh, monitor=alerts.from_args(args))
 
 
 def attach(target: str | None, refresh_hz: float = 4.0, server_key: str | None = None,
-           client_key: str | None = None) -> int:
+           client_key: str | None = None, monitor=None) -> int:
     from vramtop.sources import LiveSource
     from vramtop.tui.app import VramtopApp
 
@@ -93,13 +96,15 @@ def attach(target: str | None, refresh_hz: float = 4.0, server_key: str | None =
         except curve.CurveKeyError as exc:
             raise UserError(str(exc)) from None
     source = LiveSource(target, curve_server_key=server_key, curve_client_key=client_key)
-    VramtopApp(source, refresh_hz=refresh_hz).run()
+    VramtopApp(source, refresh_hz=refresh_hz, alerts=monitor).run()
+    if monitor is not None:
+        monitor.wait()
     return 0
 
 
-def attach_pid(pid: int, refresh_hz: float = 4.0) -> int:
+def attach_pid(pid: int, refresh_hz: float = 4.0, monitor=None) -> int:
     """Attach to the agent inside process `pid` (waits for it to start publishing)."""
-    return attach(str(pid), refresh_hz=refresh_hz)
+    return attach(str(pid), refresh_hz=refresh_hz, monitor=monitor)
 
 
 def pick_job(agents: list[dict], all_agents: bool):
@@ -115,7 +120,7 @@ def pick_job(agents: list[dict], all_agents: bool):
     return None
 
 
-def attach_local(all_agents: bool = False, refresh_hz: float = 4.0) -> int:
+def attach_local(all_agents: bool = False, refresh_hz: float = 4.0, monitor=None) -> int:
     from vramtop_agent import discovery
 
     chosen = pick_job(discovery.list_agents(), all_agents)
@@ -127,7 +132,7 @@ def attach_local(all_agents: bool = False, refresh_hz: float = 4.0) -> int:
     from vramtop.gpus import NodeSource
     from vramtop.tui.app import VramtopApp
 
-    VramtopApp(NodeSource(), refresh_hz=refresh_hz).run()
+    VramtopApp(NodeSource(), refresh_hz=refresh_hz, alerts=monitor).run()
     return 0
 
 
