@@ -9,6 +9,7 @@ import pytest
 
 from alarm_helpers import leak_bytes, record_job
 from vramtop_agent.creep import CreepWatch, detect
+from vramtop.cli import main
 from vramtop.recording import Recording
 from vramtop.state import SessionState
 
@@ -77,7 +78,7 @@ def _creep_events(path: str) -> list[dict]:
         rec.close()
 
 
-def test_real_leak_is_recorded_and_seen_by_the_viewer(tmp_path):
+def test_real_leak_is_recorded_and_seen_by_the_viewer(tmp_path, capsys):
     """Keeping each step's logits: the recording gets a creep event with the leak's slope; a viewer fed
     the same stream (SessionState, as replay does) finds it too."""
     path = str(tmp_path / "leak.vramtop")
@@ -100,12 +101,21 @@ def test_real_leak_is_recorded_and_seen_by_the_viewer(tmp_path):
     assert st.creep_events["rss"]["step"] == ev["step"]
     assert st.creep_events["rss"]["slope"] == ev["slope"]
 
+    # The report's section says the same.
+    code = main(["report", path])
+    text = capsys.readouterr().out
+    assert code == 0
+    line = next(ln for ln in text.splitlines() if ln.startswith("CREEP"))
+    assert line.startswith(f"CREEP     rss +") and f"first seen at step {ev['step']}" in line
 
-def test_healthy_run_has_no_creep_over_200_steps(tmp_path):
+
+def test_healthy_run_has_no_creep_over_200_steps(tmp_path, capsys):
     path = str(tmp_path / "ok.vramtop")
     proc = record_job(path, "--steps", "200", "--batch", "2", "--seq-len", "32", "--sleep", "0.02")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _creep_events(path) == []
+    assert main(["report", path]) == 0
+    assert "CREEP     none" in capsys.readouterr().out
     rec = Recording.open(path)
     try:
         assert len(rec.step_rows()) == 200  # every step was recorded
