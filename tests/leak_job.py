@@ -21,12 +21,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--leak", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--oom", action="store_true", help="end with the error a CUDA OOM raises (CPU: raised here)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = add_lora(build_model(vocab_size=2048))
+    model = add_lora(build_model(vocab_size=2048)).to(args.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batch = make_batch(model, batch=args.batch, seq_len=args.seq_len)
+    batch = make_batch(model, batch=args.batch, seq_len=args.seq_len, device=args.device)
     kept = []
     for _ in range(args.steps):
         out = model(**batch)
@@ -40,6 +41,9 @@ def main() -> None:
             time.sleep(args.sleep)
     if kept:
         print(f"LEAK_BYTES {kept[0].untyped_storage().nbytes()}", flush=True)
+    if args.device.startswith("cuda"):  # what CUDA itself says, for bench/gpu_alarms.py
+        print(f"MAX_ALLOCATED {torch.cuda.max_memory_allocated()}", flush=True)
+        print(f"MAX_RESERVED {torch.cuda.max_memory_reserved()}", flush=True)
     print(f"done {len(kept)}", flush=True)
     if args.oom:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; simulated on CPU)")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 
 from alarm_helpers import record_job, vramtop
+from vramtop.cli import main
 from vramtop.budget import EXIT_OVER_BUDGET
 from vramtop_agent.schema import BLOCK_KEYS
 
@@ -56,38 +58,40 @@ def test_run_within_and_over_budget(tmp_path):
     assert f"step {act['step']}, {act['phase']}" in lines[1] and "activations peaked at" in lines[1]
 
     # The same verdict from the recording afterwards.
-    rep = vramtop("report", rec, "--budget", str(half), "--budget-block", "activations=1KiB",
-                  "--verdict", str(tmp_path / "again.json"))
-    assert rep.returncode == EXIT_OVER_BUDGET, rep.stderr
+    code = main(["report", rec, "--budget", str(half), "--budget-block", "activations=1KiB",
+                 "--verdict", str(tmp_path / "again.json")])
+    assert code == EXIT_OVER_BUDGET
     again = json.loads(open(tmp_path / "again.json").read())
-    assert again["breaches"] == [dict(b, session=b["session"]) for b in v["breaches"]]
-    assert vramtop("report", rec, "--budget", "rtx4090").returncode == 0
+    assert again["breaches"] == v["breaches"]
+    assert main(["report", rec, "--budget", "rtx4090"]) == 0
 
 
 def test_a_failing_job_keeps_its_status_and_no_training_means_nothing_measured(tmp_path):
     proc = vramtop("run", "--no-tui", "--budget", "1KiB", "--verdict", str(tmp_path / "v.json"), "--",
-                   "python", "-c", "import sys; sys.exit(5)")
+                   sys.executable, "-c", "import sys; sys.exit(5)")
     assert proc.returncode == 5
     v = json.loads(open(tmp_path / "v.json").read())
     assert v["measured_anything"] is False and v["job_exit_code"] == 5
-    proc = vramtop("run", "--no-tui", "--budget", "1KiB", "--", "python", "-c", "pass")
+    proc = vramtop("run", "--no-tui", "--budget", "1KiB", "--", sys.executable, "-c", "pass")
     assert proc.returncode == 4 and "nothing was measured" in proc.stderr
 
 
-def test_bad_budgets_are_one_line_usage_errors(tmp_path):
+def test_bad_budgets_are_one_line_usage_errors(capsys):
     for args in (["--budget", "tpu9000"], ["--budget-block", "weights=1GiB"], ["--budget-block", "activations"],
                  ["--verdict", "x.json"]):
-        proc = vramtop("estimate", "llama-2-7b", *args)
-        assert proc.returncode == 2, args
-        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        capsys.readouterr()
+        assert main(["estimate", "llama-2-7b", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_estimate_budget_gives_the_same_verdict(tmp_path):
-    ok = vramtop("estimate", "llama-2-7b", "--method", "qlora", "--seq-len", "2048", "--grad-ckpt",
-                 "--budget", "rtx4090", "--verdict", str(tmp_path / "e.json"))
-    assert ok.returncode == 0 and "within budget" in ok.stderr
-    over = vramtop("estimate", "llama-2-7b", "--method", "full", "--budget", "rtx4090", "--json")
-    assert over.returncode == EXIT_OVER_BUDGET
-    v = json.loads(over.stdout)
+def test_estimate_budget_gives_the_same_verdict(tmp_path, capsys):
+    assert main(["estimate", "llama-2-7b", "--method", "qlora", "--seq-len", "2048", "--grad-ckpt",
+                 "--budget", "rtx4090", "--verdict", str(tmp_path / "e.json")]) == 0
+    assert "within budget" in capsys.readouterr().err
+    assert json.loads(open(tmp_path / "e.json").read())["ok"] is True
+    assert main(["estimate", "llama-2-7b", "--method", "full", "--budget", "rtx4090", "--json"]) == EXIT_OVER_BUDGET
+    out = capsys.readouterr()
+    v = json.loads(out.out)
     assert v["source"] == "estimate" and v["breaches"][0]["what"] == "device"
-    assert "(rtx4090)" in over.stderr and "in " in over.stderr.splitlines()[0]
+    assert "(rtx4090)" in out.err and " in " in out.err.splitlines()[0]
