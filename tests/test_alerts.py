@@ -196,3 +196,35 @@ def test_rules_and_dashboard_name_only_served_metrics():
         assert names, f"{where}: no vramtop metric in {expr!r}"
         missing = names - served
         assert not missing, f"{where}: {sorted(missing)} not served by `vramtop metrics` (serves {sorted(served)})"
+
+
+def test_record_on_alert_with_a_real_agent(tmp_path, free_tcp_endpoint):
+    """`vramtop record --on-alert`: the recorder watches the stream it writes (an agent in this process)."""
+    import threading
+    import time
+
+    import torch
+
+    import vramtop_agent
+    from vramtop.commands.record import record
+    from vramtop.tiny import add_lora, build_model, make_batch
+
+    model = add_lora(build_model(vocab_size=512))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = make_batch(model, batch=2, seq_len=16)
+    monitor = AlertMonitor(Thresholds(headroom_pct=100), on_alert=f"{SINK} {tmp_path}")
+    out = str(tmp_path / "rec.vramtop")
+    with vramtop_agent.watch(model, opt, endpoint=free_tcp_endpoint, sample_hz=20):
+        done: dict = {}
+        t = threading.Thread(target=lambda: done.setdefault("rc", record(
+            free_tcp_endpoint, out, duration=6.0, say=lambda *a: None, install_signals=False, monitor=monitor)))
+        t.start()
+        for _ in range(20):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            time.sleep(0.1)
+    t.join(30)
+    assert done.get("rc") == 0
+    got = _alerts_in(str(tmp_path))
+    assert list(got) == ["headroom"] and len(got["headroom"]) == 1
