@@ -22,3 +22,5 @@ echo "== screenshot of the dashboard on the GPU =="
 timeout 70 python3 bench/gpu_screenshot.py "$OUT/dashboard-gpu.svg" --seconds 30 2>&1 | grep -v -i warn | tail -8
 echo "== gpu tests =="
 timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4
+echo "== budgets and creep on the GPU (issue 15) =="
+timeout 200 python3 bench/gpu_alarms.py --json "$OUT/gpu_alarms.json" 2>&1 | grep -E "^(PASS|FAIL|SKIP)" | tee "$OUT/gpu_alarms.log"

@@ -181,6 +181,8 @@ class MetricsExporter:
                         labels, float(s.get("dropped", 0)))
                     counter("vramtop_agent_errors", "exceptions caught inside the agent").add_metric(
                         labels, float(s.get("errors", 0)))
+                if s:
+                    _creep_metrics(st, labels, gauge)
                 total = st.device_total()
                 if total:
                     gauge("vramtop_device_total_bytes", "the device's memory (host RAM on CPU)").add_metric(
@@ -236,3 +238,16 @@ class MetricsExporter:
             self.server.shutdown()
             self.server.server_close()
         self.source.close()
+
+
+def _creep_metrics(st, labels: list, gauge) -> None:
+    """The creep slope per series (0 while it does not creep) and, while it does, the steps left."""
+    creeping = {c.series: c for c in st.creep.current()}
+    g = gauge("vramtop_creep_bytes_per_step", "memory growth per step at the same phase edge while it creeps "
+              "(0: no creep); see docs/budgets-and-alerts.md", ("series",))
+    for series in (("allocated", "reserved") if st.on_cuda else ("allocated", "rss")):
+        c = creeping.get(series)
+        g.add_metric([*labels, series], float(c.slope) if c else 0.0)
+        if c is not None and c.steps_to_full is not None:
+            gauge("vramtop_creep_steps_to_full", "steps until a creeping series fills its device (or host RAM)",
+                  ("series",)).add_metric([*labels, series], float(c.steps_to_full))

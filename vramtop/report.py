@@ -21,6 +21,7 @@ import statistics
 import time
 from typing import Any
 
+from vramtop import creep_report
 from vramtop.recording import SAMPLE_COLUMNS, STEP_COLUMNS, Recording, clean
 from vramtop.tui.render import COLORS as BLOCK_COLORS
 from vramtop.tui.render import PHASE_STYLE
@@ -156,6 +157,8 @@ def analyze(rec: Recording, session: int | None = None) -> dict:
 
     # Samples: device-side numbers over the run.
     a["memory"] = _sample_summary(rec, session)
+
+    a["creep"] = creep_report.summarize(rec, session)
 
     # OOMs.
     a["ooms"] = [_oom_summary(rec, e, steps, session, t0) for e in rec.ooms(session)]
@@ -448,6 +451,7 @@ def render_text(a: dict) -> str:
                      f"OOMs {m.get('num_ooms', '-')}")
     elif m.get("points"):
         lines.append(f"PROCESS   max RSS {fmt_bytes(m.get('max_rss'))} (CPU run: no allocator statistics)")
+    lines += creep_report.lines(a.get("creep") or [], s.get("count") or 0)
     for i, o in enumerate(a["ooms"]):
         lines.append("")
         req = f", tried to allocate {fmt_bytes(o['requested'])}" if o.get("requested") else ""

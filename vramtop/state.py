@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from vramtop_agent.creep import CreepWatch
 from vramtop_agent.schema import BLOCK_KEYS
 
 HISTORY = 3000  # samples kept for the timeline (5 minutes at 10 Hz)
@@ -72,6 +73,8 @@ class SessionState:
         self._last_eseq: int | None = None
         self._pid: int | None = None
         self.endpoint: str | None = None
+        self.creep = CreepWatch()  # the viewer's own creep detection (vramtop_agent.creep)
+        self.creep_events: dict[str, dict] = {}  # series -> first creep event (computed here or recorded)
 
     # ------------------------------------------------------------------ folding
 
@@ -94,6 +97,8 @@ class SessionState:
         handler = getattr(self, f"_on_{kind}", None)
         if handler is not None:
             handler(msg)
+        for event in self.creep.feed(msg):
+            self._on_creep(event)
 
     def reject(self, reason: str) -> None:
         self.rejected_frames += 1
@@ -130,6 +135,9 @@ class SessionState:
     def _on_oom(self, msg: dict) -> None:
         self.ooms.append(msg)
         del self.ooms[:-MAX_OOMS]
+
+    def _on_creep(self, msg: dict) -> None:
+        self.creep_events.setdefault(str(msg.get("series")), msg)
 
     def _on_bye(self, msg: dict) -> None:
         self.bye = msg

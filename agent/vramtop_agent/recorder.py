@@ -40,6 +40,7 @@ from typing import Any
 
 import msgpack
 
+from vramtop_agent.creep import CreepWatch
 from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION
 
 FORMAT_NAME = "vramtop-recording"
@@ -48,7 +49,8 @@ FORMAT_NAME = "vramtop-recording"
 # (a column changing meaning, a table removed); adding columns or tables
 # keeps it, so older readers still open newer files and ignore what they
 # do not know.
-RECORDING_SCHEMA_VERSION = 1
+# 2: `creep` events (vramtop_agent.creep) in the events table; a format-1 reader skips and reports them.
+RECORDING_SCHEMA_VERSION = 2
 COMPATIBLE_VERSION = 1
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -271,6 +273,8 @@ class Recorder:
         self._last_commit = time.monotonic()
         # (pid, rank) -> [session id, start_time, hello signature]
         self._sessions: dict[tuple[int, int], list] = {}
+        # (pid, rank) -> CreepWatch: a recording gets its `creep` events from the writer, whichever it is
+        self._creep: dict[tuple, CreepWatch] = {}
 
         self._check_existing(self.path)
         parent = os.path.dirname(self.path)
@@ -349,6 +353,9 @@ class Recorder:
             "hostname": socket.gethostname(),
         }
         db.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", list(defaults.items()))
+        # Appending to an older file adds what this version writes: say so.
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?",
+                   (str(RECORDING_SCHEMA_VERSION), RECORDING_SCHEMA_VERSION))
         db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_opened', ?)", (now,))
         db.execute("COMMIT")
 
@@ -371,8 +378,20 @@ class Recorder:
                 self._pending.pop(0)
                 self.dropped += 1
             self._pending.append((msg.get("type", ""), msg))
+            for event in self._creep_events(msg):
+                self._pending.append(("creep", event))
             if time.monotonic() - self._last_commit >= self.commit_interval:
                 self._commit_locked()
+
+    def _creep_events(self, msg: dict) -> list[dict]:
+        key = (msg.get("pid"), msg.get("rank"))
+        watch = self._creep.get(key)
+        if watch is None:
+            watch = self._creep[key] = CreepWatch()
+        try:
+            return watch.feed(msg)
+        except Exception:  # detection is a bonus: it never costs the recording
+            return []
 
     def flush(self, timeout: float | None = None) -> None:
         """Commit what is pending now (callable from any thread)."""

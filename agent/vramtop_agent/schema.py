@@ -44,7 +44,8 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024
 
 BLOCK_KEYS = ("parameters", "gradients", "optimizer", "activations", "other")
 PHASES = ("forward", "backward", "optimizer")
-EVENT_TYPES = ("hello", "phase", "step", "error", "oom", "bye")
+# "creep" is never published by the agent: its recorder and the viewer compute it (vramtop_agent.creep).
+EVENT_TYPES = ("hello", "phase", "step", "error", "oom", "bye", "creep")
 
 
 class SchemaError(ValueError):
@@ -275,6 +276,16 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "eseq": (_INT, True),
         "reason": (_STR, True),
     },
+    "creep": {                           # memory growing step after step (vramtop_agent.creep); no eseq
+        "series": (_STR, True),          # allocated | reserved | rss
+        "slope": (_INT, True),           # bytes per step
+        "step": (_INT, True),            # the step at which the creep was first seen
+        "since_step": (_INT, True),      # first step of the window the slope was fitted on
+        "level": (_INT, True),           # the series' value at `step`
+        "limit": (_OPT_INT, False),      # the card (allocated, reserved) or host RAM (rss)
+        "steps_to_full": (_OPT_INT, False),
+        "seconds_to_full": (_OPT_NUM, False),
+    },
 }
 
 
@@ -338,6 +349,8 @@ def validate(msg: Any) -> dict[str, Any]:
         _check_sizes(msg["peaks"], "step.peaks")
     elif kind == "oom":
         _check_blocks(msg["blocks"], "oom.blocks")
+    elif kind == "creep":
+        _check_sizes({k: msg.get(k) for k in ("level", "limit", "steps_to_full")}, "creep")
     return msg
 
 

@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures
 import re
 
+from vramtop import alerts
 from vramtop.errors import UserError
 
 _ENDPOINT = re.compile(r"^(tcp|ipc)://")
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-key", metavar="FILE", default=None,
                    help="with --server-key: this viewer's CURVE secret key file (NAME.key_secret, mode 0600), for "
                    "an agent that admits only listed viewers (watch(curve_client_keys=...))")
+    alerts.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -80,14 +82,16 @@ def run(args: argparse.Namespace) -> int:
 
         return attach_injecting(int(targets[0]), yes=args.yes, refresh_hz=args.refresh)
     if targets:
-        return attach(targets[0], refresh_hz=args.refresh, server_key=args.server_key, client_key=args.client_key)
+        return attach(targets[0], refresh_hz=args.refresh, server_key=args.server_key, client_key=args.client_key,
+                      monitor=alerts.from_args(args))
     if args.server_key or args.client_key:
         raise UserError("--server-key/--client-key need a PID or ENDPOINT")
-    return attach_local(all_agents=args.all, refresh_hz=args.refresh, inject=not args.no_inject, yes=args.yes)
+    return attach_local(all_agents=args.all, refresh_hz=args.refresh, inject=not args.no_inject, yes=args.yes,
+                        monitor=alerts.from_args(args))
 
 
 def attach(target: str | None, refresh_hz: float = 4.0, server_key: str | None = None,
-           client_key: str | None = None) -> int:
+           client_key: str | None = None, monitor=None) -> int:
     from vramtop.sources import LiveSource
     from vramtop.tui.app import VramtopApp
 
@@ -103,13 +107,15 @@ def attach(target: str | None, refresh_hz: float = 4.0, server_key: str | None =
         except curve.CurveKeyError as exc:
             raise UserError(str(exc)) from None
     source = LiveSource(target, curve_server_key=server_key, curve_client_key=client_key)
-    VramtopApp(source, refresh_hz=refresh_hz).run()
+    VramtopApp(source, refresh_hz=refresh_hz, alerts=monitor).run()
+    if monitor is not None:
+        monitor.wait()
     return 0
 
 
-def attach_pid(pid: int, refresh_hz: float = 4.0) -> int:
+def attach_pid(pid: int, refresh_hz: float = 4.0, monitor=None) -> int:
     """Attach to the agent inside process `pid` (waits for it to start publishing)."""
-    return attach(str(pid), refresh_hz=refresh_hz)
+    return attach(str(pid), refresh_hz=refresh_hz, monitor=monitor)
 
 
 def pick_job(agents: list[dict], all_agents: bool):
@@ -125,7 +131,8 @@ def pick_job(agents: list[dict], all_agents: bool):
     return None
 
 
-def attach_local(all_agents: bool = False, refresh_hz: float = 4.0, inject: bool = False, yes: bool = False) -> int:
+def attach_local(all_agents: bool = False, refresh_hz: float = 4.0, inject: bool = False, yes: bool = False,
+                 monitor=None) -> int:
     from vramtop_agent import discovery
 
     agents = discovery.list_agents()
@@ -134,7 +141,7 @@ def attach_local(all_agents: bool = False, refresh_hz: float = 4.0, inject: bool
 
         agents = offer_plain(yes=yes)
         if len(agents) == 1:
-            return attach(str(agents[0]["pid"]), refresh_hz=refresh_hz)
+            return attach(str(agents[0]["pid"]), refresh_hz=refresh_hz, monitor=monitor)
     chosen = pick_job(agents, all_agents)
     if chosen is not None:
         from vramtop.job_source import JobSource
@@ -144,7 +151,7 @@ def attach_local(all_agents: bool = False, refresh_hz: float = 4.0, inject: bool
     from vramtop.gpus import NodeSource
     from vramtop.tui.app import VramtopApp
 
-    VramtopApp(NodeSource(), refresh_hz=refresh_hz).run()
+    VramtopApp(NodeSource(), refresh_hz=refresh_hz, alerts=monitor).run()
     return 0
 
 

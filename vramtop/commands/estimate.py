@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from vramtop import budget
 from vramtop.errors import UserError
 
 # Seed 001's Llama-2-7B table (batch 1, gradient checkpointing on), in GB as the article prints them.
@@ -57,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--terms", action="store_true", help="list every term with its explanation")
     p.add_argument("--vs-article", action="store_true",
                    help="Llama-2-7B only: print the estimate beside seed 001's table (batch 1, checkpointing on)")
+    budget.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -76,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
         est = estimate(desc, setup)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    limits = budget.from_args(args)
+    if limits is not None:  # the same verdict as `vramtop run --budget`, from the estimate
+        return budget.finish_estimate(est.to_dict(), limits, args.verdict, render(est, card) if not args.json else None)
     if args.json:
         out = est.to_dict()
         if card:

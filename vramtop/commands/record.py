@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 
+from vramtop import alerts
 from vramtop.errors import UserError
 
 
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the agent's CURVE public key, when it encrypts its stream (see docs/security.md)")
     p.add_argument("--client-key", metavar="FILE", default=None,
                    help="with --server-key: this recorder's CURVE secret key file, for an agent that lists its viewers")
+    alerts.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -115,12 +117,14 @@ def run(args: argparse.Namespace) -> int:
     if args.client_key and not args.server_key:
         raise UserError("--client-key needs --server-key (the agent's public key)")
     curve = {"curve_server_key": args.server_key, "curve_client_key": args.client_key}
+    monitor = alerts.from_args(args)
     return record(endpoint, output, pid=pid, duration=args.duration, stop_at_bye=not args.keep_going, say=say,
-                  curve=curve)
+                  curve=curve, monitor=monitor if monitor.on_alert else None)
 
 
 def record(endpoint: str, output: str, *, pid: int | None = None, duration: float | None = None,
-           stop_at_bye: bool = True, say=print, install_signals: bool = True, curve: dict | None = None) -> int:
+           stop_at_bye: bool = True, say=print, install_signals: bool = True, curve: dict | None = None,
+           monitor=None) -> int:
     """Record until Ctrl-C / SIGTERM / bye / process exit / duration. Returns an exit code."""
     from vramtop.sources import pid_alive
     from vramtop_agent.recorder import Recorder, RecorderError
@@ -151,6 +155,10 @@ def record(endpoint: str, output: str, *, pid: int | None = None, duration: floa
     last_progress = 0.0
     warned = False
     pids_seen: set = set()
+    if monitor is not None:  # --on-alert: the viewer's model of the stream, for the thresholds
+        from vramtop.state import SessionState
+
+        state = SessionState()
     say(f"vramtop record: {endpoint} -> {output} (Ctrl-C to stop)")
     try:
         while stop["why"] is None:
@@ -167,6 +175,13 @@ def record(endpoint: str, output: str, *, pid: int | None = None, duration: floa
                         warned = True
                 if kind == "bye" and stop_at_bye:
                     stop["why"] = f"agent said goodbye ({msg.get('reason')})"
+                if monitor is not None:
+                    try:
+                        state.apply(msg)
+                    except Exception:  # noqa: BLE001 - alerts are a bonus; the recording goes on
+                        pass
+            if monitor is not None and msgs:
+                monitor.update(state)
             if rec.disabled:
                 raise UserError(rec.last_failure or "recording failed")
             now = time.monotonic()
@@ -196,6 +211,8 @@ def record(endpoint: str, output: str, *, pid: int | None = None, duration: floa
             pass
         reader.close()
         rec.close()
+        if monitor is not None:
+            monitor.wait()
         for sig, handler in old_handlers.items():
             try:
                 signal.signal(sig, handler)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from vramtop import budget
 from vramtop.errors import UserError
 
 
@@ -22,10 +23,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the analysis as JSON instead of text")
     p.add_argument("--session", type=int, default=None, help="which session of the file (default: the one with "
                    "an OOM, else the first)")
+    budget.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    limits = budget.from_args(args)
+    code = _report(args)
+    if limits is None:
+        return code
+    v = budget.check_recording(args.recording, limits, args.session)
+    budget.write_verdict(v, args.verdict)
+    for line in budget.breach_lines(v):
+        print(line, file=sys.stderr)
+    return code or v["exit_code"]
+
+
+def _report(args: argparse.Namespace) -> int:
     from vramtop.recording import finish, reading
     from vramtop.report import analyze, render_html, render_text
 

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 
+from vramtop import alerts, budget
 from vramtop.errors import UserError
 
 
@@ -49,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "({rank}, {pid}, {host} are filled in per process)")
     p.add_argument("--no-tui", action="store_true", help="do not open the dashboard (attach later with `vramtop attach`)")
     p.add_argument("--refresh", type=float, default=4.0, metavar="HZ", help="dashboard refreshes per second (default 4)")
+    budget.add_arguments(p)
+    alerts.add_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
     p.set_defaults(func=run)
 
@@ -93,10 +96,27 @@ def exit_status(returncode: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The job's exit status; with a budget, EXIT_OVER_BUDGET when the job succeeded but went over it."""
+    limits = budget.from_args(args)
+    if limits is None:
+        return _run(args, args.record)
+    # The verdict is read from a recording: the user's, or one of our own for the job's lifetime.
+    tmp = None if args.record else tempfile.mkdtemp(prefix="vramtop-budget-")
+    record = args.record or os.path.join(tmp, "run.vramtop")
+    try:
+        rc = _run(args, record)
+        return budget.finish_run(record, limits, args.verdict, rc)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, record: str | None) -> int:
     cmd = _command(args)
     if args.refresh <= 0 or args.refresh > 60:
         raise UserError("--refresh must be between 0 and 60 Hz")
-    env = child_env(record=args.record)
+    env = child_env(record=record)
+    monitor = alerts.from_args(args)
     show = not (args.no_tui or args.record) and sys.stdin.isatty() and sys.stdout.isatty()
     log_path = None
     popen_kw: dict = {}
@@ -121,13 +141,18 @@ def run(args: argparse.Namespace) -> int:
             forwarded.append((sig, signal.signal(sig, lambda s, f: _forward(child, s))))
         except (ValueError, OSError):  # not the main thread, or not settable
             pass
+    # Without a dashboard, --on-alert still watches the job's stream (from this process, not the job's).
+    watcher = None if show or not monitor.on_alert else alerts.StreamAlerts(
+        monitor, lambda: (find_job_agent(child.pid) or {}).get("endpoint")).start()
     try:
         if show:
-            return exit_status(_run_with_dashboard(child, log_path, args.refresh))
+            return exit_status(_run_with_dashboard(child, log_path, args.refresh, monitor))
         if args.record:
             print(f"vramtop: recording pid {child.pid} to {os.path.abspath(args.record)}", file=sys.stderr)
         return exit_status(_wait(child))
     finally:
+        if watcher is not None:
+            watcher.stop()
         for sig, previous in forwarded:
             try:
                 signal.signal(sig, previous)
@@ -162,7 +187,7 @@ def find_job_agent(pid: int) -> dict | None:
     return mine[0] if mine else None
 
 
-def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: float) -> int:
+def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: float, monitor=None) -> int:
     """Show the job's output until its agent appears, the dashboard while it is open, the output again after."""
     out = _LogFollower(log_path)
     print(f"vramtop: started pid {child.pid}; the dashboard opens at its first training step "
@@ -186,7 +211,7 @@ def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: floa
             if attach_pid is not None:
                 out.skip()  # what the job printed under the dashboard stays in the log
                 try:
-                    attach_pid(int(info["pid"]), refresh_hz=refresh_hz)
+                    attach_pid(int(info["pid"]), refresh_hz=refresh_hz, monitor=monitor)
                 except UserError as exc:  # e.g. the job ended meanwhile
                     print(f"vramtop: {exc}", file=sys.stderr)
                 if child.poll() is None:

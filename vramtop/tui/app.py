@@ -19,8 +19,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, OptionList, Static
 from textual.widgets.option_list import Option
 
+from vramtop.alerts import AlertMonitor
 from vramtop.state import SessionState
-from vramtop.tui import render
+from vramtop.tui import alerts_view, render
 from vramtop.tui.gap_view import GapModel, WhatIfScreen, render_gap
 
 
@@ -59,6 +60,7 @@ class VramtopApp(App):
     CSS = """
     Screen { layout: vertical; }
     #header { height: 3; padding: 0 1; background: $boost; }
+    #alerts { height: auto; padding: 0 1; }
     #stack { height: auto; padding: 0 1; margin-top: 1; }
     #middle { height: 1fr; }
     #left { width: 3fr; }
@@ -77,8 +79,10 @@ class VramtopApp(App):
         Binding("w", "what_if", "What-if"),
     ]
 
-    def __init__(self, source, state: SessionState | None = None, refresh_hz: float = 4.0, pump_hz: float = 10.0):
+    def __init__(self, source, state: SessionState | None = None, refresh_hz: float = 4.0, pump_hz: float = 10.0,
+                 alerts: AlertMonitor | None = None):
         super().__init__()
+        self.alerts = alerts or AlertMonitor()  # the banner; --on-alert runs its command
         self.source = source
         self.state = state or SessionState()
         self.refresh_hz = refresh_hz
@@ -90,6 +94,7 @@ class VramtopApp(App):
 
     def compose(self) -> ComposeResult:
         yield Static(id="header")
+        yield Static(id="alerts")
         yield Static(id="stack")
         with Horizontal(id="middle"):
             with VerticalScroll(id="left"):
@@ -120,6 +125,11 @@ class VramtopApp(App):
                 self.state.apply(msg)
             except Exception as exc:  # noqa: BLE001 - a validated frame the model still cannot fold: count it
                 self.state.reject(f"{msg.get('type')} frame not applied: {type(exc).__name__}: {exc}"[:200])
+        if msgs:
+            try:
+                self.alerts.update(self.state)
+            except Exception as exc:  # noqa: BLE001 - an alert bug must not stop the dashboard
+                self.alerts.failures.append(f"alerts: {type(exc).__name__}: {exc}"[:200])
         rejected, reason = getattr(self.source, "rejected", (0, None))
         if rejected > self.state.rejected_frames:
             self.state.rejected_frames, self.state.last_rejection = rejected, reason
@@ -148,6 +158,7 @@ class VramtopApp(App):
             return
         st = self.state
         self._panel("#header", render.header, st, getattr(self.source, "describe", ""))
+        self._panel("#alerts", alerts_view.render, st, self.alerts)
         width = self.query_one("#stack", Static).size.width or self.size.width
         idle = getattr(self.source, "idle_view", None) if st.sample is None else None  # NodeSource: the GPUs (NVML)
         if idle:

@@ -1,0 +1,32 @@
+"""Shared by the alarm tests (budgets, diff, creep, alerts): real jobs under `vramtop run`, real recordings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LEAK_JOB = os.path.join(HERE, "leak_job.py")
+
+
+def vramtop(*args: str, env: dict | None = None, timeout: float = 300, stdin: str | None = None):
+    """Run the real CLI in a subprocess; returns the CompletedProcess (text)."""
+    full_env = dict(os.environ if env is None else env)
+    # glibc would otherwise serve big tensors from a heap whose holes make RSS move by more or less
+    # than what is kept: with a fixed mmap threshold every kept tensor is its own mapping.
+    full_env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    return subprocess.run([sys.executable, "-m", "vramtop", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, input=stdin)
+
+
+def record_job(path: str, *job_args: str, extra: tuple = ()) -> subprocess.CompletedProcess:
+    """`vramtop run --no-tui --record PATH [extra] -- python leak_job.py ARGS`: a real recording."""
+    return vramtop("run", "--no-tui", "--record", path, *extra, "--", sys.executable, LEAK_JOB, *job_args)
+
+
+def leak_bytes(stdout: str) -> int:
+    for line in stdout.splitlines():
+        if line.startswith("LEAK_BYTES "):
+            return int(line.split()[1])
+    raise AssertionError(f"no LEAK_BYTES in {stdout!r}")
