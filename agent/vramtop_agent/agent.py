@@ -666,6 +666,7 @@ class Agent:
         if newly and self.injected and "first_step" not in self.injected:
             # Injected: this step began before we knew the optimizer: it and earlier ones are unknown.
             self.injected = {**self.injected, "first_step": self.step + 1}
+            self._queue_hello()  # the cached hello would otherwise go on saying nothing is known yet
         if not self._backward_done or self._in_opt is not None:
             return  # a second optimizer of the same step: counted at its end, no new phase
         self._in_opt = optimizer
