@@ -21,7 +21,7 @@ import torch
 import vramtop_agent
 from invariance import (RECORDING_NAME, assert_invariant, compare, launch, run_script, wait_for,
                         write_script)
-from vramtop_agent import discovery, lifecycle
+from vramtop_agent import discovery
 
 # A tiny deterministic job. Steps come from argv[1]; the rest of argv is only carried along.
 MODEL = """
@@ -271,11 +271,11 @@ def test_write_info_never_follows_a_planted_symlink(runtime_dir):
 def test_sample_rate_is_bounded(hz, list_sink):
     agent = vramtop_agent.Agent(torch.nn.Linear(2, 2), publish=False, sinks=[list_sink], sample_hz=hz)
     try:
-        assert 0 <= agent.sample_hz <= lifecycle.MAX_SAMPLE_HZ
+        assert 0 <= agent.sample_hz <= 100  # inf made the sampler thread spin
         time.sleep(0.5)
     finally:
         agent.stop()
-    assert len(list_sink.of("sample")) <= 0.5 * lifecycle.MAX_SAMPLE_HZ + 5
+    assert len(list_sink.of("sample")) <= 0.5 * 100 + 5
 
 
 LOOP = MODEL + """

@@ -124,7 +124,7 @@ class Agent:
             self._start_recorder(record)
 
         lifecycle.register(self)  # stopped at exit if nobody stops it; inert in a forked child
-        if any(type(s).__name__ == "Recorder" for s in self._sinks):
+        if lifecycle._records(self):
             lifecycle.stop_on_polite_signals(self)  # SIGTERM/SIGHUP: the recording still gets its goodbye
 
         self._install_optimizer_hooks()
@@ -660,10 +660,11 @@ class Agent:
                 sink.close()
             except Exception:
                 pass
-        if self._info_written:
-            from vramtop_agent import discovery
+        from vramtop_agent import discovery, lifecycle
 
+        if self._info_written:
             discovery.remove_files(self._info)
+        lifecycle.release_polite_signals()  # the job's signals are its own again
 
     close = stop
 
@@ -673,7 +674,11 @@ class Agent:
         if optimizer is not None and self.optimizer is None:
             self.attach_optimizer(optimizer)
         if record and not any(type(s).__name__ == "Recorder" for s in self._sinks):
+            from vramtop_agent import lifecycle
+
             self._start_recorder(record)
+            if lifecycle._records(self):
+                lifecycle.stop_on_polite_signals(self)
             if self._sinks and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="vramtop-agent", daemon=True)
                 self._thread.start()
