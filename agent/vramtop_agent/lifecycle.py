@@ -185,7 +185,7 @@ def release_polite_signals() -> None:
     """Once no recording agent runs: give SIGTERM/SIGHUP back their default disposition, if still ours."""
     if threading.current_thread() is not threading.main_thread():
         return
-    if any(_records(a) for a in live_agents()):
+    if any(records(a) for a in live_agents()):
         return
     for name in _POLITE:
         sig = getattr(signal, name, None)
@@ -196,7 +196,7 @@ def release_polite_signals() -> None:
             pass
 
 
-def _records(agent) -> bool:
+def records(agent) -> bool:
     return any(type(s).__name__ == "Recorder" for s in getattr(agent, "_sinks", ()))
 
 
