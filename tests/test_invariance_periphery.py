@@ -224,7 +224,7 @@ with vt_watch(model, opt):
 def test_undecodable_and_huge_argv_reach_viewers_and_recordings(tmp_path):
     odd = os.fsdecode(b"--name=caf\xe9-\xff")  # not UTF-8: Python keeps the bytes as lone surrogates
     huge = "--blob=" + "x" * (100 * 1024)
-    runs = assert_invariant(tmp_path, ARGV, args=["4", odd, huge], modes=("watch", "record"),
+    runs = assert_invariant(tmp_path, ARGV, args=["4", odd, huge], modes=("watch", "record", "module"),
                             watch_options={"record": RECORDING_NAME}, allow_files=("files.txt",))
     for mode in ("watch", "record"):
         res = runs[mode]
