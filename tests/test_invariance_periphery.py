@@ -21,7 +21,7 @@ import torch
 import vramtop_agent
 from invariance import (RECORDING_NAME, assert_invariant, compare, launch, run_script, wait_for,
                         write_script)
-from vramtop_agent import discovery, lifecycle
+from vramtop_agent import discovery
 
 # A tiny deterministic job. Steps come from argv[1]; the rest of argv is only carried along.
 MODEL = """
@@ -224,7 +224,7 @@ with vt_watch(model, opt):
 def test_undecodable_and_huge_argv_reach_viewers_and_recordings(tmp_path):
     odd = os.fsdecode(b"--name=caf\xe9-\xff")  # not UTF-8: Python keeps the bytes as lone surrogates
     huge = "--blob=" + "x" * (100 * 1024)
-    runs = assert_invariant(tmp_path, ARGV, args=["4", odd, huge], modes=("watch", "record"),
+    runs = assert_invariant(tmp_path, ARGV, args=["4", odd, huge], modes=("watch", "record", "module"),
                             watch_options={"record": RECORDING_NAME}, allow_files=("files.txt",))
     for mode in ("watch", "record"):
         res = runs[mode]
@@ -271,11 +271,11 @@ def test_write_info_never_follows_a_planted_symlink(runtime_dir):
 def test_sample_rate_is_bounded(hz, list_sink):
     agent = vramtop_agent.Agent(torch.nn.Linear(2, 2), publish=False, sinks=[list_sink], sample_hz=hz)
     try:
-        assert 0 <= agent.sample_hz <= lifecycle.MAX_SAMPLE_HZ
+        assert 0 <= agent.sample_hz <= 100  # inf made the sampler thread spin
         time.sleep(0.5)
     finally:
         agent.stop()
-    assert len(list_sink.of("sample")) <= 0.5 * lifecycle.MAX_SAMPLE_HZ + 5
+    assert len(list_sink.of("sample")) <= 0.5 * 100 + 5
 
 
 LOOP = MODEL + """

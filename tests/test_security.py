@@ -30,6 +30,7 @@ from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber
 from vramtop.tui import render
 from vramtop_agent import curve, discovery
+from vramtop_agent import lifecycle
 from vramtop_agent.publisher import EndpointError, check_bind_endpoint
 from vramtop_agent.schema import SchemaError, decode, encode
 
@@ -419,8 +420,14 @@ def test_a_symlinked_or_foreign_runtime_dir_is_refused(tmp_path, monkeypatch, ca
         for create in (True, False):
             with pytest.raises(discovery.UnsafeRuntimeDir, match="not a directory owned by this user"):
                 discovery.runtime_dir(create=create)
-        with pytest.raises(PermissionError):
-            vramtop_agent.watch(SecretiveModel())  # at setup, with one clear line; never later
+        monkeypatch.setattr(lifecycle, "_said", set())
+        agent = vramtop_agent.watch(SecretiveModel())  # the job runs on: a non-publishing agent, one line
+        try:
+            assert agent.endpoint is None and not agent._info_written
+        finally:
+            agent.stop()
+        said = capsys.readouterr().err
+        assert said.startswith("vramtop: agent not publishing") and "refusing" in said and said.count("\n") == 1
         with pytest.raises(PermissionError):
             discovery.list_agents()
         source = LiveSource(None, rescan_s=0)

@@ -291,13 +291,13 @@ def test_sitecustomize_bootstrap_loads_the_agent_and_chains(tmp_path):
 
 def test_bootstrap_failure_is_one_line_and_the_job_runs(train_py, tmp_path):
     blocker = tmp_path / "not-a-dir"
-    blocker.write_text("")  # the agent's runtime dir cannot be created: starting it fails
+    blocker.write_text("")  # the agent's runtime dir cannot be created: it cannot publish
     res = subprocess.run([sys.executable, str(train_py), "2", "0"], capture_output=True, text=True, cwd=tmp_path,
                          env=_env(VRAMTOP="1", VRAMTOP_RUNTIME_DIR=str(blocker / "rt")), timeout=120)
     assert res.returncode == 0
     assert "argv=" in res.stdout
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("vramtop: agent not started ("), res.stderr
+    assert len(lines) == 1 and lines[0].startswith("vramtop: agent not publishing"), res.stderr
 
 
 # ---------------------------------------------------------------------------- in process

@@ -138,9 +138,10 @@ def _on_torch() -> None:
 
 
 def _found(module, args, kwargs) -> None:
+    from vramtop_agent import lifecycle
     from vramtop_agent.autodetect import watched_by_agent
 
-    if _state["agent"] is not None or watched_by_agent(module):
+    if _state["agent"] is not None or watched_by_agent(module) or lifecycle.reusable(module) is not None:
         return  # an explicit vramtop_agent.watch(model) or an integration callback already watches it
     options = _agent_options()
     import vramtop_agent

@@ -167,7 +167,7 @@ class Agent:
             self._start_recorder(record)
 
         lifecycle.register(self)  # stopped at exit if nobody stops it; inert in a forked child
-        if any(type(s).__name__ == "Recorder" for s in self._sinks):
+        if lifecycle.records(self):
             lifecycle.stop_on_polite_signals(self)  # SIGTERM/SIGHUP: the recording still gets its goodbye
 
         self._install_optimizer_hooks()
@@ -841,10 +841,11 @@ class Agent:
                 sink.close()
             except Exception:
                 pass
-        if self._info_written:
-            from vramtop_agent import discovery
+        from vramtop_agent import discovery, lifecycle
 
+        if self._info_written:
             discovery.remove_files(self._info)
+        lifecycle.release_polite_signals()  # the job's signals are its own again
 
     close = stop
 
@@ -853,8 +854,12 @@ class Agent:
         self._holds += 1
         if optimizer is not None and self.optimizer is None:
             self.attach_optimizer(optimizer)
-        if record and not any(type(s).__name__ == "Recorder" for s in self._sinks):
+        from vramtop_agent import lifecycle
+
+        if record and not lifecycle.records(self):
             self._start_recorder(record)
+            if lifecycle.records(self):
+                lifecycle.stop_on_polite_signals(self)
             if self._sinks and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="vramtop-agent", daemon=True)
                 self._thread.start()
@@ -870,8 +875,7 @@ class Agent:
         lifecycle.keep_forever(self._sinks)  # never closed nor collected here: they flush or unbind the parent's
         self._sinks = []
         self._info_written = False
-        self._outbox.clear()
-        self._stop.set()
+        self._outbox.clear()  # no sampler thread here; its Event's lock may have been held at fork: untouched
         for h in self._hooks:
             try:
                 h.remove()  # only this process's copy of the module

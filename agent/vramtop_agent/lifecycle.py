@@ -181,6 +181,25 @@ def stop_on_polite_signals(agent) -> None:
             pass
 
 
+def release_polite_signals() -> None:
+    """Once no recording agent runs: give SIGTERM/SIGHUP back their default disposition, if still ours."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if any(records(a) for a in live_agents()):
+        return
+    for name in _POLITE:
+        sig = getattr(signal, name, None)
+        try:
+            if sig is not None and signal.getsignal(sig) is _on_polite_signal:
+                signal.signal(sig, signal.SIG_DFL)
+        except (ValueError, OSError, TypeError):
+            pass
+
+
+def records(agent) -> bool:
+    return any(type(s).__name__ == "Recorder" for s in getattr(agent, "_sinks", ()))
+
+
 def _on_polite_signal(signum, frame) -> None:
     try:
         signal.signal(signum, signal.SIG_DFL)  # a second signal kills at once, as without vramtop
