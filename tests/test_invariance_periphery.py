@@ -193,8 +193,9 @@ def test_nested_and_repeated_watch_share_one_agent(tmp_path):
 
 
 def test_watch_of_an_unrelated_model_gets_its_own_socket(runtime_dir):
-    a = vramtop_agent.watch(torch.nn.Linear(2, 2))
-    b = vramtop_agent.watch(torch.nn.Linear(3, 3))
+    m1, m2 = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)  # the agent holds models weakly: the job keeps them
+    a = vramtop_agent.watch(m1)
+    b = vramtop_agent.watch(m2)
     try:
         assert a is not b and a.endpoint != b.endpoint
         assert sorted(p.name for p in runtime_dir.iterdir()) == sorted(
