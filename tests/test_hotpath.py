@@ -188,3 +188,16 @@ def test_another_threads_optimizer_is_not_adopted():
     t.join()
     assert agent.optimizer is None
     agent.stop()
+
+
+def test_the_viewer_says_where_the_activations_are_or_that_they_are_derived():
+    from vramtop.state import activations_note
+
+    def fmt(n):
+        return f"{n // 2**20} MiB"
+
+    by_module = {"embed_tokens": 2**20, "layers.0": 5 * 2**20, "layers.1": 5 * 2**20, "lm_head": 3 * 2**20}
+    assert activations_note({"activations_source": "tracked", "activations_by_module": by_module}, fmt) == \
+        "tracked · layers.0-1 10 MiB · lm_head 3 MiB · embed_tokens 1 MiB"
+    assert activations_note({"activations_source": "derived"}, fmt) == "derived"
+    assert activations_note({}, fmt) == ""  # an older agent: nothing said
