@@ -149,17 +149,19 @@ def test_graphs_dropped_without_backward_leak_nothing(tmp_path):
 
 
 def test_the_jobs_own_saved_tensor_hooks_run_exactly_as_without_vramtop(tmp_path):
-    runs = assert_invariant(tmp_path, SAVE_ON_CPU, modes=MODES)
+    runs = assert_invariant(tmp_path, SAVE_ON_CPU, modes=("watch", "run"))
     assert "job packs 150" in runs["bare"].stdout  # 5 saved tensors x 30 steps, the same in every mode
 
 
-@pytest.mark.parametrize("how", ["wrapper", "inplace"])
-def test_torch_compile_sees_no_vramtop(tmp_path, how):
+@pytest.mark.parametrize("how, modes", [("wrapper", ("watch", "run")), ("inplace", ("watch",))])
+def test_torch_compile_sees_no_vramtop(tmp_path, how, modes):
     # TORCH_LOGS=graph_breaks prints every break on stderr: any line vramtop adds fails the comparison.
-    assert_invariant(tmp_path, COMPILED, args=[how], modes=("watch", "run"), env={"TORCH_LOGS": "graph_breaks"},
-                     timeout=300)
+    # One inductor cache for all runs (outside their TMPDIR): Dynamo still traces every run (breaks are
+    # found there); only the C++ build of an identical graph is reused, which keeps the test short.
+    env = {"TORCH_LOGS": "graph_breaks", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    assert_invariant(tmp_path, COMPILED, args=[how], modes=modes, env=env, timeout=400)
 
 
 def test_rebuilt_and_two_optimizers_and_replaced_parameters_are_let_go(tmp_path):
-    runs = assert_invariant(tmp_path, OPTIMIZERS, modes=MODES, rss_bound=16 * 2**20)
+    runs = assert_invariant(tmp_path, OPTIMIZERS, modes=("watch", "record"), rss_bound=16 * 2**20)
     assert "old weight alive False" in runs["bare"].stdout
