@@ -68,7 +68,7 @@ PHASES = ("forward", "backward", "optimizer")
 CONFIGS = ("tiny-full", "tiny-lora", "1b-full", "1b-lora", "1b-qlora")
 # Rough H100 seconds per part, so that a part that would overrun the budget is skipped, not cut.
 COST_S = {"tiny-full": 15, "tiny-lora": 45, "oom": 20, "1b-full": 45, "1b-lora": 75, "1b-qlora": 70}
-OVERHEAD_MODES = ("bare", "agent", "profiler", "memory-history")
+OVERHEAD_MODES = ("bare", "agent", "agent-record", "agent-track-every-step", "profiler", "memory-history")
 
 # A ~1.1B-parameter Llama (TinyLlama-1.1B's shape), built from the config with random weights.
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -534,6 +534,8 @@ def validate_config(config: str, args, report: Report) -> None:
         step_ms = f"{last['step_time'] * 1000:.0f} ms" if last.get("step_time") else "-"
         report.info(f"{config}: last step", f"fwd {fmt(last['peaks']['forward'])}, bwd {fmt(last['peaks']['backward'])}, "
                     f"opt {fmt(last['peaks']['optimizer'])}, backward spike {fmt(last['backward_spike'])}, {step_ms}")
+    with report.guard(f"{config}: derived activations"):
+        derived_checks(config, model, opt, batch, report)
     if not args.no_overhead and config in ("tiny-lora", "1b-lora"):
         if time.time() - START > args.budget_s:
             report.skip(f"{config}: overhead", "time budget spent")
@@ -542,6 +544,39 @@ def validate_config(config: str, args, report: Report) -> None:
                 measure_overhead(config, model, opt, batch, args, report)
     del model, opt, batch, agent, sink
     _free()
+
+
+def derived_checks(config: str, model, opt, batch, report: Report, steps: int = 10) -> None:
+    """Steps between tracked ones derive activations from the allocator: within 1 % of the next tracked step.
+    Samples come from the training thread (edge), not from a sampler thread."""
+    import torch
+
+    import vramtop_agent
+
+    sink = ListSink()
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[sink], track_every=3, sample_hz=50)
+    try:
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    finally:
+        agent.stop()
+    summaries = sink.of("step")
+    sources = [s.get("activations_source") for s in summaries]
+    report.check(f"{config}: tracked and derived steps both ran", "tracked" in sources and "derived" in sources,
+                 " ".join(str(x)[0] for x in sources))
+    checks = [s["derived_check"] for s in summaries if s.get("derived_check")]
+    report.check(f"{config}: a tracked step checked the derivation", bool(checks), f"{len(checks)} checks")
+    for c in checks:
+        err = abs(c["derived"] - c["tracked"]) / max(c["tracked"], 1)
+        report.check(f"{config}: derived activations within 1% of the next tracked step", err <= 0.01,
+                     f"derived {fmt(c['derived'])}, tracked {fmt(c['tracked'])} ({err:.2%})")
+    samples = sink.of("sample")
+    edge = sum(1 for s in samples if s.get("source") == "edge")
+    report.check(f"{config}: samples taken on the training thread (edge samples)",
+                 bool(samples) and edge >= 0.9 * len(samples), f"{edge} of {len(samples)} are edge samples")
 
 
 def measure_overhead(config: str, model, opt, batch, args, report: Report) -> None:
@@ -564,9 +599,12 @@ def measure_overhead(config: str, model, opt, batch, args, report: Report) -> No
         n = args.overhead_steps + 1
         if mode == "bare":
             return steps(n)
-        if mode == "agent":
-            agent = vramtop_agent.watch(model, opt)  # default settings: publishing, 10 Hz sampler
+        if mode.startswith("agent"):
+            options = {"agent-record": {"record": os.path.join(tempfile.mkdtemp(prefix="vramtop-ovh-"), "r.vramtop")},
+                       "agent-track-every-step": {"track_every": 1}}.get(mode, {})
+            agent = vramtop_agent.watch(model, opt, **options)  # default: publishing, 10 Hz edge sampling
             try:
+                steps(3)  # a new agent tracks its first steps: not the steady state measured here
                 return steps(n)
             finally:
                 agent.stop()
@@ -591,7 +629,8 @@ def measure_overhead(config: str, model, opt, batch, args, report: Report) -> No
     ratios = overhead_ratios(times)
     base = statistics.median(times["bare"])
     report.info(f"{config}: bare step (median)", f"{base * 1000:.2f} ms over {len(times['bare'])} steps")
-    labels = {"agent": "vramtop agent (default settings)", "profiler": "torch.profiler(profile_memory=True)",
+    labels = {"agent": "vramtop agent (default settings)", "agent-record": "vramtop agent, recording on",
+              "agent-track-every-step": "vramtop agent, activations tracked every step", "profiler": "torch.profiler(profile_memory=True)",
               "memory-history": "cuda.memory._record_memory_history"}
     for mode, ratio in ratios.items():
         report.ratio(f"{config}: {labels[mode]} / bare", ratio, f"median {statistics.median(times[mode]) * 1000:.2f} ms")

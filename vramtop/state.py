@@ -231,6 +231,35 @@ class SessionState:
         return max(self.steps, key=lambda s: s["peak"]) if self.steps else None
 
 
+def activations_note(sample: dict, fmt) -> str:
+    """'derived', or 'tracked · layers.0-3 9.1 GiB · lm_head 2.3 GiB' (where the activations are, biggest first).
+
+    Numbered siblings (layers.0, layers.1, ...) are summed into one range; `fmt` formats bytes.
+    """
+    source = sample.get("activations_source")
+    if source not in ("tracked", "derived"):
+        return ""
+    by_module = sample.get("activations_by_module")
+    if source == "derived" or not isinstance(by_module, dict):
+        return source
+    groups: dict = {}
+    for name, nbytes in by_module.items():
+        if not isinstance(name, str) or size(nbytes) is None:
+            continue
+        head, _, last = name.rpartition(".")
+        key, idx = (head, int(last)) if head and last.isdigit() else (name, None)
+        g = groups.setdefault(key, [0, None, None])
+        g[0] += nbytes
+        if idx is not None:
+            g[1] = idx if g[1] is None else min(g[1], idx)
+            g[2] = idx if g[2] is None else max(g[2], idx)
+    parts = []
+    for key, (nbytes, lo, hi) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:3]:
+        label = key if lo is None else (f"{key}.{lo}" if lo == hi else f"{key}.{lo}-{hi}")
+        parts.append(f"{label} {fmt(nbytes)}")
+    return " · ".join(["tracked", *parts])
+
+
 _BLOCK_LABELS = {
     "parameters": "parameters",
     "gradients": "gradients",

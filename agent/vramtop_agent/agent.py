@@ -613,6 +613,7 @@ class Agent:
             return
         self.saved.exit()
         self.attribution.exit()
+        self.tracking.forward_done()
         # The first gradient to reach any output marks the start of backward.
         self._bwd_started = False
         for t in _output_tensors(output):

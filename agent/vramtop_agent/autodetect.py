@@ -30,9 +30,14 @@ first qualifying call, after which there is no cost at all.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
 import threading
+import warnings
 from typing import Callable
+
+_COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 
 # Attributes through which a wrapper holds the module it wraps.
 _WRAPPED_ATTRS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -127,13 +132,24 @@ class RootDetector:
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
         self._grad_enabled = torch.is_grad_enabled
+        self._compiling = torch.compiler.is_compiling
         self._handles = [
             register_module_forward_pre_hook(self._pre),
             register_module_forward_hook(self._post, always_call=True),
         ]
+        # torch.compile(model) warns on every call while any global module hook exists; ours only lives
+        # until the first training forward and must not put a line on the job's stderr.
+        self._filter = ("ignore", re.compile(_COMPILE_HOOK_WARNING), UserWarning, None, 0)
+        warnings.filters.insert(0, self._filter)
+        getattr(warnings, "_filters_mutated", lambda: None)()  # re-read the filters (CPython caches them)
         return self
 
     def remove(self) -> None:
+        filt, self._filter = getattr(self, "_filter", None), None
+        if filt is not None:
+            with contextlib.suppress(ValueError):
+                warnings.filters.remove(filt)
+                getattr(warnings, "_filters_mutated", lambda: None)()  # re-read the filters (CPython caches them)
         handles, self._handles = self._handles, []
         for h in handles:
             try:
@@ -142,6 +158,8 @@ class RootDetector:
                 pass
 
     def _pre(self, module, args):
+        if self._compiling():
+            return None  # traced inside a compiled region: be nothing there
         local = self._local
         depth = getattr(local, "depth", 0)
         local.depth = depth + 1
@@ -166,6 +184,8 @@ class RootDetector:
         return None
 
     def _post(self, module, args, output):
+        if self._compiling():
+            return None
         local = self._local
         depth = getattr(local, "depth", 0)
         if depth > 0:

@@ -214,6 +214,9 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "dropped": (_INT, True),        # frames the agent could not queue
         "errors": (_INT, True),         # exceptions caught inside the agent
         "last_error": (_OPT_STR, False),
+        "source": (_STR, False),        # edge: taken on the training thread | tick: the 1 Hz fallback
+        "activations_source": (_STR, False),  # tracked (saved-tensor hooks) | derived (tracking.py)
+        "activations_by_module": (_MAP, False),  # top-level module -> bytes saved, on tracked steps
     },
     "hello": {
         "eseq": (_INT, True),

@@ -97,6 +97,10 @@ class TrackingPolicy:
             return max(int(allocated) - state - self._other[key], 0)
         return int(self._act.get(key, 0))
 
+    def forward_done(self) -> None:
+        """Between the end of forward and backward, derived samples show the end-of-forward value."""
+        self._last_edge = ("backward", "start")
+
     def take_check(self) -> dict | None:
         check, self._check = self._check, None
         return check

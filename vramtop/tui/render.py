@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from vramtop.state import SessionState, size
+from vramtop.state import SessionState, activations_note, size
 from vramtop_agent.schema import BLOCK_KEYS, PHASES
 
 COLORS = {
@@ -170,6 +170,10 @@ def stack(state: SessionState, width: int) -> Group | Text:
                         style="dim")
             if split.get("quantized"):
                 cell.append(f" · 4/8-bit {fmt_bytes(split.get('quantized'))}", style="dim")
+        if seg.key == "activations":
+            note = activations_note(state.sample or {}, fmt_bytes)  # tracked (where) or derived
+            if note:
+                cell.append(f"\n  {note}", style="dim")
         row.append(cell)
         if len(row) == 4:
             table.add_row(*row)

@@ -1,0 +1,203 @@
+"""The agent's hot path (issue 11): tracked vs derived activations, per-module attribution, edge sampling.
+
+Real tiny models on CPU, a real list sink; activations checked against an independent saved-tensor count.
+"""
+
+import threading
+import time
+
+import torch
+from torch import nn
+
+import vramtop_agent
+from vramtop.tiny import build_model, make_batch
+
+
+def _independent_saved_bytes(model, batch) -> int:
+    """Distinct storages autograd saves in one forward, parameters excluded (our own hooks, no agent)."""
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        saved[s._cdata] = (s.nbytes(), t)
+        return t
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return sum(n for k, (n, _) in saved.items() if k not in params)
+
+
+def _step(model, opt, batch):
+    out = model(**batch)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_tracked_steps_are_exact_derived_steps_say_so_and_a_new_shape_is_tracked(list_sink):
+    model = build_model(vocab_size=256)
+    opt = torch.optim.AdamW(model.parameters())
+    small, big = make_batch(model, 2, 32), make_batch(model, 2, 64)
+    expected_small = _independent_saved_bytes(model, small)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0, track_every=3)
+    for _ in range(6):
+        _step(model, opt, small)
+    _step(model, opt, big)
+    _step(model, opt, big)
+    agent.stop()
+    steps = list_sink.of("step")
+    sources = [s["activations_source"] for s in steps]
+    # The first three steps, then one in three (step 5); step 6 is a new shape: tracked; step 7 is not.
+    assert sources == ["tracked", "tracked", "tracked", "derived", "derived", "tracked", "tracked", "derived"]
+    for s in steps[:6]:
+        assert s["eof_blocks"]["activations"] == expected_small  # derived on CPU: the tracked value, exactly
+    assert steps[6]["eof_blocks"]["activations"] > expected_small
+    assert steps[7]["eof_blocks"]["activations"] == steps[6]["eof_blocks"]["activations"]
+    check = steps[5]["derived_check"]  # a tracked step checks the derivation it replaces
+    assert check == {"tracked": expected_small, "derived": expected_small}
+
+
+def test_snapshot_says_whether_activations_are_tracked():
+    model = build_model(vocab_size=256)
+    opt = torch.optim.AdamW(model.parameters())
+    batch = make_batch(model, 2, 32)
+    agent = vramtop_agent.watch(model, opt, publish=False, sample_hz=0, track_every=100)
+    for _ in range(3):
+        _step(model, opt, batch)
+    out = model(**batch)  # step 3: derived
+    snap = agent.snapshot()
+    out.loss.backward()
+    agent.stop()
+    assert snap["activations_source"] == "derived"
+    assert snap["blocks"]["activations"] == _independent_saved_bytes(model, batch)
+    assert "activations_by_module" not in snap
+
+
+def test_attribution_sums_to_the_tracked_total_and_the_head_grows_with_vocab_batch_seq():
+    heads = {}
+    for vocab, b, s in [(256, 2, 32), (1024, 2, 32), (1024, 4, 64)]:
+        model = build_model(vocab_size=vocab)
+        agent = vramtop_agent.watch(model, publish=False, sample_hz=0)
+        out = model(**make_batch(model, b, s))
+        snap = agent.snapshot()
+        by_module = snap["activations_by_module"]
+        assert snap["activations_source"] == "tracked"
+        assert sum(by_module.values()) == snap["blocks"]["activations"] > 0
+        assert {"embed_tokens", "layers.0", "layers.1", "lm_head"} <= set(k.split("model.")[-1] for k in by_module)
+        heads[(vocab, b, s)] = by_module["lm_head"]
+        out.loss.backward()
+        agent.stop()
+    # logits + loss: at least one float32 vocab x batch x seq tensor more for each growth
+    assert heads[(1024, 2, 32)] - heads[(256, 2, 32)] >= (1024 - 256) * 2 * 32 * 4
+    assert heads[(1024, 4, 64)] >= 4 * heads[(1024, 2, 32)] * 0.9
+
+
+def test_samples_come_from_the_training_thread_and_a_stuck_job_still_shows_alive(list_sink):
+    torch.manual_seed(0)
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.stall = 0.0
+
+        def forward(self, x):
+            time.sleep(self.stall)  # one long op (releases the GIL, as a long kernel wait would)
+            return self.lin(x)
+
+    model = Slow()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=20)
+    trainer = threading.current_thread().name
+    for _ in range(40):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        time.sleep(0.005)
+    steady = list(list_sink.of("sample"))
+    model.stall = 2.5
+    model(x).sum().backward()
+    agent.stop()
+    stuck = list_sink.of("sample")[len(steady):]
+    steady = [s for s in steady if s["step"] >= 5]  # (before the first forward the I/O thread ticks: alive)
+    assert steady and all(s["source"] == "edge" for s in steady)  # no sampler thread in steady state
+    assert any(s["source"] == "tick" and s["phase"] == "forward" for s in stuck)  # alive while stuck
+    assert trainer == "MainThread"
+
+
+def test_eval_forwards_with_grad_on_are_not_micro_steps(list_sink):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0)
+    for _ in range(2):
+        model.eval()
+        model(x)
+        model(x)
+        model.train()
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert agent.snapshot()["blocks"]["activations"] == 0  # the dropped graphs freed their saved tensors
+    agent.stop()
+    assert [s["micro_steps"] for s in list_sink.of("step")] == [1, 1]
+
+
+def test_two_optimizers_are_both_counted_and_a_rebuilt_one_is_followed():
+    from helpers import optimizer_tensors, storage_bytes
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    x = torch.randn(8, 16)
+    o1 = torch.optim.AdamW(model[0].parameters())
+    o2 = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+    agent = vramtop_agent.watch(model, publish=False, sample_hz=0)
+    for _ in range(3):
+        model(x).sum().backward()
+        o1.step()
+        o2.step()
+        o1.zero_grad()
+        o2.zero_grad()
+    snap = agent.snapshot()
+    assert snap["blocks"]["optimizer"] == storage_bytes(optimizer_tensors(o1) + optimizer_tensors(o2)) > 0
+    assert agent.step == 3
+    o1 = o2 = None  # rebuilt: the agent lets the old ones go and follows the new one
+    o3 = torch.optim.AdamW(model.parameters())
+    for _ in range(2):
+        model(x).sum().backward()
+        o3.step()
+        o3.zero_grad()
+    assert agent.step == 5
+    assert agent.snapshot()["blocks"]["optimizer"] == storage_bytes(optimizer_tensors(o3))
+    agent.stop()
+
+
+def test_another_threads_optimizer_is_not_adopted():
+    watched = nn.Linear(4, 4)
+    other = nn.Linear(4, 4)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    agent = vramtop_agent.watch(watched, publish=False, sample_hz=0)
+
+    def other_thread():
+        other(torch.randn(2, 4)).sum().backward()
+        other_opt.step()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert agent.optimizer is None
+    agent.stop()
+
+
+def test_the_viewer_says_where_the_activations_are_or_that_they_are_derived():
+    from vramtop.state import activations_note
+
+    def fmt(n):
+        return f"{n // 2**20} MiB"
+
+    by_module = {"embed_tokens": 2**20, "layers.0": 5 * 2**20, "layers.1": 5 * 2**20, "lm_head": 3 * 2**20}
+    assert activations_note({"activations_source": "tracked", "activations_by_module": by_module}, fmt) == \
+        "tracked · layers.0-1 10 MiB · lm_head 3 MiB · embed_tokens 1 MiB"
+    assert activations_note({"activations_source": "derived"}, fmt) == "derived"
+    assert activations_note({}, fmt) == ""  # an older agent: nothing said
