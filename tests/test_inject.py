@@ -499,3 +499,90 @@ def test_injected_line_and_gdb_command_are_well_formed(tmp_path):
     call = next(c for c in cmd if c.startswith("call "))
     assert call.startswith('call (int)Py_AddPendingCall((void*)&PyRun_SimpleString, (void*)"')
     assert '\\"odd\\"' in call and "\n" not in call
+
+
+# ---------------------------------------------------------------------- the agent's side
+
+
+HIDE_VRAMTOP = textwrap.dedent("""
+    import sys, time
+    # This job's environment cannot import vramtop_agent (as if vramtop were installed elsewhere).
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", ""))]
+    sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("agent")]
+    try:
+        import vramtop_agent
+        print("importable", flush=True)
+    except ImportError:
+        print("not importable", flush=True)
+    import torch
+    model = torch.nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    while True:
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        time.sleep(0.02)
+""")
+
+
+def test_agent_directory_is_added_when_the_job_cannot_import_it(tmp_path):
+    target = subprocess.Popen([sys.executable, "-c", HIDE_VRAMTOP], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert target.stdout.readline().strip() == "not importable"
+        deadline = time.monotonic() + 120
+        while not any("libtorch" in line for line in open(f"/proc/{target.pid}/maps")):
+            assert time.monotonic() < deadline and target.poll() is None
+            time.sleep(0.2)
+        out = vramtop("record", str(target.pid), "--yes", "-o", str(tmp_path / "r.vramtop"), "--duration", "0.5")
+        assert out.returncode == 0 and "agent started" in out.stderr, out.stderr
+        info = agent_of(target.pid)
+        got = collect(info["endpoint"], lambda ms: any(m["type"] == "step" for m in ms))
+        assert [m for m in got if m["type"] == "hello"][-1]["model"]["class"] == "Linear"
+        assert target.poll() is None
+    finally:
+        target.kill()
+        target.wait()
+
+
+def test_injected_mid_forward_the_root_is_still_the_outermost_module(tmp_path):
+    """The bootstrap can run inside a forward whose outer modules took PyTorch's hook-free fast path:
+    the root must still be the outermost module, and the first step reported a whole one."""
+    import torch
+
+    from vramtop_agent import _inject_boot
+    from vramtop_agent.autodetect import RootDetector
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    status = tmp_path / "status.json"
+    fired = []
+
+    def mid_forward(module, args):  # where a pending call can land: between two bytecodes of a forward
+        if not fired:
+            fired.append(True)
+            _inject_boot.run("start", str(status))
+
+    handle = model[1].register_forward_pre_hook(mid_forward)
+    try:
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        result = json.loads(status.read_text())
+        assert result["ok"] and not result["already"], result
+        agent = _inject_boot.injected_agent()
+        assert agent.model is model  # not model[2], which a depth counter started mid-forward would pick
+        assert agent.optimizer is opt and agent.injected["first_step"] == 1
+        assert [s["step"] for s in agent.steps] == [1]  # step 0 began before the optimizer was known
+        assert _inject_boot.start()["already"]  # twice: the same agent
+    finally:
+        handle.remove()
+        _inject_boot.run("stop", str(status))
+    assert json.loads(status.read_text()) == {"ok": True, "stopped": True, "pid": os.getpid()}
+    from torch.nn.modules import module as m
+    from torch.optim import optimizer as o
+
+    assert not m._global_forward_pre_hooks and not m._global_forward_hooks
+    assert not o._global_optimizer_pre_hooks and not o._global_optimizer_post_hooks
+    assert not any(isinstance(h, RootDetector) for h in agent._hooks)

@@ -39,6 +39,7 @@ from pathlib import Path
 from vramtop.errors import UserError
 
 MIN_VERSION, REMOTE_EXEC_VERSION = (3, 10), (3, 14)
+RETRIES = 30  # seconds of "still importing torch" before giving up
 _LIBPYTHON = re.compile(r"libpython(\d+)\.(\d+)")
 _PYEXE = re.compile(r"python(\d+)\.(\d+)$")
 ALTERNATIVES = ("or start the job with `vramtop run -- CMD`, `VRAMTOP=1` or `vramtop_agent.watch(model)` "
@@ -343,6 +344,11 @@ def start_agent(pid: int, yes: bool, verb: str, say=None) -> dict:
     target = probe(pid)
     confirm(target, yes)
     status = run_in(target, "start", verb, say=say)
+    for _ in range(RETRIES):
+        if status.get("ok") or not status.get("retry"):
+            break
+        time.sleep(1.0)  # the job was inside `import torch`: nothing was started, ask again
+        status = run_in(target, "start", verb, say=say)
     if not status.get("ok"):
         raise InjectRefused(f"process {pid}: {status.get('reason') or 'the agent did not start'}")
     return status

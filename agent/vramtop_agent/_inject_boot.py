@@ -81,8 +81,12 @@ def start() -> dict:
     if missing:
         return {"ok": False, "reason": f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
                 f"installed in the job's environment ({sys.executable}): `pip install {' '.join(missing)}` there"}
-    if "torch" not in sys.modules:
+    torch = sys.modules.get("torch")
+    if torch is None:
         return {"ok": False, "reason": "torch is not imported in this process"}
+    if getattr(getattr(torch, "__spec__", None), "_initializing", False) or not hasattr(torch, "optim"):
+        # The line ran inside `import torch`: importing the agent now would re-enter a half-built torch.
+        return {"ok": False, "retry": True, "reason": "the job is still importing torch"}
     existing = existing_agent()
     if existing is not None:
         return existing
