@@ -586,3 +586,28 @@ def test_injected_mid_forward_the_root_is_still_the_outermost_module(tmp_path):
     assert not m._global_forward_pre_hooks and not m._global_forward_hooks
     assert not o._global_optimizer_pre_hooks and not o._global_optimizer_post_hooks
     assert not any(isinstance(h, RootDetector) for h in agent._hooks)
+
+
+@pytest.mark.parametrize("injected, shown", [
+    ({"at": 1.0}, "(injected: waiting for the next optimizer step)"),
+    ({"at": 1.0, "first_step": 1}, "step 7 (injected: steps before 1 unknown)"),
+    (None, None),
+])
+def test_header_marks_an_injected_session(injected, shown):
+    from vramtop.state import SessionState
+    from vramtop.tui import render
+
+    state = SessionState(clock=lambda: 100.0)
+    hello = {"v": 1, "type": "hello", "t": 99.0, "pid": 1, "rank": 0, "eseq": 1, "host": "h", "cmdline": ["x"],
+             "start_time": 1.0, "agent_version": "0.1.0", "device": "cpu", "sample_hz": 10.0}
+    if injected:
+        hello["injected"] = injected
+    state.apply(hello)
+    state.apply({"v": 1, "type": "sample", "t": 99.5, "pid": 1, "rank": 0, "seq": 1, "step": 7, "phase": "idle",
+                 "device": "cpu", "blocks": dict.fromkeys(("parameters", "gradients", "optimizer", "activations",
+                                                           "other"), 0)})
+    text = render.header(state).plain
+    if shown:
+        assert shown in text
+    else:
+        assert "injected" not in text
