@@ -230,7 +230,7 @@ def test_attach_injects_into_a_plain_lora_job_byte_exact(plain_jobs, tmp_path):
         view.expect(re.compile(r"injected: steps before \d+ unknown"))
         info = agent_of(job.pid)
         got = collect(info["endpoint"], lambda ms: len(_optimizer_starts(ms)) >= 2 and any(
-            m["type"] == "step" for m in ms))
+            m["type"] == "step" for m in ms) and any(m["type"] == "hello" and m.get("optimizer") for m in ms))
         assert view.quit() == 0
     finally:
         view.close()
