@@ -611,3 +611,38 @@ def test_header_marks_an_injected_session(injected, shown):
         assert shown in text
     else:
         assert "injected" not in text
+
+
+def test_attach_over_ssh_offers_the_plain_job_and_injects_there(tmp_path, tmp_path_factory):
+    """`vramtop attach HOST` with no agent there: the picker lists the host's plain PyTorch processes
+    (`vramtop ls --plain` over ssh), `vramtop inject PID` runs there, then the dashboard opens."""
+    sys.path.insert(0, str(HERE))
+    from sshd_server import start_sshd
+
+    sshd = start_sshd(tmp_path_factory.mktemp("sshd"))
+    job = PlainJob(tmp_path / "job")
+    job.proc.kill()  # restarted below with the remote's runtime dir, where `vramtop ls` there looks
+    job.proc.communicate()
+    env = _env(STEP_PAUSE="0.02", VRAMTOP_RUNTIME_DIR=str(sshd.remote_runtime_dir))
+    job.proc = subprocess.Popen([sys.executable, str(JOB), str(job.out), "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    job.pid = job.proc.pid
+    view = None
+    try:
+        job.truth()
+        view = Pty("attach", sshd.alias, "--remote-vramtop", str(Path(sys.executable).with_name("vramtop")),
+                   VRAMTOP_SSH=sshd.ssh_env)
+        text = view.expect("Inject the vramtop agent into which?")
+        listed = {int(pid): n for n, pid in re.findall(r"(\d+)\) pid (\d+)", text)}
+        assert job.pid in listed, text
+        view.send(f"{listed[job.pid]}\r")
+        view.expect(re.compile(r"injected: steps before \d+ unknown"))
+        assert view.quit() == 0
+        assert any(p.name.startswith(f"{job.pid}-") for p in sshd.remote_runtime_dir.glob("*.json"))
+        code, _, err = job.finish()
+        assert code == 0 and "Traceback" not in err, err
+    finally:
+        if view is not None:
+            view.close()
+        job.kill()
+        sshd.stop()
