@@ -270,7 +270,7 @@ def _run_remote_exec(target: Target, boot: Path, timeout_s: float) -> None:
 
 
 def run_in(target: Target, action: str, verb: str, timeout_s: float = 30.0, say=None) -> dict:
-    """Make the job run the bootstrap for `action` ("start" | "stop"); the status it wrote back."""
+    """Make the job run the bootstrap for `action` ("prepare" | "start" | "stop"); the status it wrote back."""
     boot, status = write_bootstrap(target.pid, action, verb)
     how = method(target)
     try:
@@ -343,7 +343,9 @@ def start_agent(pid: int, yes: bool, verb: str, say=None) -> dict:
     """Probe, confirm, inject; the status dict (`endpoint`, `already`) of the running agent. Raises UserError."""
     target = probe(pid)
     confirm(target, yes)
-    status = run_in(target, "start", verb, say=say)
+    status = run_in(target, "prepare", verb, say=say)  # imports, off the training thread
+    if status.get("ok"):
+        status = run_in(target, "start", verb, say=say)
     for _ in range(RETRIES):
         if status.get("ok") or not status.get("retry"):
             break
