@@ -494,7 +494,12 @@ def test_remote_exec_reports_an_interpreter_without_it():
 def test_injected_line_and_gdb_command_are_well_formed(tmp_path):
     boot = tmp_path / "it's \"odd\".py"
     line = inject._LINE.format(path=str(boot))
-    compile(line, "<line>", "exec")  # what PyRun_SimpleString will run
+    code = compile(line, "<line>", "exec")  # what PyRun_SimpleString will run, in the job's __main__
+    assert code.co_names and "f" not in code.co_names  # it reads the file without binding a name there
+    namespace = {"__builtins__": __builtins__}
+    boot.write_text("ran = True\n")
+    exec(code, namespace)
+    assert set(namespace) == {"__builtins__"}  # __main__ is left as it was
     cmd = inject.gdb_command(123, line)
     call = next(c for c in cmd if c.startswith("call "))
     assert call.startswith('call (int)Py_AddPendingCall((void*)&PyRun_SimpleString, (void*)"')

@@ -130,8 +130,9 @@ _vramtop_boot()
 del _vramtop_boot
 '''
 
-_LINE = "try:\n exec(compile(open({path!r}).read(),{path!r},'exec'),{{'__name__':'__vramtop_boot__'}})\n" \
-        "except BaseException:\n pass\n"
+# Runs in the job's __main__ namespace (PyRun_SimpleString): it must bind no name there.
+_LINE = "try:\n exec(compile(__import__('pathlib').Path({path!r}).read_text(),{path!r},'exec')," \
+        "{{'__name__':'__vramtop_boot__'}})\nexcept BaseException:\n pass\n"
 
 
 def agent_dir() -> str:
@@ -299,7 +300,8 @@ def wait_status(pid: int, status: Path, timeout_s: float, say=None) -> dict:
         if not _alive(pid):
             raise UserError(f"process {pid} exited before the agent started")
         if not warned and say and time.monotonic() > deadline - timeout_s + 3:
-            say(f"vramtop: waiting for process {pid}'s main thread to run Python code (it is inside a long call)")
+            say(f"vramtop: waiting for process {pid} to run the agent's bootstrap (its main thread runs it "
+                "between two bytecodes)")
             warned = True
         time.sleep(0.05)
     raise UserError(f"process {pid}'s main thread has not run Python code for {timeout_s:g}s (a long C call, or "
