@@ -22,3 +22,5 @@ echo "== screenshot of the dashboard on the GPU =="
 timeout 70 python3 bench/gpu_screenshot.py "$OUT/dashboard-gpu.svg" --seconds 30 2>&1 | grep -v -i warn | tail -8
 echo "== gpu tests =="
 timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4
+echo "== injection into a running CUDA job (docs/attach.md; needs ptrace on the box) =="
+timeout 240 python3 bench/bench_inject.py --device cuda --runs 2 --steps 20 2>&1 | tail -4
