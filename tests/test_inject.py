@@ -651,3 +651,10 @@ def test_attach_over_ssh_offers_the_plain_job_and_injects_there(tmp_path, tmp_pa
             view.close()
         job.kill()
         sshd.stop()
+
+
+def test_ptrace_refusal_line_says_what_to_change():
+    line = inject._ptrace_denied_line(4242, "Operation not permitted")
+    assert line.startswith("cannot trace process 4242 (Operation not permitted): ")
+    assert ("ptrace_scope" in line) or ("CAP_SYS_PTRACE" in line)
+    assert "vramtop run" in line and "\n" not in line
