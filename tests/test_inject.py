@@ -658,3 +658,24 @@ def test_ptrace_refusal_line_says_what_to_change():
     assert line.startswith("cannot trace process 4242 (Operation not permitted): ")
     assert ("ptrace_scope" in line) or ("CAP_SYS_PTRACE" in line)
     assert "vramtop run" in line and "\n" not in line
+
+
+def test_a_job_that_starts_its_own_agent_is_waited_for_not_injected(tmp_path):
+    """VRAMTOP=1 (or `vramtop run`): the job's agent appears at its first training forward."""
+    out = tmp_path / "job"
+    out.mkdir()
+    job = subprocess.Popen([sys.executable, str(JOB), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, env={**_env(), "VRAMTOP": "1"})
+    try:
+        rec = vramtop("record", str(job.pid), "--yes", "-o", str(tmp_path / "r.vramtop"), "--duration", "1")
+        assert rec.returncode == 0, rec.stderr
+        assert "will start one inside it" not in rec.stderr and "agent started" not in rec.stderr
+        hello = [a for a in discovery.list_agents() if a["pid"] == job.pid]
+        assert hello  # the job's own agent
+        from vramtop.recording import open_recording
+
+        with open_recording(str(tmp_path / "r.vramtop")) as r:
+            assert all("injected" not in s.hello for s in r.sessions())
+    finally:
+        (out / "stop").write_text("")
+        job.wait(60)

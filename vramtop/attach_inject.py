@@ -42,7 +42,7 @@ def attach_injecting(pid: int, yes: bool = False, refresh_hz: float = 4.0) -> in
     from vramtop import inject
     from vramtop.commands.attach import attach
 
-    if agents_of(pid):
+    if agents_of(pid) or starts_its_own_agent(pid):
         return attach(str(pid), refresh_hz=refresh_hz)
     try:
         status = inject.start_agent(pid, yes, "attach", say=_say)
@@ -66,6 +66,9 @@ def _node_view(refresh_hz: float) -> int:
     return 0
 
 
+_ENV_KEYS = (b"RANK", b"WORLD_SIZE", b"LOCAL_RANK", b"VRAMTOP", b"VRAMTOP_RECORD", b"PYTHONPATH")
+
+
 def _env_of(pid: int) -> dict[str, str]:
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
@@ -75,9 +78,18 @@ def _env_of(pid: int) -> dict[str, str]:
     env = {}
     for item in items:
         key, sep, value = item.partition(b"=")
-        if sep and key in (b"RANK", b"WORLD_SIZE", b"LOCAL_RANK"):
+        if sep and key in _ENV_KEYS:
             env[key.decode()] = value.decode(errors="replace")
     return env
+
+
+def starts_its_own_agent(pid: int) -> bool:
+    """Started under `vramtop run`, VRAMTOP=1 or VRAMTOP_RECORD: its agent appears at its first training
+    forward; wait for it instead of injecting a second one."""
+    from vramtop_agent import _autostart
+
+    env = _env_of(pid)
+    return _autostart.enabled(env) or "vramtop_agent/_boot" in env.get("PYTHONPATH", "")
 
 
 def plain_torch_processes() -> list[dict]:
