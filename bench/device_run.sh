@@ -24,3 +24,5 @@ echo "== gpu tests =="
 timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4
 echo "== budgets and creep on the GPU (issue 15) =="
 timeout 200 python3 bench/gpu_alarms.py --json "$OUT/gpu_alarms.json" 2>&1 | grep -E "^(PASS|FAIL|SKIP)" | tee "$OUT/gpu_alarms.log"
+echo "== injection into a running CUDA job (docs/attach.md; needs ptrace on the box) =="
+timeout 240 python3 bench/bench_inject.py --device cuda --runs 2 --steps 20 2>&1 | tail -4

@@ -25,8 +25,10 @@ cfg = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=344, num_h
 cfg._attn_implementation = "eager"
 model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                           target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+device = os.environ.get("DEVICE", "cpu")  # bench/bench_inject.py --device cuda on a GPU machine
+model = model.to(device)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-ids = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(0))
+ids = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def nbytes(tensors):

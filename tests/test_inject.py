@@ -230,7 +230,7 @@ def test_attach_injects_into_a_plain_lora_job_byte_exact(plain_jobs, tmp_path):
         view.expect(re.compile(r"injected: steps before \d+ unknown"))
         info = agent_of(job.pid)
         got = collect(info["endpoint"], lambda ms: len(_optimizer_starts(ms)) >= 2 and any(
-            m["type"] == "step" for m in ms))
+            m["type"] == "step" for m in ms) and any(m["type"] == "hello" and m.get("optimizer") for m in ms))
         assert view.quit() == 0
     finally:
         view.close()
@@ -494,8 +494,188 @@ def test_remote_exec_reports_an_interpreter_without_it():
 def test_injected_line_and_gdb_command_are_well_formed(tmp_path):
     boot = tmp_path / "it's \"odd\".py"
     line = inject._LINE.format(path=str(boot))
-    compile(line, "<line>", "exec")  # what PyRun_SimpleString will run
+    code = compile(line, "<line>", "exec")  # what PyRun_SimpleString will run, in the job's __main__
+    assert code.co_names and "f" not in code.co_names  # it reads the file without binding a name there
+    namespace = {"__builtins__": __builtins__}
+    boot.write_text("ran = True\n")
+    exec(code, namespace)
+    assert set(namespace) == {"__builtins__"}  # __main__ is left as it was
     cmd = inject.gdb_command(123, line)
     call = next(c for c in cmd if c.startswith("call "))
     assert call.startswith('call (int)Py_AddPendingCall((void*)&PyRun_SimpleString, (void*)"')
     assert '\\"odd\\"' in call and "\n" not in call
+
+
+# ---------------------------------------------------------------------- the agent's side
+
+
+HIDE_VRAMTOP = textwrap.dedent("""
+    import sys, time
+    # This job's environment cannot import vramtop_agent (as if vramtop were installed elsewhere).
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", ""))]
+    sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("agent")]
+    try:
+        import vramtop_agent
+        print("importable", flush=True)
+    except ImportError:
+        print("not importable", flush=True)
+    import torch
+    model = torch.nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    while True:
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        time.sleep(0.02)
+""")
+
+
+def test_agent_directory_is_added_when_the_job_cannot_import_it(tmp_path):
+    target = subprocess.Popen([sys.executable, "-c", HIDE_VRAMTOP], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert target.stdout.readline().strip() == "not importable"
+        deadline = time.monotonic() + 120
+        while not any("libtorch" in line for line in open(f"/proc/{target.pid}/maps")):
+            assert time.monotonic() < deadline and target.poll() is None
+            time.sleep(0.2)
+        out = vramtop("record", str(target.pid), "--yes", "-o", str(tmp_path / "r.vramtop"), "--duration", "0.5")
+        assert out.returncode == 0 and "agent started" in out.stderr, out.stderr
+        info = agent_of(target.pid)
+        got = collect(info["endpoint"], lambda ms: any(m["type"] == "step" for m in ms))
+        assert [m for m in got if m["type"] == "hello"][-1]["model"]["class"] == "Linear"
+        assert target.poll() is None
+    finally:
+        target.kill()
+        target.wait()
+
+
+def test_injected_mid_forward_the_root_is_still_the_outermost_module(tmp_path):
+    """The bootstrap can run inside a forward whose outer modules took PyTorch's hook-free fast path:
+    the root must still be the outermost module, and the first step reported a whole one."""
+    import torch
+
+    from vramtop_agent import _inject_boot
+    from vramtop_agent.autodetect import RootDetector
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    status = tmp_path / "status.json"
+    fired = []
+
+    def mid_forward(module, args):  # where a pending call can land: between two bytecodes of a forward
+        if not fired:
+            fired.append(True)
+            _inject_boot.run("start", str(status))
+
+    handle = model[1].register_forward_pre_hook(mid_forward)
+    try:
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        result = json.loads(status.read_text())
+        assert result["ok"] and not result["already"], result
+        agent = _inject_boot.injected_agent()
+        assert agent.model is model  # not model[2], which a depth counter started mid-forward would pick
+        assert agent.optimizer is opt and agent.injected["first_step"] == 1
+        assert [s["step"] for s in agent.steps] == [1]  # step 0 began before the optimizer was known
+        assert _inject_boot.start()["already"]  # twice: the same agent
+    finally:
+        handle.remove()
+        _inject_boot.run("stop", str(status))
+    assert json.loads(status.read_text()) == {"ok": True, "stopped": True, "pid": os.getpid()}
+    from torch.nn.modules import module as m
+    from torch.optim import optimizer as o
+
+    assert not m._global_forward_pre_hooks and not m._global_forward_hooks
+    assert not o._global_optimizer_pre_hooks and not o._global_optimizer_post_hooks
+    assert not any(isinstance(h, RootDetector) for h in agent._hooks)
+
+
+@pytest.mark.parametrize("injected, shown", [
+    ({"at": 1.0}, "(injected: waiting for the next optimizer step)"),
+    ({"at": 1.0, "first_step": 1}, "step 7 (injected: steps before 1 unknown)"),
+    (None, None),
+])
+def test_header_marks_an_injected_session(injected, shown):
+    from vramtop.state import SessionState
+    from vramtop.tui import render
+
+    state = SessionState(clock=lambda: 100.0)
+    hello = {"v": 1, "type": "hello", "t": 99.0, "pid": 1, "rank": 0, "eseq": 1, "host": "h", "cmdline": ["x"],
+             "start_time": 1.0, "agent_version": "0.1.0", "device": "cpu", "sample_hz": 10.0}
+    if injected:
+        hello["injected"] = injected
+    state.apply(hello)
+    state.apply({"v": 1, "type": "sample", "t": 99.5, "pid": 1, "rank": 0, "seq": 1, "step": 7, "phase": "idle",
+                 "device": "cpu", "blocks": dict.fromkeys(("parameters", "gradients", "optimizer", "activations",
+                                                           "other"), 0)})
+    text = render.header(state).plain
+    if shown:
+        assert shown in text
+    else:
+        assert "injected" not in text
+
+
+def test_attach_over_ssh_offers_the_plain_job_and_injects_there(tmp_path, tmp_path_factory):
+    """`vramtop attach HOST` with no agent there: the picker lists the host's plain PyTorch processes
+    (`vramtop ls --plain` over ssh), `vramtop inject PID` runs there, then the dashboard opens."""
+    sys.path.insert(0, str(HERE))
+    from sshd_server import start_sshd
+
+    sshd = start_sshd(tmp_path_factory.mktemp("sshd"))
+    job = PlainJob(tmp_path / "job")
+    job.proc.kill()  # restarted below with the remote's runtime dir, where `vramtop ls` there looks
+    job.proc.communicate()
+    env = _env(STEP_PAUSE="0.02", VRAMTOP_RUNTIME_DIR=str(sshd.remote_runtime_dir))
+    job.proc = subprocess.Popen([sys.executable, str(JOB), str(job.out), "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    job.pid = job.proc.pid
+    view = None
+    try:
+        job.truth()
+        view = Pty("attach", sshd.alias, "--remote-vramtop", str(Path(sys.executable).with_name("vramtop")),
+                   VRAMTOP_SSH=sshd.ssh_env)
+        text = view.expect("Inject the vramtop agent into which?")
+        listed = {int(pid): n for n, pid in re.findall(r"(\d+)\) pid (\d+)", text)}
+        assert job.pid in listed, text
+        view.send(f"{listed[job.pid]}\r")
+        view.expect(re.compile(r"injected: steps before \d+ unknown"))
+        assert view.quit() == 0
+        assert any(p.name.startswith(f"{job.pid}-") for p in sshd.remote_runtime_dir.glob("*.json"))
+        code, _, err = job.finish()
+        assert code == 0 and "Traceback" not in err, err
+    finally:
+        if view is not None:
+            view.close()
+        job.kill()
+        sshd.stop()
+
+
+def test_ptrace_refusal_line_says_what_to_change():
+    line = inject._ptrace_denied_line(4242, "Operation not permitted")
+    assert line.startswith("cannot trace process 4242 (Operation not permitted): ")
+    assert ("ptrace_scope" in line) or ("CAP_SYS_PTRACE" in line)
+    assert "vramtop run" in line and "\n" not in line
+
+
+def test_a_job_that_starts_its_own_agent_is_waited_for_not_injected(tmp_path):
+    """VRAMTOP=1 (or `vramtop run`): the job's agent appears at its first training forward."""
+    out = tmp_path / "job"
+    out.mkdir()
+    job = subprocess.Popen([sys.executable, str(JOB), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, env={**_env(), "VRAMTOP": "1"})
+    try:
+        rec = vramtop("record", str(job.pid), "--yes", "-o", str(tmp_path / "r.vramtop"), "--duration", "1")
+        assert rec.returncode == 0, rec.stderr
+        assert "will start one inside it" not in rec.stderr and "agent started" not in rec.stderr
+        hello = [a for a in discovery.list_agents() if a["pid"] == job.pid]
+        assert hello  # the job's own agent
+        from vramtop.recording import open_recording
+
+        with open_recording(str(tmp_path / "r.vramtop")) as r:
+            assert all("injected" not in s.hello for s in r.sessions())
+    finally:
+        (out / "stop").write_text("")
+        job.wait(60)

@@ -42,7 +42,7 @@ def attach_injecting(pid: int, yes: bool = False, refresh_hz: float = 4.0) -> in
     from vramtop import inject
     from vramtop.commands.attach import attach
 
-    if agents_of(pid):
+    if agents_of(pid) or starts_its_own_agent(pid):
         return attach(str(pid), refresh_hz=refresh_hz)
     try:
         status = inject.start_agent(pid, yes, "attach", say=_say)
@@ -66,6 +66,9 @@ def _node_view(refresh_hz: float) -> int:
     return 0
 
 
+_ENV_KEYS = (b"RANK", b"WORLD_SIZE", b"LOCAL_RANK", b"VRAMTOP", b"VRAMTOP_RECORD", b"PYTHONPATH")
+
+
 def _env_of(pid: int) -> dict[str, str]:
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
@@ -75,9 +78,18 @@ def _env_of(pid: int) -> dict[str, str]:
     env = {}
     for item in items:
         key, sep, value = item.partition(b"=")
-        if sep and key in (b"RANK", b"WORLD_SIZE", b"LOCAL_RANK"):
+        if sep and key in _ENV_KEYS:
             env[key.decode()] = value.decode(errors="replace")
     return env
+
+
+def starts_its_own_agent(pid: int) -> bool:
+    """Started under `vramtop run`, VRAMTOP=1 or VRAMTOP_RECORD: its agent appears at its first training
+    forward; wait for it instead of injecting a second one."""
+    from vramtop_agent import _autostart
+
+    env = _env_of(pid)
+    return _autostart.enabled(env) or "vramtop_agent/_boot" in env.get("PYTHONPATH", "")
 
 
 def plain_torch_processes() -> list[dict]:
@@ -124,6 +136,35 @@ def _int(value) -> int | None:
         return None
 
 
+def _choose(plain: list[dict], yes: bool) -> list[dict]:
+    """The processes the user picks from the list (interactive), or all of one job with --yes."""
+    if not plain:
+        return []
+    _say("vramtop: no vramtop agent here; these processes run PyTorch without one:")
+    for i, p in enumerate(plain, 1):
+        rank = f"rank {p['rank']}/{p['world_size']}  " if p["world_size"] > 1 else ""
+        _say(f"  {i}) pid {p['pid']}  {rank}{_one_line(p['cmdline'])}")
+    if sys.stdin is not None and sys.stdin.isatty():
+        try:
+            answer = input("Inject the vramtop agent into which? (numbers, a = all, Enter = none) ").strip().lower()
+        except EOFError:
+            answer = ""
+        if answer in ("a", "all"):
+            return plain
+        return [plain[int(n) - 1] for n in answer.replace(",", " ").split() if n.isdigit() and 0 < int(n) <= len(plain)]
+    if not yes:
+        raise UserError("not injecting without confirmation: pass a PID and --yes, or --no-inject")
+    if len({p["world_size"] for p in plain}) != 1 or (len(plain) > 1 and plain[0]["world_size"] < 2):
+        raise UserError("several unrelated PyTorch processes: pass the PID to attach to")
+    return plain
+
+
+def _one_line(cmdline: list[str]) -> str:
+    from vramtop.inject import one_line
+
+    return one_line(cmdline, 70)
+
+
 def offer_plain(yes: bool = False) -> list[dict]:
     """No agent here: list the plain PyTorch processes, let the user choose, inject; the agents started.
 
@@ -133,33 +174,11 @@ def offer_plain(yes: bool = False) -> list[dict]:
     from vramtop import inject
 
     plain = plain_torch_processes()
-    if not plain:
-        return []
-    _say("vramtop: no vramtop agent here; these processes run PyTorch without one:")
-    for i, p in enumerate(plain, 1):
-        rank = f"rank {p['rank']}/{p['world_size']}  " if p["world_size"] > 1 else ""
-        _say(f"  {i}) pid {p['pid']}  {rank}{inject.one_line(p['cmdline'], 70)}")
-    interactive = sys.stdin is not None and sys.stdin.isatty()
-    if interactive:
-        try:
-            answer = input("Inject the vramtop agent into which? (numbers, a = all, Enter = none) ").strip().lower()
-        except EOFError:
-            answer = ""
-        if not answer:
-            return []
-        chosen = plain if answer in ("a", "all") else [plain[int(n) - 1] for n in answer.replace(",", " ").split()
-                                                        if n.isdigit() and 0 < int(n) <= len(plain)]
-        yes = True  # choosing was the confirmation
-    else:
-        if not yes:
-            raise UserError("not injecting without confirmation: pass a PID and --yes, or --no-inject")
-        if len({p["world_size"] for p in plain}) != 1 or (len(plain) > 1 and plain[0]["world_size"] < 2):
-            raise UserError("several unrelated PyTorch processes: pass the PID to attach to")
-        chosen = plain
+    chosen = _choose(plain, yes)
     agents = []
     for p in chosen:
         try:
-            inject.start_agent(p["pid"], yes, "attach", say=_say)
+            inject.start_agent(p["pid"], True, "attach", say=_say)  # choosing was the confirmation
         except UserError as exc:
             _say(f"vramtop: {exc}")
             continue
@@ -167,3 +186,45 @@ def offer_plain(yes: bool = False) -> list[dict]:
         if info is not None:
             agents.append(info)
     return agents
+
+
+def _remote(host, args: str, remote_vramtop: str | None, timeout: float = 120.0) -> str:
+    """`vramtop ARGS` on `host` over ssh; its stdout, or UserError with the last line it printed."""
+    import subprocess
+
+    from vramtop.remote import ls_command
+
+    try:
+        proc = subprocess.run(ls_command(host, remote_vramtop, args), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{host}: no answer from `vramtop {args.split()[0]}` within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"{host}: {last.removeprefix('vramtop: ')}")
+    return proc.stdout
+
+
+def offer_plain_remote(host, remote_vramtop: str | None, yes: bool = False) -> list[dict]:
+    """`vramtop attach HOST` with no agent there: the same picker over ssh; the agents then listed there."""
+    import json
+
+    from vramtop.commands.attach import list_hosts
+
+    try:
+        plain = json.loads(_remote(host, "ls --plain --json", remote_vramtop, timeout=60).strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return []
+    chosen = _choose(plain, yes)
+    for p in chosen:
+        try:
+            _say(_remote(host, f"inject {int(p['pid'])} --yes", remote_vramtop).strip())
+        except UserError as exc:
+            _say(f"vramtop: {exc}")
+    deadline = time.monotonic() + 10
+    while chosen:
+        agents = [a for a in list_hosts([host], remote_vramtop) if a.get("pid") in {p["pid"] for p in chosen}]
+        if len(agents) == len(chosen) or time.monotonic() > deadline:
+            return agents
+        time.sleep(0.3)
+    return []

@@ -16,7 +16,8 @@ from vramtop import __version__
 from vramtop.errors import UserError
 
 # Order is the order shown in --help.
-VERBS = ["attach", "detach", "run", "ls", "record", "replay", "report", "diff", "export", "estimate", "demo", "metrics"]
+VERBS = ["attach", "inject", "detach", "run", "ls", "record", "replay", "report", "diff", "export", "estimate", "demo",
+         "metrics"]
 
 
 def build_parser() -> argparse.ArgumentParser:

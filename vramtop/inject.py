@@ -39,6 +39,7 @@ from pathlib import Path
 from vramtop.errors import UserError
 
 MIN_VERSION, REMOTE_EXEC_VERSION = (3, 10), (3, 14)
+RETRIES = 30  # seconds of "still importing torch" before giving up
 _LIBPYTHON = re.compile(r"libpython(\d+)\.(\d+)")
 _PYEXE = re.compile(r"python(\d+)\.(\d+)$")
 ALTERNATIVES = ("or start the job with `vramtop run -- CMD`, `VRAMTOP=1` or `vramtop_agent.watch(model)` "
@@ -129,8 +130,9 @@ _vramtop_boot()
 del _vramtop_boot
 '''
 
-_LINE = "try:\n exec(compile(open({path!r}).read(),{path!r},'exec'),{{'__name__':'__vramtop_boot__'}})\n" \
-        "except BaseException:\n pass\n"
+# Runs in the job's __main__ namespace (PyRun_SimpleString): it must bind no name there.
+_LINE = "try:\n exec(compile(__import__('pathlib').Path({path!r}).read_text(),{path!r},'exec')," \
+        "{{'__name__':'__vramtop_boot__'}})\nexcept BaseException:\n pass\n"
 
 
 def agent_dir() -> str:
@@ -269,7 +271,7 @@ def _run_remote_exec(target: Target, boot: Path, timeout_s: float) -> None:
 
 
 def run_in(target: Target, action: str, verb: str, timeout_s: float = 30.0, say=None) -> dict:
-    """Make the job run the bootstrap for `action` ("start" | "stop"); the status it wrote back."""
+    """Make the job run the bootstrap for `action` ("prepare" | "start" | "stop"); the status it wrote back."""
     boot, status = write_bootstrap(target.pid, action, verb)
     how = method(target)
     try:
@@ -298,7 +300,8 @@ def wait_status(pid: int, status: Path, timeout_s: float, say=None) -> dict:
         if not _alive(pid):
             raise UserError(f"process {pid} exited before the agent started")
         if not warned and say and time.monotonic() > deadline - timeout_s + 3:
-            say(f"vramtop: waiting for process {pid}'s main thread to run Python code (it is inside a long call)")
+            say(f"vramtop: waiting for process {pid} to run the agent's bootstrap (its main thread runs it "
+                "between two bytecodes)")
             warned = True
         time.sleep(0.05)
     raise UserError(f"process {pid}'s main thread has not run Python code for {timeout_s:g}s (a long C call, or "
@@ -342,7 +345,14 @@ def start_agent(pid: int, yes: bool, verb: str, say=None) -> dict:
     """Probe, confirm, inject; the status dict (`endpoint`, `already`) of the running agent. Raises UserError."""
     target = probe(pid)
     confirm(target, yes)
-    status = run_in(target, "start", verb, say=say)
+    status = run_in(target, "prepare", verb, say=say)  # imports, off the training thread
+    if status.get("ok"):
+        status = run_in(target, "start", verb, say=say)
+    for _ in range(RETRIES):
+        if status.get("ok") or not status.get("retry"):
+            break
+        time.sleep(1.0)  # the job was inside `import torch`: nothing was started, ask again
+        status = run_in(target, "start", verb, say=say)
     if not status.get("ok"):
         raise InjectRefused(f"process {pid}: {status.get('reason') or 'the agent did not start'}")
     return status

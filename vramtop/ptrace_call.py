@@ -10,9 +10,9 @@ written back at the size the kernel reports.
 
 What happens to the target:
 - one thread is stopped (PTRACE_SEIZE + PTRACE_INTERRUPT; the others keep
-  running): preferably a thread that is not the main one and sleeps in a
-  system call (torch's intra-op pool, a CUDA or gloo helper), so the training
-  thread is never stopped;
+  running): preferably a thread that is not the main one and sleeps in futex
+  (torch's intra-op pool, a CUDA helper), so the training thread is never
+  stopped (`pick_thread`);
 - its registers and XSAVE area are saved, the function is entered with the
   return address 0, and the fault at 0 marks its return;
 - the saved state is written back and the thread detached, with the signal
@@ -93,9 +93,17 @@ def _wait_stop(tid: int, deadline: float) -> int:
         time.sleep(0.0005)
 
 
+SYS_FUTEX = 202  # x86-64
+
+
 def pick_thread(pid: int) -> int:
-    """A thread to borrow: a sleeping non-main thread if there is one (the training thread runs on), else main."""
-    sleeping, others = [], []
+    """A thread to borrow, the training thread last.
+
+    First a non-main thread asleep in futex (a thread pool or a lock: the wait restarts unnoticed after a
+    ptrace stop); then any sleeping non-main thread (some calls, epoll_wait among them, return EINTR after
+    a stop, which their callers retry); then the main thread.
+    """
+    futex, sleeping = [], []
     for name in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
         tid = int(name)
         if tid == pid:
@@ -103,10 +111,13 @@ def pick_thread(pid: int) -> int:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as fh:
                 state = fh.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as fh:
+                nr = fh.read().split()[0]
+        except (OSError, IndexError):
             continue
-        (sleeping if state in ("S", "D") else others).append(tid)
-    return (sleeping or [pid])[0]
+        if state in ("S", "D"):
+            (futex if nr == str(SYS_FUTEX) else sleeping).append(tid)
+    return (futex or sleeping or [pid])[0]
 
 
 class Tracee:

@@ -148,15 +148,15 @@ def _opts(opts) -> list[str]:
     return out
 
 
-def ls_command(host: Host, remote_vramtop: str | None = None) -> list[str]:
-    """`vramtop ls --json` on `host`, run by a POSIX sh whatever the login shell is."""
+def ls_command(host: Host, remote_vramtop: str | None = None, args: str = "ls --json") -> list[str]:
+    """`vramtop ls --json` (or `vramtop ARGS`) on `host`, run by a POSIX sh whatever the login shell is."""
     remote_vramtop = remote_vramtop or os.environ.get(REMOTE_ENV) or None
     if remote_vramtop:
-        script = f"exec {remote_vramtop} ls --json"
+        script = f"exec {remote_vramtop} {args}"
     else:
         # A non-interactive ssh shell often lacks the PATH of a login: try the module too.
-        script = ("if command -v vramtop >/dev/null 2>&1; then exec vramtop ls --json; "
-                  "elif python3 -c 'import vramtop' >/dev/null 2>&1; then exec python3 -m vramtop ls --json; "
+        script = (f"if command -v vramtop >/dev/null 2>&1; then exec vramtop {args}; "
+                  f"elif python3 -c 'import vramtop' >/dev/null 2>&1; then exec python3 -m vramtop {args}; "
                   f"else echo 'vramtop: command not found' >&2; exit {NOT_FOUND}; fi")
     return [*ssh_program(), *_opts(_COMMON_OPTS), "-T", "-n", *host.ssh_args(), "sh -c " + shlex.quote(script)]
 

@@ -10,6 +10,8 @@ long; it writes one JSON status file (mode 0600) that the viewer reads:
   `injected` in its hello. An agent already in the process (injected before,
   `vramtop_agent.watch`, `vramtop run`) is reused: nothing new is started.
 - stop: the injected agent stops, removing every hook it installed (`vramtop detach`).
+- prepare (before start): the agent's modules are imported in a daemon thread,
+  so that the pending call of `start` on the training thread takes milliseconds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ REQUIRED = (("zmq", "pyzmq"), ("msgpack", "msgpack"), ("psutil", "psutil"))
 _injected = {"agent": None}
 
 
+# Imported by `prepare` off the training thread, so that `start` (on it) only builds the agent.
+PRELOAD = ("zmq", "msgpack", "psutil", "vramtop_agent.agent", "vramtop_agent.publisher", "vramtop_agent.discovery",
+           "vramtop_agent.introspect", "vramtop_agent.oom", "vramtop_agent.estimator")
+
+
 def run(action: str, status_path: str) -> None:
+    if action == "prepare":
+        _in_thread(prepare, status_path)
+        return
     try:
         result = stop() if action == "stop" else start()
     except BaseException as exc:  # noqa: BLE001 - nothing may reach the job
@@ -36,6 +46,39 @@ def run(action: str, status_path: str) -> None:
         write_status(status_path, result)
     except BaseException:
         pass
+
+
+def _in_thread(work, status_path: str) -> None:
+    """Run `work` in a daemon thread that writes its status: the job's main thread returns at once."""
+    import threading
+
+    def body():
+        try:
+            result = work()
+        except BaseException as exc:  # noqa: BLE001
+            result = {"ok": False, "reason": f"agent not loaded: {type(exc).__name__}: {exc}"[:400]}
+        result.setdefault("pid", os.getpid())
+        try:
+            write_status(status_path, result)
+        except BaseException:
+            pass
+
+    threading.Thread(target=body, name="vramtop-inject-preload", daemon=True).start()
+
+
+def prepare() -> dict:
+    """Import what the agent needs, off the training thread (imports hold the GIL in slices, not at once)."""
+    missing = missing_dependencies()
+    if missing:
+        return _missing(missing)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    return {"ok": True, "prepared": True}
+
+
+def _missing(missing: list[str]) -> dict:
+    return {"ok": False, "reason": f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+            f"installed in the job's environment ({sys.executable}): `pip install {' '.join(missing)}` there"}
 
 
 def write_status(path: str, result: dict) -> None:
@@ -79,10 +122,13 @@ def start() -> dict:
         return {"ok": True, "already": True, "endpoint": agent.endpoint, "injected": True}
     missing = missing_dependencies()
     if missing:
-        return {"ok": False, "reason": f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
-                f"installed in the job's environment ({sys.executable}): `pip install {' '.join(missing)}` there"}
-    if "torch" not in sys.modules:
+        return _missing(missing)
+    torch = sys.modules.get("torch")
+    if torch is None:
         return {"ok": False, "reason": "torch is not imported in this process"}
+    if getattr(getattr(torch, "__spec__", None), "_initializing", False) or not hasattr(torch, "optim"):
+        # The line ran inside `import torch`: importing the agent now would re-enter a half-built torch.
+        return {"ok": False, "retry": True, "reason": "the job is still importing torch"}
     existing = existing_agent()
     if existing is not None:
         return existing

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if hosts:
         if local:
             raise UserError("give either one PID/ENDPOINT or hosts, not both")
-        return attach_hosts(hosts, all_agents=args.all, remote_vramtop=args.remote_vramtop, refresh_hz=args.refresh)
+        return attach_hosts(hosts, all_agents=args.all, remote_vramtop=args.remote_vramtop, refresh_hz=args.refresh,
+                            inject=not args.no_inject, yes=args.yes)
     if args.remote_vramtop:
         raise UserError("--remote-vramtop needs a HOST")
     if len(targets) > 1:
@@ -168,13 +169,17 @@ def list_hosts(hosts, remote_vramtop: str | None = None) -> list[dict]:
 
 
 def attach_hosts(hosts: list[str], all_agents: bool = False, remote_vramtop: str | None = None,
-                 refresh_hz: float = 4.0) -> int:
+                 refresh_hz: float = 4.0, inject: bool = False, yes: bool = False) -> int:
     from vramtop.remote import parse_host
 
     parsed = [parse_host(h) for h in hosts]
     if len({h.spec for h in parsed}) != len(parsed):
         raise UserError("a host is given twice")
     agents = list_hosts(parsed, remote_vramtop)  # unreachable host / no vramtop: one line, before any TUI
+    if not agents and inject and len(parsed) == 1:  # plain PyTorch processes there: offer to inject
+        from vramtop.attach_inject import offer_plain_remote
+
+        agents = offer_plain_remote(parsed[0], remote_vramtop, yes=yes)
     chosen = pick_job(agents, all_agents)
     if chosen is not None:
         from vramtop.job_source import JobSource

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("host", nargs="?", help="list the agents on this host over ssh")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plain", action="store_true",
+                   help="list this machine's PyTorch processes that run no agent (what `vramtop attach` can "
+                   "inject into; docs/attach.md)")
     p.add_argument("--remote-vramtop", metavar="CMD", default=None,
                    help="how to run vramtop on HOST (default: vramtop, else python3 -m vramtop; "
                    "or set VRAMTOP_REMOTE_VRAMTOP)")
@@ -78,6 +81,17 @@ def table(agents: list[dict], now: float | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plain:
+        if args.host:
+            raise UserError("--plain lists this machine (over ssh, `vramtop attach HOST` uses it)")
+        from vramtop.attach_inject import plain_torch_processes
+
+        plain = plain_torch_processes()
+        if args.json:
+            print(json.dumps(plain))
+        for p in [] if args.json else plain:
+            print(f"{p['pid']:>8}  {' '.join(p['cmdline'])[:100]}")
+        return 0
     if args.host:
         from vramtop.remote import parse_host, remote_ls
 

@@ -91,8 +91,10 @@ def _inject_if_plain(pid: int, yes: bool, say) -> None:
     from vramtop import inject
     from vramtop_agent import discovery
 
-    if any(a.get("pid") == pid for a in discovery.list_agents()):
-        return
+    from vramtop.attach_inject import starts_its_own_agent
+
+    if any(a.get("pid") == pid for a in discovery.list_agents()) or starts_its_own_agent(pid):
+        return  # its agent is there, or will be at its first training forward
     status = inject.start_agent(pid, yes, "record", say=say)  # a refusal or a block: one line, exit
     say(f"vramtop record: {'reusing the agent in' if status.get('already') else 'agent started in'} process {pid}")
 
