@@ -168,7 +168,10 @@ def test_lora_dropout_keeps_a_copy_of_every_adapted_input():
 def test_phase_peaks_and_blocks_are_consistent():
     est = estimate(get_preset("mistral-7b"), Setup(method="qlora", batch=2, seq_len=1024, grad_ckpt=True))
     assert set(est.blocks) == set(BLOCKS) and set(est.phase_peaks) == set(PHASES)
-    assert est.peak == max(est.phase_peaks.values()) + est.other_parts["cuda_context"]
+    # Three peaks: allocated (phases) <= reserved (whole 2 MiB segments) < device (+ context + workspaces).
+    assert est.peak_allocated == max(est.phase_peaks.values())
+    assert est.peak_allocated <= est.peak_reserved < est.peak_allocated + 24 * 2**20
+    assert est.peak == est.device == est.peak_reserved + est.other_parts["cuda_context"] + est.device_parts["workspaces"]
     assert est.phase_peaks["forward"] >= est.end_of_forward - est.other_parts["cuda_context"] - 1
     assert all(isinstance(t[0], str) and isinstance(t[1], int) and t[2] for t in est.terms)
     names = [t[0] for t in est.terms]
@@ -247,3 +250,15 @@ def test_optimizer_aliases_and_8bit_states():
     assert adam.blocks["optimizer"] == 4 * n  # bf16 states
     # 2 bytes per weight + fp32 absmax per 256 (+ the 32-bit norms): just over 2 bytes per weight.
     assert 2 * n < eight.blocks["optimizer"] < 2.05 * n
+
+
+def test_paged_optimizer_states_are_on_the_device_but_not_allocated():
+    """Paged optimizers keep their states in CUDA managed memory: nvidia-smi sees them, torch's counters don't."""
+    model = get_preset("llama-2-7b")
+    plain = estimate(model, Setup(method="lora", optimizer="adamw-8bit"))
+    paged = estimate(model, Setup(method="lora", optimizer="paged-adamw-8bit"))
+    states = paged.blocks["optimizer"]
+    assert states == plain.blocks["optimizer"] > 0
+    assert paged.peak_allocated == plain.peak_allocated - states
+    assert paged.device_parts["paged_optimizer"] == states
+    assert paged.device >= paged.peak_reserved + states

@@ -79,6 +79,7 @@ def _recorder_class():
             self.routing = routing
             self.allocator = allocator
             self._routed = 0
+            self.memo = False   # on for the training steps only (building depends on the default dtype)
 
         # -- storages
         def note(self, t) -> None:
@@ -121,8 +122,10 @@ def _recorder_class():
                 out = self._route(args[0])
             elif func is aten._grouped_mm.default and args[0].is_meta:
                 out = _grouped_mm_meta(*args, **kwargs)
-            else:
+            elif self.memo:
                 out = _memo_call(func, args, kwargs)
+            else:
+                out = func(*args, **kwargs)
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor) and not t.is_sparse:
                     with contextlib.suppress(Exception):
@@ -189,7 +192,7 @@ def _recorder_class():
     _PLAIN = (int, float, bool, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
     def _signature(func, args, kwargs):
-        parts = [func]
+        parts = [func, torch.get_default_dtype()]
         for x in _flat((args, kwargs)):
             if isinstance(x, torch.Tensor):
                 if type(x) is not torch.Tensor or not x.is_meta:
@@ -268,7 +271,13 @@ def _build(config, setup):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(base))
         except Exception as exc:
-            raise ExecutionError(f"cannot build {type(config).__name__} as a causal LM: {exc}") from None
+            if config._attn_implementation == "eager" or "attention implementation" not in str(exc):
+                first = str(exc).split(". ")[0].splitlines()[0]
+                raise ExecutionError(f"cannot build {type(config).__name__} as a causal LM: {first}") from None
+            # Some architectures (Gemma 2's soft-capping) have no SDPA path: transformers runs them eagerly.
+            config._attn_implementation = "eager"
+            model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(base))
+            model._vramtop_note = f"{type(config).__name__[:-6]} has no SDPA attention: eager attention assumed"
     if setup.quantized:
         _quantize_4bit(model, setup)
     return model
@@ -446,6 +455,7 @@ class Measured:
         self.peak_reserved = 0
         self.moe = None
         self.extrapolated = False
+        self.notes: list = []
 
 
 def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
@@ -476,10 +486,14 @@ def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
         b, s = setup.batch, setup.seq_len
         ids = torch.zeros((b, s), dtype=torch.long, device="meta")
         batch = {"input_ids": ids, "labels": ids.clone()}
+        rec.memo = True
         _warm_up(model, opt, setup)
         m.start = rec.level
         _one_step(model, opt, batch, setup, rec, m)
         _blocks(model, opt, batch, m)
+        note = getattr(getattr(model, "base_model", model), "_vramtop_note", None) or getattr(model, "_vramtop_note", None)
+        if note:
+            m.notes.append(note)
     if alloc is not None:
         m.peak_reserved = alloc.peak_reserved
     return m
@@ -671,7 +685,8 @@ def _extend(a: Measured, b: Measured, k: float) -> Measured:
     for name, va in vars(a).items():
         vb = getattr(b, name)
         if isinstance(va, dict):
-            setattr(out, name, {key: _lin(va.get(key, 0), vb.get(key, 0), k) for key in set(va) | set(vb)})
+            keys = list(va) + [key for key in vb if key not in va]
+            setattr(out, name, {key: _lin(va.get(key, 0), vb.get(key, 0), k) for key in keys})
         elif name == "trainable_numels":
             per_period = vb[len(va):] if vb[:len(va)] == va else []
             whole = int(k)
@@ -705,7 +720,8 @@ def execute(config: dict, setup, routing: str = "balanced", name: str | None = N
     setup = validate(setup)
     if setup.world_size > 1:
         raise ExecutionError("execution covers one device; use --engine formula for ZeRO/DDP sharding")
-    m = measure(config, setup, routing, exact)
+    with _quiet():
+        m = measure(config, setup, routing, exact)
     cuda = setup.device.startswith("cuda")
     opt_extra, paged = optimizer_only(setup, m.trainable_numels)
     if setup.masters and m.optimizer:
@@ -754,12 +770,29 @@ def optimizer_only(setup, numels) -> tuple[int, int]:
     return (0, total) if opt.startswith("paged") else (total, 0)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """transformers' deprecation and config warnings are about the user's future code, not this estimate."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _round_up(n: int) -> int:
     return -(-n // (2 << 20)) * (2 << 20)
 
 
 def _assumptions(m, routing, setup) -> list:
-    out = []
+    out = list(m.notes)
     if m.moe:
         experts, top_k = m.moe
         out.append(f"mixture of experts ({experts} experts, top-{top_k}): {routing} routing"
