@@ -211,7 +211,7 @@ def test_hf_config_json(tmp_path):
     ("{not json", "not valid JSON"),
     ('{"model_type": "llama", "hidden_size": 64}', "no positive integer 'num_attention_heads'"),
     ('{"model_type": "bert", "hidden_size": 64, "intermediate_size": 1, "num_hidden_layers": 1, '
-     '"num_attention_heads": 1, "vocab_size": 5, "hidden_act": "gelu"}', "not a SwiGLU model"),
+     '"num_attention_heads": 1, "vocab_size": 5, "hidden_act": "gelu"}', "the formula models llama, mistral, qwen2 and gpt2, not .bert."),
 ])
 def test_bad_config_json(tmp_path, content, message):
     path = tmp_path / "config.json"

@@ -833,3 +833,28 @@ _DEVICE_WHY = {
     "workspaces": "cuBLAS/cuBLASLt workspaces (and NCCL buffers with more than one rank)",
     "paged_optimizer": "paged optimizer states in CUDA managed memory (resident unless memory runs short)",
 }
+
+
+def _main() -> int:
+    """`python -m vramtop_agent.estimator.execute` < {"config": ..., "setup": ...}: the agent's subprocess."""
+    import json
+    import sys
+
+    from vramtop_agent.estimator.setup import Setup
+
+    req = json.load(sys.stdin)
+    fields = dict(req["setup"])
+    for key in ("lora_targets", "modules_to_save"):
+        if fields.get(key):
+            fields[key] = tuple(fields[key])
+    try:
+        est = execute(req["config"], Setup(**fields), routing=req.get("routing", "balanced"), name=req.get("name"))
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    json.dump(est.to_dict(), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
