@@ -72,3 +72,15 @@ def test_a_model_the_formula_does_not_know_gets_an_executed_estimate():
                                                  for t in s.values())
     finally:
         agent.stop()
+
+
+def test_what_if_on_an_executed_estimate_says_where_to_get_it():
+    from vramtop import gap
+    from vramtop_agent.estimator import Setup
+    from vramtop_agent.estimator.execute import execute
+
+    cfg = dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    est = execute(cfg, Setup(method="lora", seq_len=32, device="cpu")).to_dict()
+    with pytest.raises(ValueError, match="run `vramtop estimate` with the new settings"):
+        gap.what_if(est, {"batch": 4})
