@@ -22,3 +22,5 @@ echo "== screenshot of the dashboard on the GPU =="
 timeout 70 python3 bench/gpu_screenshot.py "$OUT/dashboard-gpu.svg" --seconds 30 2>&1 | grep -v -i warn | tail -8
 echo "== gpu tests =="
 timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4
+echo "== estimator: three peaks vs max_memory_allocated / max_memory_reserved / NVML =="
+timeout 300 python3 bench/gpu_estimator.py --quick --budget-s 280 --json "$OUT/gpu_estimator.json" 2>&1 | grep -v -i warn | tail -12
