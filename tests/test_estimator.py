@@ -19,6 +19,7 @@ GIB = 2**30
 
 def test_importable_without_torch():
     code = ("import sys, vramtop_agent.estimator as e; "
+            "from vramtop_agent.estimator import execute, live, allocator, device, model_source; "
             "e.estimate(e.get_preset('llama-2-7b'), e.Setup(method='qlora')); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -262,3 +263,25 @@ def test_paged_optimizer_states_are_on_the_device_but_not_allocated():
     assert paged.peak_allocated == plain.peak_allocated - states
     assert paged.device_parts["paged_optimizer"] == states
     assert paged.device >= paged.peak_reserved + states
+
+
+def test_caching_allocator_model_rounds_splits_and_reuses():
+    from vramtop_agent.estimator.allocator import CachingAllocator
+
+    a = CachingAllocator()
+    a.malloc("x", 100)                  # small pool: 512 B block in a new 2 MiB segment
+    assert (a.allocated, a.reserved) == (512, 2 << 20)
+    a.malloc("y", 3 << 20)              # large, under 10 MiB: a 20 MiB segment, split
+    assert (a.allocated, a.reserved) == (512 + (3 << 20), (2 << 20) + (20 << 20))
+    a.free("y")
+    a.malloc("z", 15 << 20)             # fits the merged free 20 MiB block: no new segment
+    assert a.reserved == (22 << 20)
+    a.malloc("w", 6 << 20)              # 5 MiB left there, too small: a new 20 MiB segment
+    assert a.reserved == (42 << 20) and a.peak_reserved == a.reserved
+    a.malloc("mid", 11 << 20)           # best fit: the 14 MiB left beside w, no new segment
+    assert a.reserved == (42 << 20)
+    a.malloc("big", (15 << 20) + 1)     # >= 10 MiB and nothing free fits: its own segment, rounded to 2 MiB
+    assert a.reserved == (42 << 20) + (16 << 20)
+    for key in ("x", "z", "w", "mid", "big"):
+        a.free(key)
+    assert a.allocated == 0 and a.reserved == (58 << 20)   # segments are kept

@@ -180,3 +180,18 @@ def test_70b_estimate_allocates_nothing_real():
     assert est.peak_allocated > 40 * 2**30 and est.blocks["parameters"] > 35 * 2**30
     assert traced_peak < 64 * 2**20 and rss_growth < 256 * 2**20
     assert est.peak_reserved >= est.peak_allocated and est.device > est.peak_reserved
+
+
+def test_remembered_op_results_never_leak_between_estimates():
+    """The op memo is keyed by input metadata and the default dtype: an fp16 LoRA estimate is the same
+    before and after a QLoRA one (whose build casts to fp32) in the same process."""
+    from vramtop_agent.estimator import execute as engine
+
+    cfg = dict(FAMILIES["llama"])
+    lora = Setup(method="lora", weight_dtype="fp16", batch=BATCH, seq_len=SEQ, device="cpu")
+    engine._MEMO.clear()
+    cold = execute(cfg, lora)
+    execute(cfg, Setup(method="qlora", batch=BATCH, seq_len=SEQ, device="cpu"))
+    warm = execute(cfg, lora)
+    assert warm.blocks == cold.blocks and warm.phase_peaks == cold.phase_peaks
+    assert set(warm.params_by_dtype) == {"fp16", "fp32"}   # fp16 base, fp32 adapters
