@@ -26,3 +26,5 @@ echo "== budgets and creep on the GPU (issue 15) =="
 timeout 200 python3 bench/gpu_alarms.py --json "$OUT/gpu_alarms.json" 2>&1 | grep -E "^(PASS|FAIL|SKIP)" | tee "$OUT/gpu_alarms.log"
 echo "== injection into a running CUDA job (docs/attach.md; needs ptrace on the box) =="
 timeout 240 python3 bench/bench_inject.py --device cuda --runs 2 --steps 20 2>&1 | tail -4
+echo "== estimator: three peaks vs max_memory_allocated / max_memory_reserved / NVML =="
+timeout 300 python3 bench/gpu_estimator.py --quick --budget-s 280 --json "$OUT/gpu_estimator.json" 2>&1 | grep -v -i warn | tail -12

@@ -19,6 +19,7 @@ GIB = 2**30
 
 def test_importable_without_torch():
     code = ("import sys, vramtop_agent.estimator as e; "
+            "from vramtop_agent.estimator import execute, live, allocator, device, model_source; "
             "e.estimate(e.get_preset('llama-2-7b'), e.Setup(method='qlora')); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -168,7 +169,10 @@ def test_lora_dropout_keeps_a_copy_of_every_adapted_input():
 def test_phase_peaks_and_blocks_are_consistent():
     est = estimate(get_preset("mistral-7b"), Setup(method="qlora", batch=2, seq_len=1024, grad_ckpt=True))
     assert set(est.blocks) == set(BLOCKS) and set(est.phase_peaks) == set(PHASES)
-    assert est.peak == max(est.phase_peaks.values()) + est.other_parts["cuda_context"]
+    # Three peaks: allocated (phases) <= reserved (whole 2 MiB segments) < device (+ context + workspaces).
+    assert est.peak_allocated == max(est.phase_peaks.values())
+    assert est.peak_allocated <= est.peak_reserved < est.peak_allocated + 24 * 2**20
+    assert est.peak == est.device == est.peak_reserved + est.other_parts["cuda_context"] + est.device_parts["workspaces"]
     assert est.phase_peaks["forward"] >= est.end_of_forward - est.other_parts["cuda_context"] - 1
     assert all(isinstance(t[0], str) and isinstance(t[1], int) and t[2] for t in est.terms)
     names = [t[0] for t in est.terms]
@@ -208,7 +212,7 @@ def test_hf_config_json(tmp_path):
     ("{not json", "not valid JSON"),
     ('{"model_type": "llama", "hidden_size": 64}', "no positive integer 'num_attention_heads'"),
     ('{"model_type": "bert", "hidden_size": 64, "intermediate_size": 1, "num_hidden_layers": 1, '
-     '"num_attention_heads": 1, "vocab_size": 5, "hidden_act": "gelu"}', "not a SwiGLU model"),
+     '"num_attention_heads": 1, "vocab_size": 5, "hidden_act": "gelu"}', "the formula models llama, mistral, qwen2 and gpt2, not .bert."),
 ])
 def test_bad_config_json(tmp_path, content, message):
     path = tmp_path / "config.json"
@@ -247,3 +251,37 @@ def test_optimizer_aliases_and_8bit_states():
     assert adam.blocks["optimizer"] == 4 * n  # bf16 states
     # 2 bytes per weight + fp32 absmax per 256 (+ the 32-bit norms): just over 2 bytes per weight.
     assert 2 * n < eight.blocks["optimizer"] < 2.05 * n
+
+
+def test_paged_optimizer_states_are_on_the_device_but_not_allocated():
+    """Paged optimizers keep their states in CUDA managed memory: nvidia-smi sees them, torch's counters don't."""
+    model = get_preset("llama-2-7b")
+    plain = estimate(model, Setup(method="lora", optimizer="adamw-8bit"))
+    paged = estimate(model, Setup(method="lora", optimizer="paged-adamw-8bit"))
+    states = paged.blocks["optimizer"]
+    assert states == plain.blocks["optimizer"] > 0
+    assert paged.peak_allocated == plain.peak_allocated - states
+    assert paged.device_parts["paged_optimizer"] == states
+    assert paged.device >= paged.peak_reserved + states
+
+
+def test_caching_allocator_model_rounds_splits_and_reuses():
+    from vramtop_agent.estimator.allocator import CachingAllocator
+
+    a = CachingAllocator()
+    a.malloc("x", 100)                  # small pool: 512 B block in a new 2 MiB segment
+    assert (a.allocated, a.reserved) == (512, 2 << 20)
+    a.malloc("y", 3 << 20)              # large, under 10 MiB: a 20 MiB segment, split
+    assert (a.allocated, a.reserved) == (512 + (3 << 20), (2 << 20) + (20 << 20))
+    a.free("y")
+    a.malloc("z", 15 << 20)             # fits the merged free 20 MiB block: no new segment
+    assert a.reserved == (22 << 20)
+    a.malloc("w", 6 << 20)              # 5 MiB left there, too small: a new 20 MiB segment
+    assert a.reserved == (42 << 20) and a.peak_reserved == a.reserved
+    a.malloc("mid", 11 << 20)           # best fit: the 14 MiB left beside w, no new segment
+    assert a.reserved == (42 << 20)
+    a.malloc("big", (15 << 20) + 1)     # >= 10 MiB and nothing free fits: its own segment, rounded to 2 MiB
+    assert a.reserved == (42 << 20) + (16 << 20)
+    for key in ("x", "z", "w", "mid", "big"):
+        a.free(key)
+    assert a.allocated == 0 and a.reserved == (58 << 20)   # segments are kept

@@ -41,7 +41,7 @@ def test_json_output_format(capsys):
 
 
 def test_does_not_fit(capsys):
-    code, out, _ = run(capsys, "llama-3-70b", "--method", "full", "--gpu", "h100")
+    code, out, _ = run(capsys, "llama-3-70b", "--method", "full", "--gpu", "h100", "--engine", "formula")
     assert code == 0 and "does NOT fit" in out
 
 
@@ -49,7 +49,7 @@ def test_config_json_path(capsys, tmp_path):
     cfg = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
            "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    code, out, _ = run(capsys, str(tmp_path / "config.json"), "--json")
+    code, out, _ = run(capsys, str(tmp_path / "config.json"), "--json", "--engine", "formula")
     assert code == 0 and json.loads(out)["model"]["num_kv_heads"] == 4
 
 
@@ -59,7 +59,7 @@ def test_config_json_path(capsys, tmp_path):
     (["llama-2-7b", "--dtype", "nf4"], "full fine-tuning cannot train nf4"),
     (["llama-2-7b", "--optim", "lion"], "unknown optimizer 'lion'"),
     (["llama-2-7b", "--gpu", "rtx9999"], "unknown card 'rtx9999'"),
-    (["llama-2-7b", "--method", "lora", "--targets", "qkv"], "'qkv' is not a linear layer"),
+    (["llama-2-7b", "--method", "lora", "--targets", "qkv", "--engine", "formula"], "'qkv' is not a linear layer"),
     (["gpt2", "--vs-article"], "compares with a Llama-2-7B table"),
 ])
 def test_bad_input_is_one_line_and_nonzero(capsys, argv, message):
@@ -90,3 +90,69 @@ def test_llama2_7b_beside_the_article(capsys):
     # And within 25% of each of the article's totals (docs/estimator.md explains the rest).
     for a, o in zip(article, ours):
         assert abs(o - a) / a < 0.25
+
+
+# ------------------------------------------------------------------ options that mean nothing, sizes, MODEL forms
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["llama-2-7b", "--rank", "16"], "--rank applies to LoRA adapters"),
+    (["llama-2-7b", "--targets", "q_proj"], "--targets applies to LoRA adapters"),
+    (["llama-2-7b", "--method", "full", "--modules-to-save", "lm_head"], "--modules-to-save applies to LoRA"),
+    (["llama-2-7b", "--zero", "2"], "add --world-size 2 or more"),
+    (["llama-2-7b", "--fsdp"], "add --world-size 2 or more"),
+    (["llama-2-7b", "--gpu", "0GiB"], "more than 0 bytes"),
+    (["llama-2-7b", "--gpu", "-5GiB"], "cannot be negative"),
+    (["llama-2-7b", "--batch", "-1"], "batch must be at least 1"),
+    (["no-such-org/no-such-model"], "no config.json for 'no-such-org/no-such-model' in the local Hugging Face cache"),
+])
+def test_meaningless_or_impossible_options_are_one_line_errors(capsys, argv, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    code, out, err = run(capsys, *argv)
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_seq_len_beyond_the_context_warns(capsys):
+    code, out, err = run(capsys, "gpt2", "--seq-len", "4096", "--engine", "formula")
+    assert code == 0 and "exceeds gpt2's context of 1024 positions" in err and "device" in out
+
+
+def test_help_speaks_plainly(capsys):
+    with pytest.raises(SystemExit):
+        main(["estimate", "--help"])
+    out = capsys.readouterr().out
+    for jargon in ("HF upcasts", "ZeRO stage (", "masters", "kbit_prep", "describe_live"):
+        assert jargon not in out
+
+
+def test_hub_id_from_the_local_cache(capsys, tmp_path, monkeypatch):
+    snap = tmp_path / "models--acme--tiny-llama" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (tmp_path / "models--acme--tiny-llama" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-llama" / "refs" / "main").write_text("abc123")
+    cfg = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (snap / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    code, out, _ = run(capsys, "acme/tiny-llama", "--json", "--engine", "formula", "--seq-len", "64")
+    assert code == 0 and json.loads(out)["model"]["hidden_size"] == 256
+
+
+def test_any_architecture_three_peaks_in_json_and_text(capsys, tmp_path):
+    """A Gemma-2 directory (not a formula family) is executed; --json carries the three peaks, the text
+    leads with the device number the --gpu check uses."""
+    pytest.importorskip("transformers")
+    cfg = {"model_type": "gemma2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+           "max_position_embeddings": 256}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    argv = [str(tmp_path), "--method", "qlora", "--seq-len", "64", "--grad-ckpt", "--gpu", "rtx4090"]
+    code, out, _ = run(capsys, *argv, "--json")
+    d = json.loads(out)
+    assert code == 0 and d["engine"] == "execute"
+    assert d["peak_allocated"] <= d["peak_reserved"] < d["device"] == d["peak"]
+    assert d["device"] == sum(d["device_parts"].values()) and d["gpu"]["fits"] is True
+    code, out, _ = run(capsys, *argv)
+    first = out.splitlines()[2]
+    assert code == 0 and first.startswith("device (nvidia-smi)")

@@ -128,3 +128,70 @@ def test_mixture_of_experts_with_balanced_routing(method):
     for ckpt in (False, True):
         problems += _compare("mixtral", method, ckpt)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("family,layers", [("llama", 7), ("gemma2", 8)])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_deep_models_are_extended_from_two_and_three_periods_exactly(family, layers, method):
+    """Layers repeat (gemma2: sliding/global pairs), so executing 2 and 3 periods and extending
+    linearly gives the same bytes as executing every layer."""
+    cfg = dict(FAMILIES[family], num_hidden_layers=layers)
+    setup = _setup(family, method, True)
+    fast, full = execute(cfg, setup), execute(cfg, setup, exact=True)
+    assert any("extended linearly" in a for a in fast.assumptions)
+    assert not any("extended linearly" in a for a in full.assumptions)
+    assert fast.blocks == full.blocks
+    assert fast.phase_peaks == full.phase_peaks
+
+
+def test_formula_and_execution_agree_on_llama_and_gpt2():
+    """The hand-written graph (formula path) and the executed model give the same bytes."""
+    for cfg, setup in (
+        (FAMILIES["llama"], _setup("llama", "lora", False)),
+        (FAMILIES["llama"], _setup("llama", "full", True)),
+        (dict(model_type="gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+              attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0), Setup(method="full", weight_dtype="fp32",
+                                                                     master_weights=False, batch=BATCH, seq_len=SEQ,
+                                                                     attn="eager", device="cpu")),
+    ):
+        formula, executed = estimate(from_hf_config(cfg), setup), execute(cfg, setup)
+        for block in ("parameters", "gradients", "optimizer", "activations"):
+            assert formula.blocks[block] == executed.blocks[block], (cfg["model_type"], block)
+        assert abs(formula.peak_allocated - executed.peak_allocated) <= 0.03 * executed.peak_allocated
+
+
+def test_70b_estimate_allocates_nothing_real():
+    """Meta execution of Llama-3-70B QLoRA at 2k tokens: tens of GB predicted, a few MB of host memory used.
+    (Its speed is a bench: bench/bench_estimator.py.)"""
+    import resource
+    import tracemalloc
+
+    from vramtop_agent.estimator.presets import preset_config
+
+    cfg = preset_config("llama-3-70b")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    try:
+        est = execute(cfg, Setup(method="qlora", seq_len=2048, grad_ckpt=True))
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    assert est.peak_allocated > 40 * 2**30 and est.blocks["parameters"] > 35 * 2**30
+    assert traced_peak < 64 * 2**20 and rss_growth < 256 * 2**20
+    assert est.peak_reserved >= est.peak_allocated and est.device > est.peak_reserved
+
+
+def test_remembered_op_results_never_leak_between_estimates():
+    """The op memo is keyed by input metadata and the default dtype: an fp16 LoRA estimate is the same
+    before and after a QLoRA one (whose build casts to fp32) in the same process."""
+    from vramtop_agent.estimator import execute as engine
+
+    cfg = dict(FAMILIES["llama"])
+    lora = Setup(method="lora", weight_dtype="fp16", batch=BATCH, seq_len=SEQ, device="cpu")
+    engine._MEMO.clear()
+    cold = execute(cfg, lora)
+    execute(cfg, Setup(method="qlora", batch=BATCH, seq_len=SEQ, device="cpu"))
+    warm = execute(cfg, lora)
+    assert warm.blocks == cold.blocks and warm.phase_peaks == cold.phase_peaks
+    assert set(warm.params_by_dtype) == {"fp16", "fp32"}   # fp16 base, fp32 adapters

@@ -38,6 +38,11 @@ def rebuild(est: dict) -> tuple[ModelDesc, Setup]:
 
 
 def reestimate(est: dict, model_changes: dict | None = None, **setup_changes) -> dict:
+    arch = (est.get("model") or {}).get("arch")
+    if est.get("engine") == "execute" and arch not in ("llama", "gpt2"):
+        # Executing takes seconds: too slow for a live panel's many variants. Say where to get it instead.
+        raise ValueError(f"re-estimating a {arch} model means executing it: run `vramtop estimate` with the "
+                         f"new settings")
     model, setup = rebuild(est)
     if model_changes:
         model = ModelDesc(**{**model.to_dict(), **model_changes})

@@ -158,7 +158,7 @@ class Agent:
         self.endpoint: str | None = None
         self._info_written = False
         self.estimate: dict | None = None  # the estimator's prediction for this run (sent in hello)
-        self._estimated_for: list | None = None
+        self._estimated_for: tuple | None = None
 
         if publish:
             self._start_publisher(endpoint, hwm, allow_remote, curve_secret_key, curve_client_keys)
@@ -578,8 +578,11 @@ class Agent:
         if self._step_started is None:
             self._step_started = time.time()
         self.batch = _batch_shape(args, kwargs) or self.batch
-        if self.batch != self._estimated_for:
-            self._estimated_for = self.batch
+        from vramtop_agent.estimator.live import estimate_key
+
+        key = estimate_key(self.model, self.optimizer, self.batch)
+        if key != self._estimated_for:  # model, optimizer or input shape became known or changed
+            self._estimated_for = key
             self._guard("estimate", self._update_estimate)
         tracked = self.tracking.begin_forward(self.step, self.batch, self.saved.enabled)
         if tracked:
@@ -592,13 +595,14 @@ class Agent:
             self.tracking.tracked = False  # the job disabled saved-tensor hooks: nothing to track here
 
     def _update_estimate(self) -> None:
-        """What a correct formula predicts for this model, optimizer and batch (a few ms, once per shape)."""
-        from vramtop_agent.estimator import describe_live, estimate
+        """The estimator's prediction for this model, optimizer and batch (estimator/live.py)."""
+        from vramtop_agent.estimator.live import live_estimate
 
-        desc, setup = describe_live(self.model, self.optimizer, self.batch)
-        if desc is not None and setup is not None:
-            self.estimate = estimate(desc, setup).to_dict()
-            self._queue_hello()
+        live_estimate(self.model, self.optimizer, self.batch, self._publish_estimate, key=self._estimated_for)
+
+    def _publish_estimate(self, estimate: dict) -> None:
+        self.estimate = estimate
+        self._queue_hello()
 
     def _on_forward_post(self, module, args, output):
         if _is_compiling():

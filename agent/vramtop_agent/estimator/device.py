@@ -34,7 +34,7 @@ def device_overhead(setup, card: str | None = None) -> dict:
     """{'cuda_context': bytes, 'workspaces': bytes} for `setup` on `card` (a name from units.GPUS_MIB or None)."""
     if not setup.device.startswith("cuda"):
         return {"cuda_context": 0, "workspaces": 0}
-    ctx, ws = _CARDS.get(card_family(card) or "", DEFAULT)
+    ctx, ws = _CARDS.get(card_family(card or getattr(setup, "gpu", None)) or "", DEFAULT)
     context = setup.cuda_context if setup.cuda_context is not None else ctx * MIB
     nccl = NCCL_MIB * MIB if setup.world_size > 1 else 0
     return {"cuda_context": int(context), "workspaces": ws * MIB + nccl}

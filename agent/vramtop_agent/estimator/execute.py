@@ -41,6 +41,9 @@ _MOE_KEYS = (("num_local_experts", "num_experts_per_tok"), ("num_experts", "num_
              ("n_routed_experts", "num_experts_per_tok"))
 
 
+_MEMO: dict = {}   # op + input metadata -> output metadata (see _memo_call)
+
+
 class ExecutionError(ValueError):
     """This model or setup cannot be executed on the meta device (one line for the user)."""
 
@@ -61,7 +64,6 @@ def available() -> bool:
 def _recorder_class():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
 
     aten = torch.ops.aten
 
@@ -77,6 +79,7 @@ def _recorder_class():
             self.routing = routing
             self.allocator = allocator
             self._routed = 0
+            self.memo = False   # on for the training steps only (building depends on the default dtype)
 
         # -- storages
         def note(self, t) -> None:
@@ -99,6 +102,11 @@ def _recorder_class():
             if self.allocator is not None:
                 self.allocator.free(key)
 
+        def attach(self, allocator) -> None:
+            self.allocator = allocator
+            for key, n in self.live.items():
+                allocator.malloc(key, n)
+
         def reset_peak(self) -> None:
             self.peak = self.level
             if self.allocator is not None:
@@ -114,9 +122,11 @@ def _recorder_class():
                 out = self._route(args[0])
             elif func is aten._grouped_mm.default and args[0].is_meta:
                 out = _grouped_mm_meta(*args, **kwargs)
+            elif self.memo:
+                out = _memo_call(func, args, kwargs)
             else:
                 out = func(*args, **kwargs)
-            for t in tree_flatten(out)[0]:
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor) and not t.is_sparse:
                     with contextlib.suppress(Exception):
                         self.note(t)
@@ -135,6 +145,66 @@ def _recorder_class():
                 count = share + (1 if self._routed % max(experts, 1) < rest else 0)
                 self._routed += 1
             return torch.zeros((count, mask.dim()), dtype=torch.long, device=mask.device)
+
+    def _memo_call(func, args, kwargs):
+        """Meta kernels are Python (torch._refs): ~1 ms an op. Every layer repeats the previous layer's ops
+        on the same shapes, so a functional op's outputs are remembered by its inputs' metadata and made
+        with empty_strided next time. Views and in-place ops (outputs sharing an input's storage) always run."""
+        key = _signature(func, args, kwargs)
+        spec = _MEMO.get(key) if key is not None else None
+        if spec is not None:
+            many, leaves = spec
+            made = [torch.empty_strided(sh, st, dtype=dt, device="meta") if sh is not None else val
+                    for sh, st, dt, val in leaves]
+            return many(made) if many else made[0]
+        out = func(*args, **kwargs)
+        if key is None or len(_MEMO) > 200_000:
+            return out
+        many = type(out) if isinstance(out, (tuple, list)) else None
+        leaves = list(out) if many else [out]
+        inputs = {x.untyped_storage()._cdata for x in _flat((args, kwargs)) if isinstance(x, torch.Tensor)}
+        spec_leaves = []
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                if (type(t) is not torch.Tensor or not t.is_meta or t.storage_offset() or t.requires_grad
+                        or t.untyped_storage()._cdata in inputs):
+                    return out
+                spec_leaves.append((tuple(t.shape), t.stride(), t.dtype, None))
+            elif t is None or isinstance(t, (int, float, bool)):
+                spec_leaves.append((None, None, None, t))
+            else:
+                return out
+        if many is not None and many not in (tuple, list):
+            return out
+        _MEMO[key] = (many, spec_leaves)
+        return out
+
+    def _flat(x):
+        if isinstance(x, (list, tuple)):
+            for y in x:
+                yield from _flat(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                yield from _flat(y)
+        else:
+            yield x
+
+    _PLAIN = (int, float, bool, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+    def _signature(func, args, kwargs):
+        parts = [func, torch.get_default_dtype()]
+        for x in _flat((args, kwargs)):
+            if isinstance(x, torch.Tensor):
+                if type(x) is not torch.Tensor or not x.is_meta:
+                    return None
+                parts.append((tuple(x.shape), x.stride(), x.dtype, x.storage_offset(), x.requires_grad))
+            elif x is None or isinstance(x, _PLAIN):
+                parts.append((type(x), x))
+            else:
+                return None
+        if kwargs:
+            parts.append(tuple(kwargs))
+        return tuple(parts)
 
     def _grouped_mm_meta(a, b, offs=None, bias=None, out_dtype=None):
         """torch's meta kernel of _grouped_mm accepts bf16 only; CPU and GPU kernels take fp32 too."""
@@ -201,7 +271,13 @@ def _build(config, setup):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(base))
         except Exception as exc:
-            raise ExecutionError(f"cannot build {type(config).__name__} as a causal LM: {exc}") from None
+            if config._attn_implementation == "eager" or "attention implementation" not in str(exc):
+                first = str(exc).split(". ")[0].splitlines()[0]
+                raise ExecutionError(f"cannot build {type(config).__name__} as a causal LM: {first}") from None
+            # Some architectures (Gemma 2's soft-capping) have no SDPA path: transformers runs them eagerly.
+            config._attn_implementation = "eager"
+            model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(base))
+            model._vramtop_note = f"{type(config).__name__[:-6]} has no SDPA attention: eager attention assumed"
     if setup.quantized:
         _quantize_4bit(model, setup)
     return model
@@ -378,6 +454,8 @@ class Measured:
         self.trainable_numels: list = []
         self.peak_reserved = 0
         self.moe = None
+        self.extrapolated = False
+        self.notes: list = []
 
 
 def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
@@ -391,25 +469,49 @@ def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
     hf = _hf_config(config, setup)
     moe = _moe(hf)
     alloc = CachingAllocator() if setup.device.startswith("cuda") else None
-    rec = _recorder_class()(moe=moe, routing=routing, allocator=alloc)
+    rec = _recorder_class()(moe=moe, routing=routing)
     m = Measured()
     m.moe = moe
-    with rec, _meta_patches(setup), torch.device("meta"):
-        model = _prepare(_build(hf, setup), setup)
+    with rec, _meta_patches(setup):
+        with torch.device("meta"):   # only while building: the device mode's per-call cost is too high for the steps
+            model = _prepare(_build(hf, setup), setup)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ExecutionError("nothing to train: no parameter requires grad")
         opt = _optimizer(params, setup)
+        if alloc is not None:
+            # From here on, as if the weights had been loaded straight into place (building on the meta
+            # device allocates and frees full-size weights that a real from_pretrained never has).
+            rec.attach(alloc)
         b, s = setup.batch, setup.seq_len
-        ids = torch.zeros((b, s), dtype=torch.long)
+        ids = torch.zeros((b, s), dtype=torch.long, device="meta")
         batch = {"input_ids": ids, "labels": ids.clone()}
-        _one_step(model, opt, batch, setup, rec, None)
+        rec.memo = True
+        _warm_up(model, opt, setup)
         m.start = rec.level
         _one_step(model, opt, batch, setup, rec, m)
         _blocks(model, opt, batch, m)
+        note = getattr(getattr(model, "base_model", model), "_vramtop_note", None) or getattr(model, "_vramtop_note", None)
+        if note:
+            m.notes.append(note)
     if alloc is not None:
         m.peak_reserved = alloc.peak_reserved
     return m
+
+
+def _warm_up(model, opt, setup) -> None:
+    """The first step only creates the optimizer's states (lazily, in step()): give every trainable
+    parameter a gradient and step, without the forward and backward a real first step would run."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.empty_like(p)
+    if opt is not None:
+        opt.step()
+    if setup.grad_accum <= 1:   # with accumulation the previous micro-batches' gradients are alive
+        for p in model.parameters():
+            p.grad = None
 
 
 def _one_step(model, opt, batch, setup, rec, m) -> None:
@@ -529,7 +631,86 @@ def _blocks(model, opt, batch, m) -> None:
 # ------------------------------------------------------------------ the estimate
 
 
-def execute(config: dict, setup, routing: str = "balanced", name: str | None = None, card: str | None = None):
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# Config keys that make layers differ in ways the period of `layer_types` does not show.
+_IRREGULAR_KEYS = ("mlp_only_layers", "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step",
+                   "no_rope_layers", "full_attn_idxs")
+
+
+def layer_plan(config: dict) -> tuple[int, int] | None:
+    """(layers, period) when the layers repeat with a known period, else None (execute them all)."""
+    key = next((k for k in _LAYER_KEYS if isinstance(config.get(k), int)), None)
+    if key is None:
+        return None
+    for k in _IRREGULAR_KEYS:
+        v = config.get(k)
+        if v not in (None, [], 0, 1) or (k == "mlp_only_layers" and v):
+            return None
+    types = config.get("layer_types")
+    period = 1
+    if isinstance(types, list) and types:
+        period = next(p for p in range(1, len(types) + 1)
+                      if all(types[i] == types[i % p] for i in range(len(types))))
+    elif config.get("model_type") in ("gemma3_text", "gemma3"):
+        period = int(config.get("sliding_window_pattern") or 6)
+    elif config.get("model_type") == "gemma2":
+        period = 2
+    return int(config[key]), period
+
+
+def with_layers(config: dict, n: int) -> dict:
+    cfg = dict(config)
+    key = next(k for k in _LAYER_KEYS if isinstance(config.get(k), int))
+    cfg[key] = n
+    if isinstance(cfg.get("layer_types"), list):
+        cfg["layer_types"] = cfg["layer_types"][:n]
+    return cfg
+
+
+def measure(config: dict, setup, routing: str = "balanced", exact: bool = False) -> Measured:
+    """Execute the model, or (deep models with repeating layers) two truncations of it, 2 and 3 periods
+    deep, and extend the difference linearly: every layer of a period adds the same tensors, so blocks
+    and phase peaks are exact whenever the layer count is a whole number of periods."""
+    plan = None if exact else layer_plan(config)
+    if plan is None or plan[0] <= 3 * plan[1]:
+        return run_step(config, setup, routing)
+    layers, period = plan
+    a = run_step(with_layers(config, 2 * period), setup, routing)
+    b = run_step(with_layers(config, 3 * period), setup, routing)
+    return _extend(a, b, (layers - 2 * period) / period)
+
+
+def _extend(a: Measured, b: Measured, k: float) -> Measured:
+    out = Measured()
+    for name, va in vars(a).items():
+        vb = getattr(b, name)
+        if isinstance(va, dict):
+            keys = list(va) + [key for key in vb if key not in va]
+            setattr(out, name, {key: _lin(va.get(key, 0), vb.get(key, 0), k) for key in keys})
+        elif name == "trainable_numels":
+            per_period = vb[len(va):] if vb[:len(va)] == va else []
+            whole = int(k)
+            out.trainable_numels = list(va) + per_period * whole
+        elif isinstance(va, int):
+            setattr(out, name, _lin(va, vb, k))
+        else:
+            setattr(out, name, va)
+    # Reserved grows by whole segments, not smoothly: extend the slack above the allocated peak instead,
+    # never below the smaller of the two measured slacks.
+    slack_a, slack_b = a.peak_reserved - a.allocated_rounded, b.peak_reserved - b.allocated_rounded
+    if a.peak_reserved:
+        slack = max(_lin(slack_a, slack_b, k), min(slack_a, slack_b), 0)
+        out.peak_reserved = out.allocated_rounded + slack
+    out.extrapolated = True
+    return out
+
+
+def _lin(a: int, b: int, k: float) -> int:
+    return int(round(a + (b - a) * k))
+
+
+def execute(config: dict, setup, routing: str = "balanced", name: str | None = None, card: str | None = None,
+            exact: bool = False):
     """An `Estimate` of `config` (a config.json dict) under `setup`, by executing one training step."""
     from vramtop_agent.estimator.device import device_overhead
     from vramtop_agent.estimator.estimate import Estimate
@@ -539,7 +720,8 @@ def execute(config: dict, setup, routing: str = "balanced", name: str | None = N
     setup = validate(setup)
     if setup.world_size > 1:
         raise ExecutionError("execution covers one device; use --engine formula for ZeRO/DDP sharding")
-    m = run_step(config, setup, routing)
+    with _quiet():
+        m = measure(config, setup, routing, exact)
     cuda = setup.device.startswith("cuda")
     opt_extra, paged = optimizer_only(setup, m.trainable_numels)
     if setup.masters and m.optimizer:
@@ -557,8 +739,7 @@ def execute(config: dict, setup, routing: str = "balanced", name: str | None = N
     reserved = (m.peak_reserved + _round_up(opt_extra)) if cuda else peak_alloc
     overhead = device_overhead(setup, card)
     other_parts = {"buffers": buffers, "inputs": inputs, "held_outputs": rest - buffers - inputs,
-                   "ddp_buckets": 0, "cuda_context": overhead["cuda_context"],
-                   "allocator_overhead": reserved - peak_alloc}
+                   "ddp_buckets": 0, "cuda_context": overhead["cuda_context"], "allocator_overhead": 0}
     device_parts = {"reserved": reserved, **overhead, "paged_optimizer": paged}
     desc = describe_any(config, name=name)
     blocks = {"parameters": m.parameters, "gradients": m.gradients, "optimizer": optimizer,
@@ -589,17 +770,36 @@ def optimizer_only(setup, numels) -> tuple[int, int]:
     return (0, total) if opt.startswith("paged") else (total, 0)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """transformers' deprecation and config warnings are about the user's future code, not this estimate."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _round_up(n: int) -> int:
     return -(-n // (2 << 20)) * (2 << 20)
 
 
 def _assumptions(m, routing, setup) -> list:
-    out = []
+    out = list(m.notes)
     if m.moe:
         experts, top_k = m.moe
         out.append(f"mixture of experts ({experts} experts, top-{top_k}): {routing} routing"
                    + (" (every expert gets tokens·top_k/experts tokens)" if routing == "balanced"
                       else " (the top_k experts get every token: the most one expert can hold)"))
+    if m.extrapolated:
+        out.append("deep model: 2 and 3 layer periods executed, the rest extended linearly (layers repeat)")
     if setup.device.startswith("cuda"):
         out.append("reserved memory from the caching-allocator model (defaults, one stream; not yet fitted on a GPU)")
     return out
@@ -633,3 +833,28 @@ _DEVICE_WHY = {
     "workspaces": "cuBLAS/cuBLASLt workspaces (and NCCL buffers with more than one rank)",
     "paged_optimizer": "paged optimizer states in CUDA managed memory (resident unless memory runs short)",
 }
+
+
+def _main() -> int:
+    """`python -m vramtop_agent.estimator.execute` < {"config": ..., "setup": ...}: the agent's subprocess."""
+    import json
+    import sys
+
+    from vramtop_agent.estimator.setup import Setup
+
+    req = json.load(sys.stdin)
+    fields = dict(req["setup"])
+    for key in ("lora_targets", "modules_to_save"):
+        if fields.get(key):
+            fields[key] = tuple(fields[key])
+    try:
+        est = execute(req["config"], Setup(**fields), routing=req.get("routing", "balanced"), name=req.get("name"))
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    json.dump(est.to_dict(), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -177,3 +177,85 @@ def _distributed(model) -> dict:
     if type(model).__name__ == "FullyShardedDataParallel":
         out["zero"] = 3
     return out
+
+
+# ------------------------------------------------------------------ keeping the live estimate current
+
+
+def estimate_key(model, optimizer, batch) -> tuple:
+    """What the live estimate depends on: which model, which optimizer, which input shape. The agent
+    re-estimates whenever this changes (the optimizer is often found after the first forward)."""
+    shape = tuple(batch) if isinstance(batch, (list, tuple)) else batch
+    return (id(model), id(optimizer), shape)
+
+
+_running: dict = {}   # the one execution subprocess per process: {"key": ..., "proc": Popen}
+
+
+def live_estimate(model, optimizer, batch, publish, key=None) -> str | None:
+    """Estimate the running job and hand the result (Estimate.to_dict()) to `publish`.
+
+    Llama-style and GPT-2 models get the formula (a few ms, on this thread). Any other model with a
+    transformers config is executed on the meta device in a subprocess at low priority, so the job
+    never runs the execution's dispatch mode or its global patches; a daemon thread waits for it and
+    publishes. Returns the engine used, or None when nothing can be estimated."""
+    from vramtop_agent.estimator.estimate import estimate
+
+    desc, setup = describe_live(model, optimizer, batch)
+    if setup is None:
+        return None
+    if desc is not None:
+        publish(estimate(desc, setup).to_dict())
+        return "formula"
+    config = _safe(lambda: _config_json(model))
+    if config is None:
+        return None
+    _start_execution(config, setup, publish, key)
+    return "execute"
+
+
+def _config_json(model) -> dict | None:
+    import json
+
+    cfg = _config(model)
+    return json.loads(cfg.to_json_string(use_diff=False)) if cfg is not None and hasattr(cfg, "to_json_string") else None
+
+
+def _start_execution(config: dict, setup: Setup, publish, key) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    old = _running.get("proc")
+    if old is not None and old.poll() is None:
+        old.kill()   # a newer model/optimizer/shape: the old answer is no longer wanted
+    payload = json.dumps({"config": config, "setup": setup.to_dict()})
+    env = dict(os.environ, VRAMTOP="0", VRAMTOP_RECORD="", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    # Low priority, set by the child itself (preexec_fn is unsafe in a process with threads).
+    code = ("import os, runpy\nif hasattr(os, 'nice'): os.nice(10)\n"
+            "runpy.run_module('vramtop_agent.estimator.execute', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env, text=True)
+    _running.update(key=key, proc=proc)
+
+    def wait() -> None:
+        try:
+            out, _ = proc.communicate(payload, timeout=600)
+        except Exception:
+            proc.kill()
+            return
+        if proc.returncode == 0 and _running.get("proc") is proc:
+            with _quiet_errors():
+                publish(json.loads(out))
+
+    threading.Thread(target=wait, name="vramtop-estimate", daemon=True).start()
+
+
+class _quiet_errors:  # noqa: N801 - a tiny context manager
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True

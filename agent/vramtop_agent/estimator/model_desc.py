@@ -77,6 +77,10 @@ class ModelDesc:
         return d
 
 
+# Llama-style families whose HF forward is exactly the graph activations.py replays.
+FORMULA_TYPES = ("llama", "mistral", "qwen2")
+
+
 def from_hf_config(cfg: dict, name: str | None = None) -> ModelDesc:
     """A ModelDesc from the numbers of a transformers config.json (or config.to_dict())."""
     if not isinstance(cfg, dict):
@@ -98,6 +102,9 @@ def from_hf_config(cfg: dict, name: str | None = None) -> ModelDesc:
             resid_dropout=float(cfg.get("resid_pdrop") or 0.0),
             embd_dropout=float(cfg.get("embd_pdrop") or 0.0),
         )
+    if mtype and mtype not in FORMULA_TYPES:
+        raise ValueError(f"{name}: the formula models {', '.join(FORMULA_TYPES)} and gpt2, not {mtype!r} "
+                         f"(the execution engine covers it)")
     h = _int(cfg, "hidden_size")
     heads = _int(cfg, "num_attention_heads")
     kv = int(cfg.get("num_key_value_heads") or heads)

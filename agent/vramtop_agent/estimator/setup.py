@@ -52,6 +52,8 @@ class Setup:
     cuda_context: int | None = None        # bytes; None: 500 MiB on CUDA, 0 on CPU
     allocator_overhead: float = 0.0        # fraction of the peak lost to fragmentation
     foreach: bool | None = None            # optimizer's multi-tensor path; None: torch's default for the device
+    modules_to_save: tuple | None = None   # PEFT modules_to_save: trained in full beside the adapters
+    gpu: str | None = None                 # card name (units.GPUS_MIB): picks its CUDA context / workspace figures
 
     # ------------------------------------------------------------- resolved values
 
@@ -104,6 +106,7 @@ class Setup:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
+        d["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
         d.update(weight_dtype=self.wdtype, compute_dtype=self.cdtype, master_weights=self.masters)
         return d
 

@@ -69,6 +69,8 @@ GPUS_MIB = {
 
 def card_bytes(text: str) -> tuple[str, int]:
     """A card name ('rtx4090', 'a100-80g', 'h100') or a size ('24GiB') -> (label, bytes)."""
+    if str(text).strip().startswith("-"):
+        raise ValueError(f"--gpu {text}: a memory size cannot be negative (try 24GiB or a card name like rtx4090)")
     key = re.sub(r"[\s_]", "-", str(text).lower()).replace("nvidia-", "")
     key = key.replace("geforce-", "").replace("rtx-", "rtx")
     if key in GPUS_MIB:
