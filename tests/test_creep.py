@@ -51,6 +51,8 @@ def test_steady_leak_is_found_with_its_slope():
     ("one-off jump", [(1 << 30) + (300 * MiB if s >= 60 else 0) for s in range(200)]),
     # noise around a flat level
     ("noise", [(1 << 30) + random.Random(1).randint(-8 * MiB, 8 * MiB) for _ in range(200)]),
+    # ever-longer batches, rarer and rarer: the allocator's cache settles (steps 2, 4, 7, 12, 30, 90)
+    ("cache settling", [(1 << 30) + 64 * MiB * sum(s >= j for j in (2, 4, 7, 12, 30, 90)) for s in range(200)]),
     # a sawtooth: a cache that fills and is emptied every 20 steps
     ("sawtooth", [(1 << 30) + (s % 20) * 4 * MiB for s in range(200)]),
 ])

@@ -24,7 +24,10 @@ A series creeps when, over the last `window` points after `warmup` steps:
   - the medians of the window's four quarters rise each time, by at least
     1/16 of the growth: a one-off jump (the allocator taking a new segment,
     optimizer state created at step 1, a longer batch) rises once, not four
-    times, so a healthy warm-up does not raise the alarm.
+    times, so a healthy warm-up does not raise the alarm;
+  - the second half of the window rises at least half as fast as the first:
+    growth that slows down (the allocator's cache settling as ever-longer
+    batches become rarer) is not a leak.
 The first time a series creeps, `feed()` returns a `creep` event (schema type
 "creep"); `current()` says, at every step, which series creep now.
 """
@@ -42,7 +45,8 @@ WINDOW = 32
 MIN_POINTS = 12
 MIN_R2 = 0.8
 FLOOR_BYTES = {"allocated": 1 << 20, "reserved": 2 << 20, "rss": 4 << 20}
-REL_FLOOR = 0.005  # the window's growth must also be >= 0.5 % of the level
+REL_FLOOR = 0.002  # the window's growth must also be >= 0.2 % of the level
+MIN_HALF_RATIO = 0.5  # the second half of the window rises at least half as fast as the first
 
 
 @dataclass
@@ -107,6 +111,9 @@ def detect(series: str, points: list[tuple[int, int]], warmup: int = WARMUP_STEP
     if slope <= 0 or growth < max(FLOOR_BYTES.get(series, 1 << 20), REL_FLOOR * level) or r2 < min_r2:
         return None
     if not steady_rise(pts, growth):
+        return None
+    half = len(pts) // 2
+    if fit(pts[half:])[0] < MIN_HALF_RATIO * fit(pts[:half])[0]:
         return None
     return Creep(series, slope, pts[0][0], pts[-1][0], level, r2)
 
