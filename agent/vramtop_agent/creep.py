@@ -105,10 +105,14 @@ def detect(series: str, points: list[tuple[int, int]], warmup: int = WARMUP_STEP
     pts = [p for p in points if p[0] >= warmup][-window:]
     if len(pts) < min_points:
         return None
+    values = [v for _, v in pts]
+    floor = max(FLOOR_BYTES.get(series, 1 << 20), REL_FLOOR * values[-1])
+    if max(values) - min(values) < floor:
+        return None  # flat within the floor: the common case, decided without a fit
     slope, r2 = fit(pts)
     growth = slope * (pts[-1][0] - pts[0][0])
     level = pts[-1][1]
-    if slope <= 0 or growth < max(FLOOR_BYTES.get(series, 1 << 20), REL_FLOOR * level) or r2 < min_r2:
+    if slope <= 0 or growth < floor or r2 < min_r2:
         return None
     if not steady_rise(pts, growth):
         return None
@@ -139,8 +143,12 @@ class _StepMin:
 class CreepWatch:
     """Creep detection for one agent (pid, rank): `feed()` every message of its stream."""
 
-    def __init__(self, warmup: int = WARMUP_STEPS, window: int = WINDOW, min_points: int = MIN_POINTS) -> None:
+    def __init__(self, warmup: int = WARMUP_STEPS, window: int = WINDOW, min_points: int = MIN_POINTS,
+                 track_current: bool = True) -> None:
+        """track_current=False (the recorders): a series that raised its event is not fitted again,
+        since only the first sighting is written; the viewer keeps fitting it for the live line."""
         self.warmup, self.window, self.min_points = warmup, window, min_points
+        self.track_current = track_current
         self.points: dict[str, collections.deque] = {s: collections.deque(maxlen=window + warmup) for s in SERIES}
         self._mins = {"reserved": _StepMin(), "rss": _StepMin()}
         self.on_cuda: bool | None = None
@@ -197,6 +205,8 @@ class CreepWatch:
         pts = self.points[series]
         if pts and step <= pts[-1][0]:
             return []  # a restarted count or a repeated edge: keep the series monotone in steps
+        if not self.track_current and series in self.first_seen:
+            return []
         pts.append((step, value))
         creep = detect(series, list(pts), self.warmup, self.window, self.min_points)
         if creep is None:
