@@ -46,7 +46,8 @@ def test_on_alert_runs_once_per_kind_with_json(tmp_path):
     assert sorted(got) == ["headroom", "oom"]
     assert all(len(v) == 1 for v in got.values()), got
     oom = got["oom"][0]
-    assert oom["details"]["requested"] == 2 * GiB and oom["step"] == 10 and oom["message"].startswith("out of memory")
+    # raised after the 10th optimizer step (the agent may not have closed that step yet: 9 or 10)
+    assert oom["details"]["requested"] == 2 * GiB and oom["step"] in (9, 10) and oom["message"].startswith("out of memory")
     head = got["headroom"][0]
     assert head["details"]["threshold_pct"] == 100 and 0 < head["details"]["free_pct"] < 100
     assert head["pid"] == oom["pid"] and head["device"] == "cpu"

@@ -146,3 +146,26 @@ def test_healthy_run_has_no_creep_over_200_steps(real_jobs, capsys):
         assert len(rec.step_rows()) == 200  # every step was recorded
     finally:
         rec.close()
+
+
+def test_a_format_1_recording_gets_its_creep_recomputed(real_jobs, tmp_path, capsys):
+    """A file from before creep events (format 1): the report runs the same detection over its stream."""
+    import shutil
+    import sqlite3
+
+    src = real_jobs["leak"][3]
+    path = str(tmp_path / "old.vramtop")
+    shutil.copyfile(src, path)
+    recorded = _creep_events(src)
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM events WHERE type = 'creep'")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    assert _creep_events(path) == []
+    assert main(["report", path, "--json"]) == 0
+    import json
+
+    again = json.loads(capsys.readouterr().out)["creep"]
+    assert [(e["series"], e["step"], e["slope"]) for e in again] == \
+        [(e["series"], e["step"], e["slope"]) for e in recorded]
