@@ -133,6 +133,7 @@ async def test_banner_and_creep_line_in_the_dashboard():
         await pilot.pause(0.3)
         app._refresh_view()
         text = str(app.query_one("#alerts").render())
+        assert app.query_one("#alerts").display
     assert "CREEP" in text and "creeping +12.0 MiB/step (allocated), the card is full in ~" in text
     assert "HEADROOM" in text and "RETRIES" in text
 
@@ -145,6 +146,9 @@ def test_healthy_stream_shows_no_banner():
         st.apply(_cuda_sample(step + 0.6, step, 2 * GiB, 2 * GiB + 100 * MiB))
         mon.update(st)
     assert mon.active == [] and mon.fired == {}
+    from vramtop.tui import alerts_view
+
+    assert not alerts_view.has_content(st, mon)  # the dashboard hides the banner line
 
 
 # ---------------------------------------------------------------- Prometheus rules, Grafana dashboard
