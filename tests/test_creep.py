@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from alarm_helpers import leak_bytes, record_job
+from alarm_helpers import leak_bytes, start_record_job
 from vramtop_agent.creep import CreepWatch, detect
 from vramtop.cli import main
 from vramtop.recording import Recording
@@ -51,6 +51,8 @@ def test_steady_leak_is_found_with_its_slope():
     ("one-off jump", [(1 << 30) + (300 * MiB if s >= 60 else 0) for s in range(200)]),
     # noise around a flat level
     ("noise", [(1 << 30) + random.Random(1).randint(-8 * MiB, 8 * MiB) for _ in range(200)]),
+    # ever-longer batches, rarer and rarer: the allocator's cache settles (steps 2, 4, 7, 12, 30, 90)
+    ("cache settling", [(1 << 30) + 64 * MiB * sum(s >= j for j in (2, 4, 7, 12, 30, 90)) for s in range(200)]),
     # a sawtooth: a cache that fills and is emptied every 20 steps
     ("sawtooth", [(1 << 30) + (s % 20) * 4 * MiB for s in range(200)]),
 ])
@@ -78,13 +80,37 @@ def _creep_events(path: str) -> list[dict]:
         rec.close()
 
 
-def test_real_leak_is_recorded_and_seen_by_the_viewer(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def real_jobs(tmp_path_factory):
+    """The leaking job and the healthy one, run side by side under `vramtop run --record`."""
+    d = tmp_path_factory.mktemp("creep")
+    paths = {"leak": str(d / "leak.vramtop"), "ok": str(d / "ok.vramtop")}
+    env_dir = os.environ.get("VRAMTOP_RUNTIME_DIR")
+    os.environ["VRAMTOP_RUNTIME_DIR"] = str(d)  # the autouse fixture is per test; these jobs outlive one
+    try:
+        procs = {
+            "leak": start_record_job(paths["leak"], "--steps", "130", "--leak", "--batch", "2", "--seq-len", "64",
+                                     "--sleep", "0.15"),
+            "ok": start_record_job(paths["ok"], "--steps", "200", "--batch", "2", "--seq-len", "32", "--sleep", "0.02"),
+        }
+    finally:
+        if env_dir is None:
+            os.environ.pop("VRAMTOP_RUNTIME_DIR", None)
+        else:
+            os.environ["VRAMTOP_RUNTIME_DIR"] = env_dir
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        out[name] = (p.returncode, stdout, stderr, paths[name])
+    return out
+
+
+def test_real_leak_is_recorded_and_seen_by_the_viewer(real_jobs, capsys):
     """Keeping each step's logits: the recording gets a creep event with the leak's slope; a viewer fed
     the same stream (SessionState, as replay does) finds it too."""
-    path = str(tmp_path / "leak.vramtop")
-    proc = record_job(path, "--steps", "130", "--leak", "--batch", "2", "--seq-len", "64", "--sleep", "0.15")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    truth = leak_bytes(proc.stdout)
+    rc, stdout, stderr, path = real_jobs["leak"]
+    assert rc == 0, stderr[-2000:]
+    truth = leak_bytes(stdout)
     events = _creep_events(path)
     assert [e["series"] for e in events] == ["rss"], events  # a CPU job: host RSS
     ev = events[0]
@@ -109,10 +135,9 @@ def test_real_leak_is_recorded_and_seen_by_the_viewer(tmp_path, capsys):
     assert line.startswith(f"CREEP     rss +") and f"first seen at step {ev['step']}" in line
 
 
-def test_healthy_run_has_no_creep_over_200_steps(tmp_path, capsys):
-    path = str(tmp_path / "ok.vramtop")
-    proc = record_job(path, "--steps", "200", "--batch", "2", "--seq-len", "32", "--sleep", "0.02")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_healthy_run_has_no_creep_over_200_steps(real_jobs, capsys):
+    rc, _, stderr, path = real_jobs["ok"]
+    assert rc == 0, stderr[-2000:]
     assert _creep_events(path) == []
     assert main(["report", path]) == 0
     assert "CREEP     none" in capsys.readouterr().out
@@ -121,3 +146,26 @@ def test_healthy_run_has_no_creep_over_200_steps(tmp_path, capsys):
         assert len(rec.step_rows()) == 200  # every step was recorded
     finally:
         rec.close()
+
+
+def test_a_format_1_recording_gets_its_creep_recomputed(real_jobs, tmp_path, capsys):
+    """A file from before creep events (format 1): the report runs the same detection over its stream."""
+    import shutil
+    import sqlite3
+
+    src = real_jobs["leak"][3]
+    path = str(tmp_path / "old.vramtop")
+    shutil.copyfile(src, path)
+    recorded = _creep_events(src)
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM events WHERE type = 'creep'")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    assert _creep_events(path) == []
+    assert main(["report", path, "--json"]) == 0
+    import json
+
+    again = json.loads(capsys.readouterr().out)["creep"]
+    assert [(e["series"], e["step"], e["slope"]) for e in again] == \
+        [(e["series"], e["step"], e["slope"]) for e in recorded]

@@ -43,9 +43,9 @@ class Alert:
     def to_json(self, state=None) -> str:
         who = {}
         if state is not None:
-            h = state.hello or {}
-            who = {"pid": state._pid, "rank": (state.sample or h).get("rank"), "host": h.get("host"),
-                   "device": h.get("device"), "step": (state.sample or {}).get("step")}
+            h, last = state.hello or {}, state.sample or state.hello or {}
+            who = {"pid": last.get("pid"), "rank": last.get("rank"), "host": h.get("host"),
+                   "device": h.get("device") or last.get("device"), "step": (state.sample or {}).get("step")}
         return json.dumps({"kind": self.kind, "message": self.message, "t": time.time(), **who,
                            "details": self.details}, default=str)
 

@@ -24,7 +24,10 @@ A series creeps when, over the last `window` points after `warmup` steps:
   - the medians of the window's four quarters rise each time, by at least
     1/16 of the growth: a one-off jump (the allocator taking a new segment,
     optimizer state created at step 1, a longer batch) rises once, not four
-    times, so a healthy warm-up does not raise the alarm.
+    times, so a healthy warm-up does not raise the alarm;
+  - the second half of the window rises at least half as fast as the first:
+    growth that slows down (the allocator's cache settling as ever-longer
+    batches become rarer) is not a leak.
 The first time a series creeps, `feed()` returns a `creep` event (schema type
 "creep"); `current()` says, at every step, which series creep now.
 """
@@ -42,7 +45,8 @@ WINDOW = 32
 MIN_POINTS = 12
 MIN_R2 = 0.8
 FLOOR_BYTES = {"allocated": 1 << 20, "reserved": 2 << 20, "rss": 4 << 20}
-REL_FLOOR = 0.005  # the window's growth must also be >= 0.5 % of the level
+REL_FLOOR = 0.002  # the window's growth must also be >= 0.2 % of the level
+MIN_HALF_RATIO = 0.5  # the second half of the window rises at least half as fast as the first
 
 
 @dataclass
@@ -101,12 +105,19 @@ def detect(series: str, points: list[tuple[int, int]], warmup: int = WARMUP_STEP
     pts = [p for p in points if p[0] >= warmup][-window:]
     if len(pts) < min_points:
         return None
+    values = [v for _, v in pts]
+    floor = max(FLOOR_BYTES.get(series, 1 << 20), REL_FLOOR * values[-1])
+    if max(values) - min(values) < floor:
+        return None  # flat within the floor: the common case, decided without a fit
     slope, r2 = fit(pts)
     growth = slope * (pts[-1][0] - pts[0][0])
     level = pts[-1][1]
-    if slope <= 0 or growth < max(FLOOR_BYTES.get(series, 1 << 20), REL_FLOOR * level) or r2 < min_r2:
+    if slope <= 0 or growth < floor or r2 < min_r2:
         return None
     if not steady_rise(pts, growth):
+        return None
+    half = len(pts) // 2
+    if fit(pts[half:])[0] < MIN_HALF_RATIO * fit(pts[:half])[0]:
         return None
     return Creep(series, slope, pts[0][0], pts[-1][0], level, r2)
 
@@ -132,8 +143,12 @@ class _StepMin:
 class CreepWatch:
     """Creep detection for one agent (pid, rank): `feed()` every message of its stream."""
 
-    def __init__(self, warmup: int = WARMUP_STEPS, window: int = WINDOW, min_points: int = MIN_POINTS) -> None:
+    def __init__(self, warmup: int = WARMUP_STEPS, window: int = WINDOW, min_points: int = MIN_POINTS,
+                 track_current: bool = True) -> None:
+        """track_current=False (the recorders): a series that raised its event is not fitted again,
+        since only the first sighting is written; the viewer keeps fitting it for the live line."""
         self.warmup, self.window, self.min_points = warmup, window, min_points
+        self.track_current = track_current
         self.points: dict[str, collections.deque] = {s: collections.deque(maxlen=window + warmup) for s in SERIES}
         self._mins = {"reserved": _StepMin(), "rss": _StepMin()}
         self.on_cuda: bool | None = None
@@ -190,6 +205,8 @@ class CreepWatch:
         pts = self.points[series]
         if pts and step <= pts[-1][0]:
             return []  # a restarted count or a repeated edge: keep the series monotone in steps
+        if not self.track_current and series in self.first_seen:
+            return []
         pts.append((step, value))
         creep = detect(series, list(pts), self.warmup, self.window, self.min_points)
         if creep is None:

@@ -387,7 +387,7 @@ class Recorder:
         key = (msg.get("pid"), msg.get("rank"))
         watch = self._creep.get(key)
         if watch is None:
-            watch = self._creep[key] = CreepWatch()
+            watch = self._creep[key] = CreepWatch(track_current=False)
         try:
             return watch.feed(msg)
         except Exception:  # detection is a bonus: it never costs the recording

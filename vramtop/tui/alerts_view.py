@@ -10,6 +10,10 @@ _STYLE = {"oom": "bold white on red", "creep": "bold black on yellow", "headroom
           "retries": "bold black on yellow", "fragmentation": "black on yellow"}
 
 
+def has_content(state, monitor) -> bool:
+    return bool(monitor.active or state.creep.creeping or monitor.failures)
+
+
 def render(state, monitor) -> Text:
     """One line per alert that holds now; the creep line whenever a series creeps (also below the
     alert threshold of the monitor); nothing on a healthy run."""

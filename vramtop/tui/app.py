@@ -159,6 +159,7 @@ class VramtopApp(App):
         st = self.state
         self._panel("#header", render.header, st, getattr(self.source, "describe", ""))
         self._panel("#alerts", alerts_view.render, st, self.alerts)
+        self.query_one("#alerts", Static).display = alerts_view.has_content(st, self.alerts)  # no blank line
         width = self.query_one("#stack", Static).size.width or self.size.width
         idle = getattr(self.source, "idle_view", None) if st.sample is None else None  # NodeSource: the GPUs (NVML)
         if idle:
