@@ -181,8 +181,9 @@ class ReplaySource:
         c = self.clock
         pos = c.position()
         state = "▶ playing" if c.playing and not c.at_end else "paused" if not c.at_end else "end"
+        # The footer lists the other keys; these have no footer entry.
         text = (f"{state} {c.speed:g}x  {_hms(pos - c.start)} / {_hms(c.end - c.start)}"
-                f"  [space] play/pause  [+/-] speed  [←/→] 10s  [[/]] step  [p] peak  [o] OOM  [g] go to")
+                f"  ←/→ 10 s  [/] step  Home/End")
         if self.message:
             text += f"  | {self.message}"
         return text
