@@ -93,13 +93,15 @@ def analyze(rec: Recording, session: int | None = None) -> dict:
     """Everything the report says, as plain data."""
     sessions = rec.sessions()
     if session is None:
-        # The session with an OOM when there is one, else the first.
+        # The session of the latest OOM when there is one, else the newest run's (vramtop.replay).
+        from vramtop.replay import newest_session
+
         ooms_all = rec.ooms()
         if ooms_all:
-            pid, rank = ooms_all[0]["pid"], ooms_all[0]["rank"]
-            session = next((s.id for s in sessions if s.pid == pid and s.rank == rank), None)
-        if session is None and sessions:
-            session = sessions[0].id
+            pid, rank = ooms_all[-1]["pid"], ooms_all[-1]["rank"]
+            session = next((s.id for s in reversed(sessions) if s.pid == pid and s.rank == rank), None)
+        if session is None:
+            session = newest_session(sessions)
     sess = next((s for s in sessions if s.id == session), None)
     hello = (sess.hello if sess else None) or {}
     span = rec.span(session)
