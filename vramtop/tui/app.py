@@ -80,6 +80,10 @@ class VramtopApp(App):
         Binding("tab", "cycle_panel(1)", "Panel", priority=True),
         Binding("shift+tab", "cycle_panel(-1)", "Previous panel", show=False, priority=True),
         *[Binding(str(i), f"show_panel('{p.id}')", p.title, show=False) for i, p in enumerate(layout.PANELS, 1)],
+        Binding("up", "scroll_panels(-1)", "Scroll", show=False),
+        Binding("down", "scroll_panels(1)", "Scroll", show=False),
+        Binding("pageup", "scroll_panels(-10)", "Scroll", show=False),
+        Binding("pagedown", "scroll_panels(10)", "Scroll", show=False),
         Binding("s", "save_svg", "Save SVG"),
         Binding("a", "pick_agent", "Agents"),
         Binding("w", "what_if", "What-if"),
@@ -203,6 +207,8 @@ class VramtopApp(App):
     def _refresh_view(self) -> None:
         if self.paused or not self.screen_stack[0].query("#header"):
             return
+        if layout.mode_for(*self.size) != self.mode:  # a resize the resize event saw too early
+            self._apply_layout()
         if self.mode == "too_small":
             self._w("#toosmall", Static).update(layout.too_small(*self.size))
             return
@@ -234,8 +240,7 @@ class VramtopApp(App):
         self._w("#status", Static).update(Text(str(status), no_wrap=True, overflow="ellipsis"))
 
     def _render_header(self) -> None:
-        box = self._w("#header")
-        width = max(box.size.width - 2, 20) if box.size.width else None
+        width = max(self.size.width - 2, 20)  # the header spans the screen, less its padding
         self._panel("#header", render.header, self.state, "", width, self.header_context())
 
     def _panel(self, widget_id: str, fn, *args) -> None:
@@ -267,6 +272,13 @@ class VramtopApp(App):
         was, self.paused = self.paused, False  # a paused view still switches panels
         self._refresh_view()
         self.paused = was
+
+    def action_scroll_panels(self, lines: int) -> None:
+        """The panels that overflow (the estimate's advice at 80×24) scroll with the arrow keys."""
+        for column in ("#left", "#side"):
+            box = self._w(column)
+            if box.display:
+                box.scroll_relative(y=lines, animate=False)
 
     def screenshot_dir(self) -> str:
         return os.environ.get("VRAMTOP_SCREENSHOTS") or os.path.join(os.getcwd(), self.SCREENSHOT_DIR)

@@ -58,7 +58,10 @@ def tab_line(current: str, width: int) -> Text:
             t.append(" │ ", style="dim")
         style = "bold reverse" if panel.id == current else "dim"
         t.append(f" {i} {panel.title} ", style=style)
-    t.append("  Tab: next panel", style="dim")
+    for hint in ("  Tab: next panel  ↑↓: scroll", "  Tab ↑↓", ""):
+        if t.cell_len + len(hint) <= width:
+            break
+    t.append(hint, style="dim")
     if t.cell_len > width:
         t.truncate(max(width, 1), overflow="ellipsis")
     return t
