@@ -119,10 +119,15 @@ async def test_what_if_dialog():
     msgs = cuda_stream()
 
     async def settle(pilot):
+        from textual.widgets import Input
+
+        for inp in pilot.app.screen.query(Input):
+            inp.cursor_blink = False  # a blinking cursor would make the screenshot depend on timing
         for _ in range(50):
             if getattr(pilot.app.screen, "prediction", None) is not None:
-                return
+                break
             await pilot.pause(0.1)
+        await pilot.pause(0.2)
 
     svg = await _shot(_app(msgs), (80, 24), keys=("w",), settle=settle)
     text = "\n".join(svg_lines(svg))
