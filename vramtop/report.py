@@ -248,6 +248,9 @@ def _sample_summary(rec: Recording, session: int | None) -> dict:
         out["num_ooms"] = cuda.get("ooms")
     else:
         out["max_rss"] = max((p["rss"] or 0) for p in pts)
+        last = rec.sample_at(float("inf"), session)
+        host = (last or {}).get("host") or {}
+        out["host_available"] = host.get("available")  # advice compares with it: "host RAM", not a card
     first = pts[0]
     out["first_blocks"] = {k: first[k] or 0 for k in BLOCK_KEYS}
     return out
@@ -377,12 +380,28 @@ def advice(a: dict) -> list[str]:
     for row in g.get("rows", []):
         out.append(f"Estimate vs measured, {row['block']}: {row['cause']}")
     for item in gap_items:
-        fits = "" if item.get("fits") is None else (", fits the card" if item["fits"] else ", still too big for the card")
-        out.append(f"Try: {item['action']}: saves about {fmt_bytes(item['saving'])} (peak {fmt_bytes(item['new_peak'])}"
-                   f"{fits}); cost: {item['cost']}.")
+        out.append(_try_line(item, a))
     if not out:
         out.append("Nothing stands out: no block dominates and memory did not grow over the run.")
     return out
+
+
+def _try_line(item: dict, a: dict) -> str:
+    """One "Try:" line. The peak after the change is the MEASURED peak less the predicted saving (the
+    estimate's own peak may be far from what this run did); a card is named only on CUDA, and a CPU
+    run is compared with the host RAM that was available."""
+    measured = _i((a.get("peak") or {}).get("level"))
+    saving = _i(item.get("saving"))
+    after = max(measured - saving, 0) if measured else _i(item.get("new_peak"))
+    mem, job = a.get("memory") or {}, a.get("job") or {}
+    if mem.get("on_cuda"):
+        card = job.get("device_total")
+        where = "" if not card else (", fits the card" if after <= card else ", still too big for the card")
+    else:
+        avail = mem.get("host_available")
+        where = f"; host RAM had {fmt_bytes(avail)} available" if avail else ""
+    return (f"Try: {item['action']}: saves about {fmt_bytes(saving)} (peak {fmt_bytes(after)} instead of "
+            f"{fmt_bytes(measured)}{where}); cost: {item['cost']}.")
 
 
 # ---------------------------------------------------------------------- text
@@ -470,7 +489,8 @@ def render_text(a: dict) -> str:
     if a.get("estimate") and a["estimate"].get("peak_allocated"):
         lines.append("")
         lines.append(f"ESTIMATE  the estimator expected a peak of {fmt_bytes(a['estimate']['peak_allocated'])} "
-                     f"allocated ({fmt_bytes(a['estimate'].get('peak'))} on the card)")
+                     f"allocated ({fmt_bytes(a['estimate'].get('peak'))} "
+                     f"{'on the card' if a['memory'].get('on_cuda') else 'of host RAM'})")
     lines.append("")
     lines.append("ADVICE")
     for line in a["advice"]:

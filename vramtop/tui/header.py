@@ -141,7 +141,7 @@ def input_shape(state: SessionState) -> tuple[str, str]:
     model = (state.hello or {}).get("model") or {}
     takes_tokens = bool(model.get("lora") or model.get("method") in ("lora", "qlora") or
                         "CausalLM" in str(model.get("class") or "") or not model)
-    if isinstance(batch, list) and len(batch) == 2 and takes_tokens:
+    if not isinstance(batch, list) or not batch or (len(batch) == 2 and takes_tokens):
         return "batch×seq", shape
     return "input", shape
 
