@@ -88,3 +88,33 @@ async def test_pause_shows_in_the_header_and_s_saves_into_a_named_folder(tmp_pat
         await pilot.press("space")
         await pilot.pause(0.1)
         assert "[live]" in app._w("#header").render().plain.splitlines()[0]
+
+
+def test_report_speaks_of_the_measured_peak_and_host_ram_on_cpu(tmp_path):
+    import re
+
+    from vramtop.recording import Recording
+    from vramtop.report import analyze, render_html, render_text, svg_lines
+    from vramtop_agent.recorder import Recorder
+
+    path = str(tmp_path / "cpu.vramtop")
+    rec = Recorder(path)
+    for m in cpu_stream(with_bye=True):
+        rec.send(m)
+    rec.close()
+    r = Recording.open(path)
+    a = analyze(r)
+    text = render_text(a)
+    measured = a["peak"]["level"]
+    tries = [ln for ln in text.splitlines() if "Try:" in ln]
+    assert tries and all("the card" not in ln and "host RAM had" in ln for ln in tries)
+    assert all(f"instead of {render.fmt_bytes(measured)}" in ln for ln in tries)
+    assert "of host RAM)" in text and "on the card" not in text
+    page = render_html(a, r)
+    assert "<ul></ul>" not in page  # no OOM: no empty list
+    # Steps: whole-number ticks, each once; the first (forward) line is drawn wider than the ones over it.
+    svg = svg_lines([0, 1, 2], [("forward peak", "#0f0", [5, 5, 5]), ("backward peak", "#f00", [5, 5, 5])],
+                    "step", lambda v: f"{v:.0f}", "steps", integer_x=True)
+    assert re.findall(r'class="tick">(\d+)</text>', svg) == ["0", "1", "2"]
+    widths = [float(w) for w in re.findall(r'stroke-width="([\d.]+)"', svg)]
+    assert widths[0] > widths[1]
