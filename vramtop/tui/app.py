@@ -1,9 +1,13 @@
 """The Textual dashboard: a thin view over SessionState.
 
 Two timers: `_pump` drains the source into the state (10 Hz), `_refresh_view`
-re-renders the panels from it (4 Hz). All formatting is in render.py. The
-agent never learns whether a viewer exists, so quitting (or crashing) here
-changes nothing in the training job.
+re-renders the panels from it (4 Hz). All formatting is in render.py (the
+header's fields in header.py); which widgets a terminal size shows is
+layout.py: from 80×24 the header, the card's bar, the latest step's phase
+peaks and one panel at a time (Tab, 1-4), from 120×36 every panel, below
+60×20 a line that says so. Renderers get the width to fill and cut their lines
+to it: Textual would otherwise wrap them. The agent never learns whether a
+viewer exists, so quitting (or crashing) here changes nothing in the training job.
 """
 
 from __future__ import annotations
