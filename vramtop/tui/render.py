@@ -332,10 +332,11 @@ def timeline(state: SessionState, width: int, height: int = 8) -> Group | Text:
         title.append(" / reserved", style=COLORS["cache"])
     else:
         title.append(" (tracked tensors)", style="dim")
-    title.append("  phases: ", style="dim")
-    for p in ("forward", "backward", "optimizer"):
+    title.append("  ", style="dim")
+    for p, short in (("forward", "fwd"), ("backward", "bwd"), ("optimizer", "opt")):
         ch, st = PHASE_STYLE[p]
-        title.append(f"{ch}={p} ", style=st)
+        title.append(f"{ch}={short} ", style=st)
+    title.rstrip()
     if title.cell_len > width:
         title.truncate(max(width, 1), overflow="ellipsis")
     if not pts:
