@@ -230,7 +230,7 @@ class VramtopApp(App):
             self._panel("#tabs", layout.tab_line, self.panel, width)
         tl = self._w("#timeline", Static)
         if tl.display:
-            self._panel("#timeline", render.timeline, st, max(tl.size.width - 2, 20), max(tl.size.height - 4, 4))
+            self._panel("#timeline", render.timeline, st, max(tl.content_size.width, 20), max(tl.size.height - 4, 4))
         side = self._w("#side")
         self._panel("#frag", render.fragmentation, st, max(side.size.width - 12, 10))
         rows = 8 if wide else max(self._w("#middle").size.height - 3, 2)
