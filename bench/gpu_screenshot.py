@@ -3,8 +3,9 @@
     python bench/gpu_screenshot.py OUT.svg [--seconds 25] [--full]
 
 Starts `python -m vramtop.demo_train` (CUDA when present), attaches the real
-app under App.run_test() and saves what it shows after --seconds. Prints the
-last sample's blocks and allocator numbers so the picture can be checked.
+app under App.run_test() and saves what it shows after --seconds, at 170×52
+(every panel) and again at 80×24 (the compact layout) as OUT-80x24.svg. Prints
+the last sample's blocks and allocator numbers so the picture can be checked.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ async def _shoot(pid: int, out: str, seconds: float) -> None:
         app._refresh_view()
         await pilot.pause(0.3)
         app.save_screenshot(filename=os.path.basename(out), path=os.path.dirname(os.path.abspath(out)))
+        await pilot.resize_terminal(80, 24)  # the same moment in the layout an 80×24 terminal gets
+        await pilot.pause(0.5)
+        app._refresh_view()
+        await pilot.pause(0.3)
+        small = os.path.splitext(os.path.abspath(out))[0] + "-80x24.svg"
+        app.save_screenshot(filename=os.path.basename(small), path=os.path.dirname(small))
+        print("saved", out, "and", small, "layout", app.mode)
         s = app.state.sample or {}
         print("steps seen", len(app.state.steps), "connection", app.state.connection())
         print("blocks", s.get("blocks"))

@@ -57,9 +57,9 @@ def test_imbalance_flags_the_blocks_that_differ_between_ranks():
     assert not imb["parameters"].flagged and imb["parameters"].spread == 0
     assert not imb["step_time"].flagged  # 2 ms apart: under 10% and under the 10 ms floor
     text = imbalance_text(job, imb).plain
-    [line] = [ln for ln in text.splitlines() if "activ " in ln]
-    assert line.startswith("▲") and "activ  max 80.0 MiB (rank 1) vs min 40.0 MiB (rank 0): 40.0 MiB, 50% of max" in line
-    assert "▲" not in [line for line in text.splitlines() if "params" in line][0]
+    [line] = [ln for ln in text.splitlines() if "activations " in ln]
+    assert line.startswith("▲") and "activations  max 80.0 MiB (rank 1) vs min 40.0 MiB (rank 0): 40.0 MiB, 50% of max" in line
+    assert "▲" not in [line for line in text.splitlines() if "parameters" in line][0]
     cells = rank_cells(job, "local|101|1", imb, scale=400 * MIB)
     assert cells["activations"].plain == render.fmt_bytes(80 * MIB) and cells["activations"].style == HI_STYLE
     assert rank_cells(job, "local|100|0", imb, scale=400 * MIB)["activations"].style == LO_STYLE
@@ -199,7 +199,7 @@ async def test_torchrun_job_in_one_view_matches_each_ranks_accounting(torchrun_j
         assert imb["activations"].flagged and job.rank(imb["activations"].max_key) == 1  # twice the batch
         for block in ("parameters", "gradients", "optimizer"):  # DDP: the same model and optimizer on each rank
             assert not imb[block].flagged and imb[block].spread == 0, block
-        assert "▲ activ" in text and "▲ grads" not in text
+        assert "▲ activations" in text and "▲ gradients" not in text
 
         # Drill into rank 1, then back.
         await pilot.press("down")

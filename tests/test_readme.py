@@ -39,3 +39,15 @@ def test_screenshot_exists_and_was_saved_by_the_app():
     svg = (ROOT / "screenshots" / "dashboard.svg").read_text()
     assert svg.lstrip().startswith("<svg")
     assert "terminal" in svg and "parameters" in svg and "activations" in svg
+
+
+def test_demo_extra_is_what_the_demo_needs_and_the_readme_installs_it():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {d.split("=")[0].split(">")[0] for d in extras["demo"]}
+    assert names == {"torch", "transformers", "peft"}
+    assert set(extras["demo"]) <= set(extras["test"])  # the same pins: never an unpinned (CUDA) torch
+    assert "torch==2.13.0" in extras["demo"]
+    demo = [c for c in _readme_commands() if c.endswith("vramtop demo")]
+    assert "'.[demo]'" in demo[0]

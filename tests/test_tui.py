@@ -41,7 +41,7 @@ async def _until(pilot, cond, timeout=40.0):
         await pilot.pause(0.2)
         if cond():
             return
-    raise AssertionError("condition not met in time")
+    raise AssertionError(f"condition not met in time: {pilot.app.state.connection()} steps={len(pilot.app.state.steps)} hello={bool(pilot.app.state.hello)} status={pilot.app.source.status}")
 
 
 async def test_dashboard_shows_the_streams_numbers(demo_job):
@@ -107,7 +107,7 @@ async def test_estimate_beside_actual_and_what_if(demo_job):
     """The agent publishes the estimator's prediction; the view shows it beside the measurement."""
     app = VramtopApp(LiveSource(str(demo_job.pid)), refresh_hz=10)
     async with app.run_test(size=(180, 60)) as pilot:
-        await _until(pilot, lambda: len(app.state.steps) >= 2 and (app.state.hello or {}).get("estimate"))
+        await _until(pilot, lambda: len(app.state.steps) >= 2 and (app.state.hello or {}).get("estimate"), timeout=90)
         app._refresh_view()
         rows = {r.block: r for r in app.gap_model.rows(app.state)}
         # Parameters and optimizer states are exact on a live LoRA run (estimator tests cover the matrix).

@@ -54,6 +54,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """`vramtop report --json | head`: the reader closed the pipe. That is how such a pipeline ends,
+    not an error: no traceback, and stdout pointed at /dev/null so that the interpreter's final
+    flush does not fail again. 141 = 128 + SIGPIPE, what a shell reports for a writer that a
+    closed pipe ended."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

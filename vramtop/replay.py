@@ -137,6 +137,24 @@ def parse_position(text: str) -> tuple[str, float]:
     raise UserError(f"cannot read position {text[:40]!r}: try a step (120), a time (+90s, 1:30, 2h) or peak / oom")
 
 
+SAME_LAUNCH_S = 60.0  # sessions that started this close to the newest one are ranks of the same launch
+
+
+def newest_session(sessions: list) -> int | None:
+    """The session a reader means by default: the newest run's (its lowest rank when several ranks
+    of one launch record into the file). `vramtop run --record` and `record --append` add a session
+    per run, and the run just made is the one to look at."""
+    if not sessions:
+        return None
+    last = max(sessions, key=lambda s: s.id)
+    start = last.start_time if last.start_time is not None else last.first_t
+    if start is None:
+        return last.id
+    launch = [s for s in sessions if (s.start_time if s.start_time is not None else s.first_t or 0)
+              >= start - SAME_LAUNCH_S]
+    return min(launch, key=lambda s: (s.rank, s.id)).id
+
+
 class ReplaySource:
     """Feeds a recording into a SessionState at the pace of a PlaybackClock."""
 
@@ -146,7 +164,7 @@ class ReplaySource:
         self.rec = recording
         sessions = recording.sessions()
         if session is None:
-            session = sessions[0].id if sessions else None
+            session = newest_session(sessions)
         elif not any(s.id == session for s in sessions):
             raise UserError(f"{recording.path}: no session {session} (it has {', '.join(str(s.id) for s in sessions) or 'none'})")
         self.session = session
@@ -181,8 +199,9 @@ class ReplaySource:
         c = self.clock
         pos = c.position()
         state = "▶ playing" if c.playing and not c.at_end else "paused" if not c.at_end else "end"
+        # The footer lists the other keys; these have no footer entry.
         text = (f"{state} {c.speed:g}x  {_hms(pos - c.start)} / {_hms(c.end - c.start)}"
-                f"  [space] play/pause  [+/-] speed  [←/→] 10s  [[/]] step  [p] peak  [o] OOM  [g] go to")
+                f"  ←/→ 10 s  [/] step  Home/End")
         if self.message:
             text += f"  | {self.message}"
         return text

@@ -17,6 +17,7 @@ characters for the terminal and HTML-escaped for the page.
 from __future__ import annotations
 
 import html
+import math
 import statistics
 import time
 from typing import Any
@@ -94,13 +95,15 @@ def analyze(rec: Recording, session: int | None = None) -> dict:
     """Everything the report says, as plain data."""
     sessions = rec.sessions()
     if session is None:
-        # The session with an OOM when there is one, else the first.
+        # The session of the latest OOM when there is one, else the newest run's (vramtop.replay).
+        from vramtop.replay import newest_session
+
         ooms_all = rec.ooms()
         if ooms_all:
-            pid, rank = ooms_all[0]["pid"], ooms_all[0]["rank"]
-            session = next((s.id for s in sessions if s.pid == pid and s.rank == rank), None)
-        if session is None and sessions:
-            session = sessions[0].id
+            pid, rank = ooms_all[-1]["pid"], ooms_all[-1]["rank"]
+            session = next((s.id for s in reversed(sessions) if s.pid == pid and s.rank == rank), None)
+        if session is None:
+            session = newest_session(sessions)
     sess = next((s for s in sessions if s.id == session), None)
     hello = (sess.hello if sess else None) or {}
     span = rec.span(session)
@@ -249,6 +252,9 @@ def _sample_summary(rec: Recording, session: int | None) -> dict:
         out["num_ooms"] = cuda.get("ooms")
     else:
         out["max_rss"] = max((p["rss"] or 0) for p in pts)
+        last = rec.sample_at(float("inf"), session)
+        host = (last or {}).get("host") or {}
+        out["host_available"] = host.get("available")  # advice compares with it: "host RAM", not a card
     first = pts[0]
     out["first_blocks"] = {k: first[k] or 0 for k in BLOCK_KEYS}
     return out
@@ -378,12 +384,28 @@ def advice(a: dict) -> list[str]:
     for row in g.get("rows", []):
         out.append(f"Estimate vs measured, {row['block']}: {row['cause']}")
     for item in gap_items:
-        fits = "" if item.get("fits") is None else (", fits the card" if item["fits"] else ", still too big for the card")
-        out.append(f"Try: {item['action']}: saves about {fmt_bytes(item['saving'])} (peak {fmt_bytes(item['new_peak'])}"
-                   f"{fits}); cost: {item['cost']}.")
+        out.append(_try_line(item, a))
     if not out:
         out.append("Nothing stands out: no block dominates and memory did not grow over the run.")
     return out
+
+
+def _try_line(item: dict, a: dict) -> str:
+    """One "Try:" line. The peak after the change is the MEASURED peak less the predicted saving (the
+    estimate's own peak may be far from what this run did); a card is named only on CUDA, and a CPU
+    run is compared with the host RAM that was available."""
+    measured = _i((a.get("peak") or {}).get("level"))
+    saving = _i(item.get("saving"))
+    after = max(measured - saving, 0) if measured else _i(item.get("new_peak"))
+    mem, job = a.get("memory") or {}, a.get("job") or {}
+    if mem.get("on_cuda"):
+        card = job.get("device_total")
+        where = "" if not card else (", fits the card" if after <= card else ", still too big for the card")
+    else:
+        avail = mem.get("host_available")
+        where = f"; host RAM had {fmt_bytes(avail)} available" if avail else ""
+    return (f"Try: {item['action']}: saves about {fmt_bytes(saving)} (peak {fmt_bytes(after)} instead of "
+            f"{fmt_bytes(measured)}{where}); cost: {item['cost']}.")
 
 
 # ---------------------------------------------------------------------- text
@@ -472,7 +494,8 @@ def render_text(a: dict) -> str:
     if a.get("estimate") and a["estimate"].get("peak_allocated"):
         lines.append("")
         lines.append(f"ESTIMATE  the estimator expected a peak of {fmt_bytes(a['estimate']['peak_allocated'])} "
-                     f"allocated ({fmt_bytes(a['estimate'].get('peak'))} on the card)")
+                     f"allocated ({fmt_bytes(a['estimate'].get('peak'))} "
+                     f"{'on the card' if a['memory'].get('on_cuda') else 'of host RAM'})")
     lines.append("")
     lines.append("ADVICE")
     for line in a["advice"]:
@@ -507,16 +530,20 @@ def _nice_max(v: float) -> float:
     return v  # pragma: no cover
 
 
-def _axes(x_max: float, y_max: float, x_label: str, x_fmt) -> list[str]:
+def _axes(x_max: float, y_max: float, x_label: str, x_fmt, integer_x: bool = False) -> list[str]:
     out = [f'<rect x="{ML}" y="{MT}" width="{W - ML - MR}" height="{H - MT - MB}" fill="#fafafa" stroke="#ccc"/>']
     for i in range(5):
         v = y_max * i / 4
         y = H - MB - (H - MT - MB) * i / 4
         out.append(f'<line x1="{ML}" y1="{y:.1f}" x2="{W - MR}" y2="{y:.1f}" stroke="#e4e4e4"/>')
         out.append(f'<text x="{ML - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_e(fmt_bytes(v))}</text>')
-    for i in range(6):
-        v = x_max * i / 5
-        x = ML + (W - ML - MR) * i / 5
+    if integer_x:  # steps: whole numbers only, each once (not 0, 0, 1, 1, 2 over a short run)
+        every = max(1, math.ceil(x_max / 5))
+        ticks = [float(v) for v in range(0, int(x_max) + 1, every)]
+    else:
+        ticks = [x_max * i / 5 for i in range(6)]
+    for v in ticks:
+        x = ML + (W - ML - MR) * v / max(x_max, 1e-9)
         out.append(f'<text x="{x:.1f}" y="{H - MB + 16}" text-anchor="middle" class="tick">{_e(x_fmt(v))}</text>')
     out.append(f'<text x="{(ML + W - MR) / 2:.0f}" y="{H - 6}" text-anchor="middle" class="label">{_e(x_label)}</text>')
     return out
@@ -570,7 +597,7 @@ def svg_stacked(points: list[dict], t0: float, marks: list[tuple[float, str, str
 
 
 def svg_lines(xs: list[float], series: list[tuple[str, str, list]], x_label: str, x_fmt, aria: str,
-              dots: bool = False) -> str:
+              dots: bool = False, integer_x: bool = False) -> str:
     vals = [v for _, _, ys in series for v in ys if v is not None]
     if not xs or not vals:
         return "<p>No data.</p>"
@@ -587,19 +614,24 @@ def svg_lines(xs: list[float], series: list[tuple[str, str, list]], x_label: str
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" role="img" aria-label="{_e(aria)}">',
            _legend([(n, c) for n, c, _ in series])]
-    out += _axes(x_span, y_max, x_label, lambda v: x_fmt(v + x_lo))
-    for name, color, ys in series:
+    out += _axes(x_span, y_max, x_label, lambda v: x_fmt(v + x_lo), integer_x)
+    for i, (name, color, ys) in enumerate(series):
         pts = [f"{X(x):.1f},{Y(y):.1f}" for x, y in zip(xs, ys) if y is not None]
         if not pts:
             continue
-        out.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" stroke-width="1.6">'
-                   f"<title>{_e(name)}</title></polyline>")
+        out.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" '
+                   f'stroke-width="{_line_width(i, len(series))}"><title>{_e(name)}</title></polyline>')
         if dots and len(pts) <= 200:
             for pt in pts:
                 cx, cy = pt.split(",")
                 out.append(f'<circle cx="{cx}" cy="{cy}" r="2.2" fill="{color}"/>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _line_width(i: int, n: int) -> str:
+    """Earlier series drawn wider: a forward-peak line equal to the backward one drawn over it still shows."""
+    return f"{1.6 + 1.6 * (n - 1 - i) / max(n - 1, 1):.1f}"
 
 
 def _step_series(rec: Recording, session: int | None, max_points: int = MAX_POINTS):
@@ -661,7 +693,7 @@ def render_html(a: dict, rec: Recording) -> str:
     if len(xs) <= 150:
         steps_svg = svg_bars(xs, series, "phase peaks per step")
     else:
-        steps_svg = svg_lines(xs, series, "step", lambda v: f"{v:.0f}", "phase peaks per step")
+        steps_svg = svg_lines(xs, series, "step", lambda v: f"{v:.0f}", "phase peaks per step", integer_x=True)
     if a["memory"].get("on_cuda"):
         alloc_series = [("allocated", COLORS["allocated"], [p["allocated"] for p in pts]),
                         ("reserved", COLORS["reserved"], [p["reserved"] for p in pts])]
@@ -694,7 +726,7 @@ pre {{ background: #f4f4f4; padding: 1em; overflow-x: auto; font-size: 12px; }}
 <h1>{_e(title)}</h1>
 <p>{_e(job.get('cmdline') or '')}</p>
 {summary}
-<ul>{ooms}</ul>
+{f"<ul>{ooms}</ul>" if ooms else ""}
 <h2>Memory blocks over time</h2>
 {stacked}
 <h2>Phase peaks per step</h2>

@@ -49,6 +49,7 @@ class LiveSource:
         self._want_pid: int | None = None
         self._rejected_before = 0  # frames rejected by the subscribers of earlier attachments
         self._last_rejection: str | None = None
+        self._said_waiting = False  # the status says nothing is at the endpoint yet
         if target is None:
             self.status = "looking for agents on this machine"
         elif target.isdigit():
@@ -108,6 +109,13 @@ class LiveSource:
             self._scan()
             return []
         msgs = self.sub.poll(0)
+        waiting = self.sub.waiting_for()
+        if waiting:
+            self.status = waiting
+            self._said_waiting = True
+        elif self._said_waiting:
+            self._said_waiting = False
+            self.status = f"attached to {self.sub.endpoint}"
         return msgs
 
     def process_gone(self) -> bool:

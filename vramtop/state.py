@@ -54,8 +54,12 @@ class Point:
 
 
 class SessionState:
-    def __init__(self, clock=time.time) -> None:
+    """count_event_gaps: a gap in the events' `eseq` is a lost frame (live). Replay passes False:
+    a recording stores repeated hellos once, so its event numbers have gaps that lost nothing."""
+
+    def __init__(self, clock=time.time, count_event_gaps: bool = True) -> None:
         self.clock = clock
+        self.count_event_gaps = count_event_gaps
         self.hello: dict | None = None
         self.sample: dict | None = None
         self.history: collections.deque[Point] = collections.deque(maxlen=HISTORY)
@@ -90,7 +94,7 @@ class SessionState:
         kind = msg["type"]
         if "eseq" in msg:
             eseq = msg["eseq"]
-            if self._last_eseq is not None and eseq > self._last_eseq + 1:
+            if self.count_event_gaps and self._last_eseq is not None and eseq > self._last_eseq + 1:
                 self.missed_events += eseq - self._last_eseq - 1
             if self._last_eseq is None or eseq > self._last_eseq:
                 self._last_eseq = eseq
@@ -106,7 +110,7 @@ class SessionState:
 
     def _reset_for_new_process(self) -> None:
         keep_rejected, keep_reason = self.rejected_frames, self.last_rejection
-        self.__init__(self.clock)
+        self.__init__(self.clock, self.count_event_gaps)
         self.rejected_frames, self.last_rejection = keep_rejected, keep_reason
 
     def _on_hello(self, msg: dict) -> None:

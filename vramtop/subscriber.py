@@ -79,13 +79,17 @@ class Subscriber:
         self._poller.register(self._samples, zmq.POLLIN)
         self._poller.register(self._events, zmq.POLLIN)
         self._monitors = {}
+        # Connection events too: a viewer waiting on an endpoint where nothing listens says so (status()).
+        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
         for sock in (self._samples, self._events):
-            mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            mon = sock.get_monitor_socket(events)
             self._monitors[mon] = sock
             self._poller.register(mon, zmq.POLLIN)
         self.rejected = 0
         self.last_rejection: str | None = None
         self.reconnects = 0  # connections dropped (agent gone, network, an oversized frame) and made again
+        self.connected: bool | None = None  # None: not known yet; False: connecting failed, retrying
+        self.frames = 0  # frames received, good or bad
 
     def _socket(self, topic: bytes, conflate: bool):
         zmq = self._zmq
@@ -143,7 +147,12 @@ class Subscriber:
                 break
             except Exception:  # a malformed monitor message: not ours to die of
                 break
-            disconnected |= event.get("event") == zmq.EVENT_DISCONNECTED
+            kind = event.get("event")
+            disconnected |= kind == zmq.EVENT_DISCONNECTED
+            if kind == zmq.EVENT_CONNECTED:
+                self.connected = True
+            elif kind in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_DISCONNECTED):
+                self.connected = False
         if disconnected:
             try:  # disconnect first: connecting twice would deliver every frame twice
                 sock.disconnect(self.endpoint)
@@ -152,7 +161,23 @@ class Subscriber:
             sock.connect(self.endpoint)
             self.reconnects += 1
 
+    def waiting_for(self) -> str | None:
+        """Why nothing arrives yet, for the status line: None once the agent is there (or not known)."""
+        if self.frames:
+            return None
+        if self.endpoint.startswith("ipc://"):
+            import os
+
+            path = self.endpoint[len("ipc://"):]
+            if not os.path.exists(path):
+                return f"no socket at {path} yet (is the agent running?): waiting"
+        if self.connected is False:
+            what = "connection refused" if self.endpoint.startswith("tcp://") else "cannot connect"
+            return f"nothing at {self.endpoint} yet ({what}): waiting"
+        return None
+
     def _take(self, frame: bytes, out: list[dict]) -> None:
+        self.frames += 1
         try:
             good, bad = decode_many(frame, self.max_frame)
         except SchemaError as exc:

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="playback speed (default 1x)")
     p.add_argument("--start", default=None, metavar="POS",
                    help="where to start: a step (120), a time from the start (+90s, 1:30), peak or oom")
-    p.add_argument("--session", type=int, default=None, help="which session of the file (default: the first)")
+    p.add_argument("--session", type=int, default=None, help="which session of the file (default: the newest)")
     p.add_argument("--paused", action="store_true", help="start paused")
     p.set_defaults(func=run)
 

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html", metavar="FILE", help="also write an HTML report with plots")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON instead of text")
     p.add_argument("--session", type=int, default=None, help="which session of the file (default: the one with "
-                   "an OOM, else the first)")
+                   "an OOM, else the newest)")
     budget.add_arguments(p)
     p.set_defaults(func=run)
 

@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--record", metavar="PATH", help="record the job's stream to PATH instead of showing the dashboard "
                    "({rank}, {pid}, {host} are filled in per process)")
+    p.add_argument("--append", action="store_true", help="with --record: add this run to an existing recording "
+                   "(as `vramtop record --append`) instead of refusing")
     p.add_argument("--no-tui", action="store_true", help="do not open the dashboard (attach later with `vramtop attach`)")
     p.add_argument("--refresh", type=float, default=4.0, metavar="HZ", help="dashboard refreshes per second (default 4)")
     budget.add_arguments(p)
@@ -115,14 +117,21 @@ def _run(args: argparse.Namespace, record: str | None) -> int:
     cmd = _command(args)
     if args.refresh <= 0 or args.refresh > 60:
         raise UserError("--refresh must be between 0 and 60 Hz")
+    if args.record:
+        from vramtop.run_record import check_target
+
+        check_target(args.record, append=args.append)
     env = child_env(record=record)
     monitor = alerts.from_args(args)
     show = not (args.no_tui or args.record) and sys.stdin.isatty() and sys.stdout.isatty()
     log_path = None
     popen_kw: dict = {}
     if show:
-        # The dashboard owns the terminal: the job's output goes to a log, shown again once it closes.
-        fd, log_path = tempfile.mkstemp(prefix="vramtop-run-", suffix=".log")
+        # The dashboard owns the terminal: the job's output goes to a log (in the runtime dir, removed
+        # after a clean end), shown again once it closes.
+        from vramtop.run_record import log_dir
+
+        fd, log_path = tempfile.mkstemp(prefix="vramtop-run-", suffix=".log", dir=log_dir())
         popen_kw = {"stdin": subprocess.DEVNULL, "stdout": fd, "stderr": subprocess.STDOUT}
     try:
         child = subprocess.Popen(cmd, env=env, **popen_kw)
@@ -148,7 +157,12 @@ def _run(args: argparse.Namespace, record: str | None) -> int:
         if show:
             return exit_status(_run_with_dashboard(child, log_path, args.refresh, monitor))
         if args.record:
-            print(f"vramtop: recording pid {child.pid} to {os.path.abspath(args.record)}", file=sys.stderr)
+            from vramtop.run_record import announce, recorded
+
+            started = announce(args.record, child.pid)
+            status = exit_status(_wait(child))
+            recorded(args.record, started)
+            return status
         return exit_status(_wait(child))
     finally:
         if watcher is not None:
@@ -221,7 +235,12 @@ def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: floa
     finally:
         out.pump()
         out.close()
-        print(f"vramtop: the job's output is in {log_path}", file=sys.stderr)
+        if child.poll() == 0:
+            from vramtop.run_record import remove_log
+
+            remove_log(log_path)
+        else:
+            print(f"vramtop: the job's output is in {log_path}", file=sys.stderr)
 
 
 def _sleep(seconds: float, child: subprocess.Popen) -> None:

@@ -1,9 +1,13 @@
 """The Textual dashboard: a thin view over SessionState.
 
 Two timers: `_pump` drains the source into the state (10 Hz), `_refresh_view`
-re-renders the panels from it (4 Hz). All formatting is in render.py. The
-agent never learns whether a viewer exists, so quitting (or crashing) here
-changes nothing in the training job.
+re-renders the panels from it (4 Hz). All formatting is in render.py (the
+header's fields in header.py); which widgets a terminal size shows is
+layout.py: from 80×24 the header, the card's bar, the latest step's phase
+peaks and one panel at a time (Tab, 1-4), from 120×36 every panel, below
+60×20 a line that says so. Renderers get the width to fill and cut their lines
+to it: Textual would otherwise wrap them. The agent never learns whether a
+viewer exists, so quitting (or crashing) here changes nothing in the training job.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from textual.widgets.option_list import Option
 
 from vramtop.alerts import AlertMonitor
 from vramtop.state import SessionState
-from vramtop.tui import alerts_view, render
+from vramtop.tui import alerts_view, layout, render
 from vramtop.tui.gap_view import GapModel, WhatIfScreen, render_gap
+from vramtop.tui.header import HeaderContext
 
 
 class AgentPicker(ModalScreen[dict | None]):
@@ -57,27 +62,39 @@ class AgentPicker(ModalScreen[dict | None]):
 
 class VramtopApp(App):
     TITLE = "vramtop"
+    ENABLE_COMMAND_PALETTE = False  # its footer entry would crowd out the dashboard's own keys at 80 columns
     CSS = """
     Screen { layout: vertical; }
     #header { height: 3; padding: 0 1; background: $boost; }
     #alerts { height: auto; padding: 0 1; }
-    #stack { height: auto; padding: 0 1; margin-top: 1; }
+    #stack { height: auto; padding: 0 1; }
+    #now { height: auto; padding: 0 1; }
+    #tabs { height: 1; padding: 0 1; }
     #middle { height: 1fr; }
-    #left { width: 3fr; }
+    #left { width: 1fr; }
     #timeline { height: 14; padding: 0 1; }
     #gap { height: auto; padding: 0 1; }
-    #side { width: 2fr; }
+    #side { width: 1fr; }
     #frag { height: auto; padding: 0 1; }
     #phases { height: auto; padding: 0 1; }
+    #toosmall { height: 1fr; padding: 1 2; }
     #status { height: 1; padding: 0 1; color: $text-muted; }
     """
     BINDINGS = [
         Binding("q", "quit", "Quit"),
         Binding("space", "toggle_pause", "Pause view"),
+        Binding("tab", "cycle_panel(1)", "Panel", priority=True),
+        Binding("shift+tab", "cycle_panel(-1)", "Previous panel", show=False, priority=True),
+        *[Binding(str(i), f"show_panel('{p.id}')", p.title, show=False) for i, p in enumerate(layout.PANELS, 1)],
+        Binding("up", "scroll_panels(-1)", "Scroll", show=False),
+        Binding("down", "scroll_panels(1)", "Scroll", show=False),
+        Binding("pageup", "scroll_panels(-10)", "Scroll", show=False),
+        Binding("pagedown", "scroll_panels(10)", "Scroll", show=False),
         Binding("s", "save_svg", "Save SVG"),
         Binding("a", "pick_agent", "Agents"),
         Binding("w", "what_if", "What-if"),
     ]
+    SCREENSHOT_DIR = "vramtop-screenshots"  # under the working directory, or $VRAMTOP_SCREENSHOTS
 
     def __init__(self, source, state: SessionState | None = None, refresh_hz: float = 4.0, pump_hz: float = 10.0,
                  alerts: AlertMonitor | None = None):
@@ -91,26 +108,74 @@ class VramtopApp(App):
         self._picker_open = False
         self.last_screenshot: str | None = None
         self.gap_model = GapModel()
+        self.mode = "compact"
+        self.panel = layout.PANELS[0].id  # the panel shown in the compact layout
 
     def compose(self) -> ComposeResult:
         yield Static(id="header")
         yield Static(id="alerts")
         yield Static(id="stack")
+        yield Static(id="now")
+        yield Static(id="tabs")
         with Horizontal(id="middle"):
             with VerticalScroll(id="left"):
-                yield Static(id="timeline")
-                yield Static(id="gap")
+                for p in layout.PANELS:
+                    if p.column == "left":
+                        yield Static(id=p.id)
             with VerticalScroll(id="side"):
-                yield Static(id="frag")
-                yield Static(id="phases")
+                for p in layout.PANELS:
+                    if p.column == "side":
+                        yield Static(id=p.id)
+        yield Static(id="toosmall")
         yield Static(id="status")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.set_interval(1.0 / self.pump_hz, self._pump)
         self.set_interval(1.0 / self.refresh_hz, self._refresh_view)
+        self._apply_layout()
         self._pump()
         self._refresh_view()
+
+    def on_resize(self, _event) -> None:
+        if not self.screen_stack or not self.screen_stack[0].query("#header"):
+            return  # not composed yet (or already torn down)
+        self._apply_layout()
+        self.call_after_refresh(self._refresh_view)
+
+    # ------------------------------------------------------------------ layout
+
+    def _w(self, selector: str, kind=None):
+        """A widget of the dashboard itself (the default screen), whatever dialog is on top."""
+        base = self.screen_stack[0]
+        return base.query_one(selector, kind) if kind else base.query_one(selector)
+
+    def _apply_layout(self) -> None:
+        """Show the widgets of the layout for this terminal size (vramtop.tui.layout)."""
+        width, height = self.size
+        self.mode = layout.mode_for(width, height)
+        small, wide = self.mode == "too_small", self.mode == "wide"
+        for wid in ("#header", "#stack", "#now", "#middle", "#status"):
+            self._w(wid).display = not small
+        self._w("#toosmall").display = small
+        self._w("#tabs").display = self.mode == "compact"
+        for p in layout.PANELS:
+            self._w(f"#{p.id}").display = wide or p.id == self.panel
+        shown = {p.column for p in layout.PANELS if wide or p.id == self.panel}
+        self._w("#left").display = not small and "left" in shown
+        self._w("#side").display = not small and "side" in shown
+        # Compact: the one panel gets the whole middle; the timeline fills it.
+        self._w("#timeline").styles.height = 14 if wide else "1fr"
+        self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Keys that do nothing in this layout are not offered (and not shown in the footer)."""
+        if action == "cycle_panel":  # in a dialog, Tab is the dialog's (next field)
+            return self.mode == "compact" and self.screen is self.screen_stack[0]
+        return True
+
+    def header_context(self) -> HeaderContext:
+        return HeaderContext(source=str(getattr(self.source, "describe", "") or ""), mode="live", paused=self.paused)
 
     # ------------------------------------------------------------------ data
 
@@ -154,31 +219,45 @@ class VramtopApp(App):
     # ------------------------------------------------------------------ view
 
     def _refresh_view(self) -> None:
-        if self.paused:
+        if self.paused or not self.screen_stack[0].query("#header"):
+            return
+        if layout.mode_for(*self.size) != self.mode:  # a resize the resize event saw too early
+            self._apply_layout()
+        if self.mode == "too_small":
+            self._w("#toosmall", Static).update(layout.too_small(*self.size))
             return
         st = self.state
-        self._panel("#header", render.header, st, getattr(self.source, "describe", ""))
+        wide = self.mode == "wide"
+        width = max(self.size.width - 2, 20)  # the panels' padding
+        self._render_header()
         self._panel("#alerts", alerts_view.render, st, self.alerts)
         self.query_one("#alerts", Static).display = alerts_view.has_content(st, self.alerts)  # no blank line
-        width = self.query_one("#stack", Static).size.width or self.size.width
         idle = getattr(self.source, "idle_view", None) if st.sample is None else None  # NodeSource: the GPUs (NVML)
         if idle:
             self._panel("#stack", idle)
         else:
-            self._panel("#stack", render.stack, st, max(width - 2, 20))
-        tl = self.query_one("#timeline", Static)
-        self._panel("#timeline", render.timeline, st, max(tl.size.width - 2, 20), max(tl.size.height - 4, 4))
-        side = self.query_one("#side")
+            self._panel("#stack", render.stack, st, width, not wide)
+        self._panel("#now", render.now_lines, st, width)
+        if not wide:
+            self._panel("#tabs", layout.tab_line, self.panel, width)
+        tl = self._w("#timeline", Static)
+        if tl.display:
+            self._panel("#timeline", render.timeline, st, max(tl.content_size.width, 20), max(tl.size.height - 4, 4))
+        side = self._w("#side")
         self._panel("#frag", render.fragmentation, st, max(side.size.width - 12, 10))
-        self._panel("#phases", render.phases, st)
+        rows = 8 if wide else max(self._w("#middle").size.height - 3, 2)
+        ph = self._w("#phases")
+        self._panel("#phases", render.phases, st, rows, max((ph.size.width or width) - 2, 20))
         self._panel("#gap", render_gap, st, self.gap_model)
         status = getattr(self.source, "status", "")
         if st.last_rejection:
             status += f"  | last rejected frame: {st.last_rejection}"
-        if self.paused:
-            status = "[paused] " + status
         # Text, not markup: the status quotes rejected frames, i.e. whatever a peer sent.
-        self.query_one("#status", Static).update(Text(str(status)))
+        self._w("#status", Static).update(Text(str(status), no_wrap=True, overflow="ellipsis"))
+
+    def _render_header(self) -> None:
+        width = max(self.size.width - 2, 20)  # the header spans the screen, less its padding
+        self._panel("#header", render.header, self.state, "", width, self.header_context())
 
     def _panel(self, widget_id: str, fn, *args) -> None:
         """Render one panel. A renderer that fails on odd data (the stream is outside input) says so
@@ -187,17 +266,48 @@ class VramtopApp(App):
             content = fn(*args)
         except Exception as exc:  # noqa: BLE001
             content = Text(f"{widget_id[1:]}: cannot show this data ({type(exc).__name__}: {exc})"[:300], style="red")
-        self.query_one(widget_id, Static).update(content)
+        self._w(widget_id, Static).update(content)
 
     # ------------------------------------------------------------------ actions
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused
-        self.query_one("#status", Static).update(Text("[paused]" if self.paused else ""))
+        self._render_header()  # the frozen view says it is frozen
+        if not self.paused:
+            self._refresh_view()
+
+    def action_cycle_panel(self, delta: int) -> None:
+        if self.screen is not self.screen_stack[0]:  # a dialog: Tab moves between its fields
+            self.screen.focus_next() if delta > 0 else self.screen.focus_previous()
+            return
+        self.action_show_panel(layout.next_panel(self.panel, delta))
+
+    def action_show_panel(self, panel_id: str) -> None:
+        self.panel = panel_id
+        self._apply_layout()
+        was, self.paused = self.paused, False  # a paused view still switches panels
+        self._refresh_view()
+        self.paused = was
+
+    def action_scroll_panels(self, lines: int) -> None:
+        """The panels that overflow (the estimate's advice at 80×24) scroll with the arrow keys."""
+        for column in ("#left", "#side"):
+            box = self._w(column)
+            if box.display:
+                box.scroll_relative(y=lines, animate=False)
+
+    def screenshot_dir(self) -> str:
+        return os.environ.get("VRAMTOP_SCREENSHOTS") or os.path.join(os.getcwd(), self.SCREENSHOT_DIR)
 
     def action_save_svg(self) -> None:
-        name = f"vramtop-{time.strftime('%Y%m%d-%H%M%S')}.svg"
-        self.last_screenshot = self.save_screenshot(filename=name, path=os.getcwd())
+        folder = self.screenshot_dir()
+        try:
+            os.makedirs(folder, exist_ok=True)
+            name = f"vramtop-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+            self.last_screenshot = self.save_screenshot(filename=name, path=folder)
+        except OSError as exc:
+            self.notify(f"cannot save the screenshot in {folder}: {exc.strerror or exc}", severity="error")
+            return
         self.notify(f"saved {self.last_screenshot}")
 
     def action_what_if(self) -> None:

@@ -31,16 +31,16 @@ from vramtop.tui import render
 from vramtop.tui.app import VramtopApp
 from vramtop_agent.schema import BLOCK_KEYS
 
-BAR_WIDTH = 24
+BAR_WIDTH = 16
 HI_STYLE = "bold white on #a1262b"  # the largest rank of an imbalanced block
 LO_STYLE = "bold black on #76b7b2"  # the smallest
 # (key, label, width): fixed widths, since cells are updated in place as numbers grow.
-COLUMNS = (("rank", "rank", 6), ("node", "node", 14), ("pid", "pid", 8), ("stack", "stack at step peak", BAR_WIDTH),
-           ("parameters", "params", 9), ("gradients", "grads", 9), ("optimizer", "optim", 9),
-           ("activations", "activ", 9), ("other", "other", 9), ("peak", "step peak", 9),
+COLUMNS = (("rank", "rank", 6), ("node", "node", 12), ("pid", "pid", 8), ("stack", "stack at step peak", BAR_WIDTH),
+           ("parameters", "parameters", 10), ("gradients", "gradients", 10), ("optimizer", "optimizer", 10),
+           ("activations", "activations", 11), ("other", "other", 9), ("peak", "step peak", 9),
            ("step", "step", 7), ("step_time", "step time", 9), ("state", "state", 7))
-_SHORT = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "activ",
-          "other": "other", "peak": "step peak", "step_time": "step time"}
+_SHORT = {"parameters": "parameters", "gradients": "gradients", "optimizer": "optimizer",
+          "activations": "activations", "other": "other", "peak": "step peak", "step_time": "step time"}
 
 
 # --------------------------------------------------------------------- pure rendering
@@ -165,9 +165,9 @@ def imbalance_text(job: JobState, imb: dict | None = None) -> Text:
         else:
             hi, lo, spread = render.fmt_bytes(i.max), render.fmt_bytes(i.min), render.fmt_bytes(i.spread)
         if i.spread == 0:
-            text = f"{_SHORT[metric]:>9}  {hi} on every rank"
+            text = f"{_SHORT[metric]:>11}  {hi} on every rank"
         else:
-            text = (f"{_SHORT[metric]:>9}  max {hi} (rank {job.rank(i.max_key)}) vs min {lo} "
+            text = (f"{_SHORT[metric]:>11}  max {hi} (rank {job.rank(i.max_key)}) vs min {lo} "
                     f"(rank {job.rank(i.min_key)}): {spread}, {100 * i.ratio:.0f}% of max")
         if i.flagged:
             t.append("▲ " + text + "\n", style="bold red")

@@ -67,81 +67,83 @@ def fmt_count(n: int | None) -> str:
 # --------------------------------------------------------------------- header
 
 
-def header(state: SessionState, source: str = "") -> Text:
-    h = state.hello or {}
-    s = state.sample or {}
-    model = h.get("model") or {}
-    conn = state.connection()
-    conn_style = {"live": "bold green", "stale": "bold yellow", "waiting": "yellow", "ended": "bold red",
-                  "gone": "bold red"}[conn]
-    conn_text = conn
-    since = state.seconds_since_frame()
-    if conn == "stale" and since is not None:
-        conn_text = f"stale: no data for {since:.0f}s"
-    elif conn == "ended":
-        conn_text = f"agent ended ({_text((state.bye or {}).get('reason'), 40)})"
-    elif conn == "gone":
-        conn_text = "process exited"
-    t = Text(no_wrap=True, overflow="ellipsis")  # three lines, each cut rather than wrapped
-    cmd = " ".join(c for c in (h.get("cmdline") or []) if isinstance(c, str))
-    if len(cmd) > 60:
-        cmd = cmd[:57] + "..."
-    t.append("vramtop ", style="bold")
-    t.append(f"pid {s.get('pid', h.get('pid', '-'))}", style="bold cyan")
-    t.append(f"@{_text(h.get('host'), 40)}")
-    world = h.get("world_size", 1)
-    if _finite(world) and world > 1:
-        t.append(f"  rank {h.get('rank', 0)}/{world}")
-    t.append(f"  {cmd}", style="dim")
-    t.append("  [")
-    t.append(conn_text, style=conn_style)
-    t.append("]")
-    if source:
-        t.append(f"  {source}", style="dim")
-    t.append("\n")
-    dev = _text(h.get("device") or s.get("device"), 40)
-    name = _text(h.get("device_name"), 60, "")
-    t.append("device ", style="dim")
-    t.append(f"{dev}" + (f" ({name})" if name and dev.startswith("cuda") else ""), style="bold")
-    t.append("  model ", style="dim")
-    t.append(_text(model.get("class"), 60), style="bold")
-    if model:
-        t.append(f"  {_text(model.get('summary') or model.get('method'), 60)}", style="magenta")
-        t.append(f"  params {fmt_count(model.get('params_trainable'))} trainable / {fmt_count(model.get('params_total'))}")
-        t.append(f"  {_text(model.get('dtype'), 30)}")
-        if model.get("grad_ckpt"):
-            t.append("  grad-ckpt", style="cyan")
-    t.append("\n")
-    batch = s.get("batch")
-    last = state.last_step()
-    t.append("batch×seq ", style="dim")
-    t.append("×".join(str(x) for x in batch) if batch else "-", style="bold")
-    t.append("  step ", style="dim")
-    t.append(str(s.get("step", "-")), style="bold")
-    injected = h.get("injected")
-    if isinstance(injected, dict):  # started mid-run by `vramtop attach PID`: nothing known before it
-        first = injected.get("first_step")
-        t.append(f" (injected: steps before {first} unknown)" if isinstance(first, int) else
-                 " (injected: waiting for the next optimizer step)", style="yellow")
-    t.append("  phase ", style="dim")
-    ph = _text(s.get("phase"), 20, "-")
-    t.append(ph, style=PHASE_STYLE.get(ph, ("", "white"))[1])
-    t.append("  step time ", style="dim")
-    t.append(f"{last['step_time'] * 1000:.0f} ms" if last and _finite(last.get("step_time")) else "-", style="bold")
-    dropped = size(s.get("dropped")) or 0
-    t.append("  dropped ", style="dim")
-    t.append(f"{dropped + state.missed_events}", style="bold red" if dropped + state.missed_events else "")
-    if state.rejected_frames:
-        t.append(f"  rejected {state.rejected_frames}", style="bold red")
-    if size(s.get("errors")):
-        t.append(f"  agent errors {s['errors']}", style="bold red")
-    return t
+def header(state: SessionState, source: str = "", width: int | None = None, ctx=None) -> Text:
+    """The three header lines (vramtop.tui.header), joined; each cut to `width` with "…"."""
+    from vramtop.tui.header import HeaderContext, header_lines
+
+    ctx = ctx or HeaderContext(source=source)
+    return Text("\n", no_wrap=True, overflow="ellipsis").join(header_lines(state, ctx, width))
 
 
 # --------------------------------------------------------------------- stack
 
+NA_CPU = "n/a on CPU (no caching allocator)"
 
-def stack(state: SessionState, width: int) -> Group | Text:
+
+def legend_items(state: SessionState) -> list[Text]:
+    """One item per bar segment ("■ label size pct"), then the parameters' trainable/frozen split."""
+    segs = state.segments()
+    total = state.device_total() or sum(x.nbytes for x in segs)
+    denom = max(total, sum(x.nbytes for x in segs), 1)
+    items = []
+    for seg in segs:
+        cell = Text()
+        cell.append("■ ", style=COLORS.get(seg.key, "white"))
+        cell.append(f"{seg.label} ", style="bold")
+        pct = 100.0 * seg.nbytes / denom
+        cell.append(fmt_bytes(seg.nbytes) + (f" {pct:.1f}%" if pct >= 0.05 else ""))  # "0.0%" says nothing
+        items.append(cell)
+    split = (state.sample or {}).get("params_split")
+    if isinstance(split, dict) and split:
+        t = Text(f"parameters: trainable {fmt_bytes(split.get('trainable'))} · frozen {fmt_bytes(split.get('frozen'))}",
+                 style="dim")
+        if split.get("quantized"):
+            t.append(f" · 4/8-bit {fmt_bytes(split.get('quantized'))}", style="dim")
+        items.append(t)
+    note = activations_note(state.sample or {}, fmt_bytes)  # tracked (and where) or derived
+    if note:
+        items.append(Text(f"activations: {note}", style="dim"))
+    return items
+
+
+def pack(items: list[Text], width: int, gap: int = 2, columns: bool = False) -> list[Text]:
+    """Lay items out on as few lines of `width` cells as they fit, never breaking an item.
+
+    columns=True aligns them in equal columns (the wide layout); an item wider than the
+    line is cut with "…".
+    """
+    width = max(width, 10)
+    items = [i.copy() for i in items]
+    for i in items:
+        if i.cell_len > width:
+            i.truncate(width, overflow="ellipsis")
+    lines: list[Text] = []
+    if columns and items:
+        col = max(i.cell_len for i in items) + gap
+        per_line = max(1, (width + gap) // col)
+        for k in range(0, len(items), per_line):
+            line = Text(no_wrap=True)
+            for j, item in enumerate(items[k:k + per_line]):
+                if j:
+                    line.append(" " * (col - items[k + j - 1].cell_len))
+                line.append_text(item)
+            lines.append(line)
+        return lines
+    line = Text(no_wrap=True)
+    for item in items:
+        if line.cell_len and line.cell_len + gap + item.cell_len > width:
+            lines.append(line)
+            line = Text(no_wrap=True)
+        if line.cell_len:
+            line.append(" " * gap)
+        line.append_text(item)
+    if line.cell_len:
+        lines.append(line)
+    return lines
+
+
+def stack(state: SessionState, width: int, compact: bool = False) -> Group | Text:
+    """The card-wide bar and its legend; the zoom on what this process uses unless `compact`."""
     segs = [x for x in state.segments()]
     if not segs:
         return Text("waiting for the first sample…", style="dim")
@@ -150,43 +152,58 @@ def stack(state: SessionState, width: int) -> Group | Text:
     sizes = [x.nbytes for x in segs]
     denom = max(total, sum(sizes), 1)
     bar = _bar(sizes, [x.key for x in segs], width, denom)
-    # The same, zoomed to what this process uses: a small model on a big card is otherwise a sliver.
-    mine = [x for x in segs if x.key in (*BLOCK_KEYS, "cache")]
-    zoom = _bar([x.nbytes for x in mine], [x.key for x in mine], width, sum(x.nbytes for x in mine))
-    table = Table.grid(padding=(0, 2))
-    for _ in range(4):
-        table.add_column()
-    row: list = []
-    split = (state.sample or {}).get("params_split")
-    split = split if isinstance(split, dict) else {}
-    for seg in segs:
-        pct = 100.0 * seg.nbytes / denom
-        cell = Text()
-        cell.append("■ ", style=COLORS.get(seg.key, "white"))
-        cell.append(f"{seg.label} ", style="bold")
-        cell.append(f"{fmt_bytes(seg.nbytes)} {pct:.1f}%")
-        if seg.key == "parameters" and split:
-            cell.append(f"\n  trainable {fmt_bytes(split.get('trainable'))} · frozen {fmt_bytes(split.get('frozen'))}",
-                        style="dim")
-            if split.get("quantized"):
-                cell.append(f" · 4/8-bit {fmt_bytes(split.get('quantized'))}", style="dim")
-        if seg.key == "activations":
-            note = activations_note(state.sample or {}, fmt_bytes)  # tracked (where) or derived
-            if note:
-                cell.append(f"\n  {note}", style="dim")
-        row.append(cell)
-        if len(row) == 4:
-            table.add_row(*row)
-            row = []
-    if row:
-        table.add_row(*row, *[""] * (4 - len(row)))
-    title = Text()
+    title = Text(no_wrap=True, overflow="ellipsis")
     title.append("Memory ", style="bold")
     title.append(f"of {fmt_bytes(total)} ", style="dim")
     title.append("(device)" if state.on_cuda else "(host RAM)", style="dim")
+    legend = pack(legend_items(state), width, columns=not compact)
+    if compact:
+        return Group(title, bar, *legend)
+    # The same, zoomed to what this process uses: a small model on a big card is otherwise a sliver.
+    mine = [x for x in segs if x.key in (*BLOCK_KEYS, "cache")]
+    zoom = _bar([x.nbytes for x in mine], [x.key for x in mine], width, sum(x.nbytes for x in mine))
     zoom_title = Text("zoom: reserved by PyTorch (the blocks + cache/frag)" if state.on_cuda
                       else "zoom: the tensors vramtop tracks", style="dim")
-    return Group(title, bar, zoom_title, zoom, table)
+    return Group(title, bar, zoom_title, zoom, *legend)
+
+
+# --------------------------------------------------------------------- now: the latest step's phase peaks
+
+
+def spike_text(state: SessionState, step: dict) -> str:
+    """The backward spike, or why there is none to show (CPU: no allocator peak to see it)."""
+    if not state.on_cuda:
+        return NA_CPU
+    return "+" + fmt_bytes(step.get("backward_spike"))
+
+
+def now_lines(state: SessionState, width: int) -> Text:
+    """The latest step: its peak and phase peaks, then its blocks at the peak, packed into `width`."""
+    last = state.last_step()
+    if last is None:
+        t = Text("Phase peaks: no step finished yet (they appear after the first optimizer step)",
+                 style="dim", no_wrap=True, overflow="ellipsis")
+        t.truncate(max(width, 1), overflow="ellipsis")
+        return t
+    peaks = last.get("peaks") or {}
+    items = [Text(f"step {last.get('step')} peak {fmt_bytes(last.get('peak'))} in "
+                  f"{_text(last.get('peak_phase'), 20)}", style="bold")]
+    for phase, short in (("forward", "fwd"), ("backward", "bwd"), ("optimizer", "opt")):
+        item = Text(f"{short} ", style=PHASE_STYLE[phase][1])
+        item.append(fmt_bytes(peaks.get(phase)))
+        items.append(item)
+    spike = Text("backward spike ", style="dim")
+    spike.append("+" + fmt_bytes(last.get("backward_spike")) if state.on_cuda else "n/a on CPU")
+    items.append(spike)
+    if _finite(last.get("step_time")):
+        items.append(Text(f"{last['step_time'] * 1000:.0f} ms", style="dim"))
+    pb = last.get("peak_blocks") or {}
+    blocks = [Text("at the peak:", style="dim")]
+    for k in BLOCK_KEYS:
+        item = Text("■ ", style=COLORS[k])
+        item.append(f"{k} {fmt_bytes(pb.get(k))}")
+        blocks.append(item)
+    return Text("\n", no_wrap=True).join([*pack(items, width), *pack(blocks, width)])
 
 
 def _bar(sizes: list[int], keys: list[str], width: int, denom: int) -> Text:
@@ -245,7 +262,7 @@ def fragmentation(state: SessionState, width: int = 40) -> Group | Text:
     else:
         host = s.get("host") if isinstance(s.get("host"), dict) else {}
         tracked = state.tracked()
-        t.append("CPU: no caching allocator to inspect\n", style="dim")
+        t.append(f"fragmentation {NA_CPU}\n", style="dim")
         t.append(f"process RSS {fmt_bytes(host.get('rss'))}\n")
         t.append(f"tracked tensors {fmt_bytes(tracked)}\n")
         t.append(f"host available {fmt_bytes(host.get('available'))} of {fmt_bytes(host.get('total'))}\n")
@@ -272,36 +289,37 @@ def _spark(values: list, width: int) -> str:
 # --------------------------------------------------------------------- phases
 
 
-def phases(state: SessionState, rows: int = 8) -> Group | Text:
+def phases(state: SessionState, rows: int = 8, width: int = 80) -> Group | Text:
+    """The last `rows` steps' phase peaks; narrower than 70 cells: short labels, no "largest" column."""
+    narrow = width < 70
     table = Table(title="Phase peaks per step", title_style="bold", expand=True, box=None, padding=(0, 1))
     table.add_column("step", justify="right")
-    for label in ("fwd peak", "bwd peak", "opt peak"):
-        table.add_column(label, justify="right")
-    table.add_column("spike", justify="right")
-    table.add_column("time", justify="right")
-    table.add_column("top", justify="left")
-    steps = list(state.steps)[-rows:]
+    labels = ("fwd", "bwd", "opt") if narrow else ("forward", "backward", "optimizer")
+    for label in labels:
+        table.add_column(label, justify="right", no_wrap=True)
+    spike = state.on_cuda or not narrow
+    if spike:
+        table.add_column("spike" if narrow else "bwd spike", justify="right", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    if not narrow:
+        table.add_column("largest", justify="left", no_wrap=True)
+    steps = list(state.steps)[-max(rows, 1):]
     if not steps:
         return Text("Phase peaks per step\nno step finished yet", style="dim")
     for st in steps:
         pb = st["peak_blocks"]
         top = max(BLOCK_KEYS, key=lambda k: size(pb.get(k)) or 0)
-        table.add_row(
-            str(st["step"]),
-            *[fmt_bytes(st["peaks"].get(p)) for p in PHASES],
-            "+" + fmt_bytes(st["backward_spike"]),
-            f"{st['step_time'] * 1000:.0f}ms" if _finite(st.get("step_time")) else "-",
-            Text(top[:5], style=COLORS[top]),
-        )
-    last = steps[-1]
-    pb = last["peak_blocks"]
-    detail = Text()
-    detail.append(f"step {last['step']} peak {fmt_bytes(last['peak'])} in {_text(last['peak_phase'], 20)}: ",
-                  style="bold")
-    for k in BLOCK_KEYS:
-        detail.append("■", style=COLORS[k])
-        detail.append(f"{k[:5]} {fmt_bytes(pb.get(k))}  ")
-    return Group(table, detail)
+        cells = [str(st["step"]), *[fmt_bytes(st["peaks"].get(p)) for p in PHASES]]
+        if spike:
+            cells.append("+" + fmt_bytes(st["backward_spike"]) if state.on_cuda else "n/a")
+        cells.append(f"{st['step_time'] * 1000:.0f}ms" if _finite(st.get("step_time")) else "-")
+        if not narrow:
+            cells.append(Text(top, style=COLORS[top]))
+        table.add_row(*cells)
+    parts: list = [table]
+    if not state.on_cuda:
+        parts.append(Text(f"backward spike: {NA_CPU}", style="dim"))
+    return Group(*parts)
 
 
 # --------------------------------------------------------------------- timeline
@@ -309,7 +327,7 @@ def phases(state: SessionState, rows: int = 8) -> Group | Text:
 
 def timeline(state: SessionState, width: int, height: int = 8) -> Group | Text:
     pts = list(state.history)
-    title = Text()
+    title = Text(no_wrap=True, overflow="ellipsis")
     title.append("Timeline ", style="bold")
     on_cuda = state.on_cuda
     title.append("allocated", style=COLORS["activations"])
@@ -317,10 +335,13 @@ def timeline(state: SessionState, width: int, height: int = 8) -> Group | Text:
         title.append(" / reserved", style=COLORS["cache"])
     else:
         title.append(" (tracked tensors)", style="dim")
-    title.append("  phases: ", style="dim")
-    for p in ("forward", "backward", "optimizer"):
+    title.append("  ", style="dim")
+    for p, short in (("forward", "fwd"), ("backward", "bwd"), ("optimizer", "opt")):
         ch, st = PHASE_STYLE[p]
-        title.append(f"{ch}={p} ", style=st)
+        title.append(f"{ch}={short} ", style=st)
+    title.rstrip()
+    if title.cell_len > width:
+        title.truncate(max(width, 1), overflow="ellipsis")
     if not pts:
         return Group(title, Text("no samples yet", style="dim"))
     width = max(width - 10, 10)

@@ -17,6 +17,7 @@ from vramtop.errors import UserError
 from vramtop.replay import ReplaySource
 from vramtop.state import SessionState
 from vramtop.tui.app import VramtopApp
+from vramtop.tui.header import HeaderContext
 
 
 class GotoScreen(ModalScreen[str | None]):
@@ -42,8 +43,8 @@ class ReplayApp(VramtopApp):
     TITLE = "vramtop replay"
     BINDINGS = [
         Binding("space", "toggle_pause", "Play/pause"),
-        Binding("plus,equals_sign", "faster", "Faster"),
-        Binding("minus", "slower", "Slower"),
+        Binding("plus,equals_sign", "faster", "Speed", key_display="+/-"),
+        Binding("minus", "slower", "Slower", show=False),
         Binding("left", "skip(-10)", "-10s", show=False),
         Binding("right", "skip(10)", "+10s", show=False),
         Binding("left_square_bracket", "step(-1)", "Prev step", show=False),
@@ -56,7 +57,21 @@ class ReplayApp(VramtopApp):
     ]
 
     def __init__(self, source: ReplaySource, refresh_hz: float = 4.0, pump_hz: float = 10.0):
-        super().__init__(source, state=SessionState(clock=source.now), refresh_hz=refresh_hz, pump_hz=pump_hz)
+        super().__init__(source, state=self._fresh_state(source), refresh_hz=refresh_hz, pump_hz=pump_hz)
+
+    @staticmethod
+    def _fresh_state(source: ReplaySource) -> SessionState:
+        # The recording's event numbers have gaps that are no loss (see SessionState): drops come
+        # only from the samples' own `dropped`, as the live view showed them.
+        return SessionState(clock=source.now, count_event_gaps=False)
+
+    def header_context(self) -> HeaderContext:
+        return HeaderContext(source=self.source.describe, mode="replay", paused=not self.source.clock.playing)
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "pick_agent":  # no live agents in a recording
+            return False
+        return super().check_action(action, parameters)
 
     def on_mount(self) -> None:
         # A focused scroll container's bindings (home/end/left/right) would swallow the playback keys;
@@ -67,7 +82,7 @@ class ReplayApp(VramtopApp):
 
     def _pump(self) -> None:
         if self.source.take_reset():
-            self.state = SessionState(clock=self.source.now)
+            self.state = self._fresh_state(self.source)
         super()._pump()
 
     def _do(self, fn, *args) -> None:
