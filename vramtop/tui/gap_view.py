@@ -44,7 +44,9 @@ class GapModel:
         est = (state.hello or {}).get("estimate")
         if not est:
             return []
-        key = (id(est), len(state.steps) // 20)  # re-calibrate every 20 steps
+        # The agent re-sends its hello (and so a new estimate object) every second: key on what the
+        # estimate says, not on its identity, and re-calibrate every 20 steps.
+        key = (est.get("peak"), repr(est.get("setup")), len(state.steps) // 20)
         if key != self._key:
             self._key = key
             try:
