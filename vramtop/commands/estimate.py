@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: every linear layer for QLoRA, q_proj,v_proj for LoRA; 'all-linear' works too)")
     p.add_argument("--modules-to-save", default=None,
                    help="layers trained in full beside the adapters, comma-separated (e.g. lm_head,embed_tokens)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout probability (default 0)")
     p.add_argument("--adapter-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="dtype of the LoRA weights (PEFT keeps them in fp32 by default)")
     p.add_argument("--dtype", default=None,
@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")
     p.add_argument("--terms", action="store_true", help="list every term with its explanation")
     p.add_argument("--vs-article", action="store_true",
-                   help="Llama-2-7B only: print the estimate beside seed 001's table (batch 1, checkpointing on)")
+                   help="Llama-2-7B only: print the estimate beside a published table of measured totals "
+                        "(batch 1, checkpointing on)")
     budget.add_arguments(p)
     # "--gpu -5GiB" should reach the size parser (and get a reason), not be taken for an option.
     p._negative_number_matcher = re.compile(r"^-\d")
