@@ -128,6 +128,7 @@ with vt_watch(m):
         del o1, o2
         assert gone() is None, "the old optimizer (and its Adam state) is still alive"
     # a replaced parameter: the old one is not kept either
+    del first, second
     old = weakref.ref(m[2].weight)
     m[2].weight = nn.Parameter(torch.randn(512, 512) * 0.01)
     o = torch.optim.SGD(m.parameters(), lr=1e-3)
@@ -158,7 +159,11 @@ def test_torch_compile_sees_no_vramtop(tmp_path, how, modes):
     # TORCH_LOGS=graph_breaks prints every break on stderr: any line vramtop adds fails the comparison.
     # One inductor cache for all runs (outside their TMPDIR): Dynamo still traces every run (breaks are
     # found there); only the C++ build of an identical graph is reused, which keeps the test short.
-    env = {"TORCH_LOGS": "graph_breaks", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    # Inductor also writes precompiled headers under TMPDIR: one shared TMPDIR for the runs (torch's files,
+    # not vramtop's; the other tests check that nothing is left in a run's own TMPDIR).
+    env = {"TORCH_LOGS": "graph_breaks", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache"),
+           "TMPDIR": str(tmp_path / "shared-tmp")}
+    (tmp_path / "shared-tmp").mkdir()
     assert_invariant(tmp_path, COMPILED, args=[how], modes=modes, env=env, timeout=400)
 
 

@@ -337,7 +337,7 @@ class Agent:
     def _base(self, kind: str) -> dict:
         return {"v": SCHEMA_VERSION, "type": kind, "t": time.time(), "pid": self.pid, "rank": self.rank}
 
-    def _emit(self, fields: dict) -> None:
+    def _emit(self, fields: dict) -> dict | None:
         """Queue an event for the sampler thread. Never blocks, never grows without bound."""
         if not self._sinks:
             return
@@ -351,6 +351,7 @@ class Agent:
         self._eseq += 1
         msg["eseq"] = self._eseq
         self._outbox.append(msg)
+        return msg
 
     def _queue_hello(self) -> None:
         hello = self.hello_fields()
@@ -496,8 +497,11 @@ class Agent:
         return 1.0 / self.sample_hz if self.sample_hz > 0 else 0.1
 
     def _offer_sample(self, msg: dict) -> None:
-        """The newest sample waits for the I/O thread (only the newest matters: a viewer conflates)."""
-        self._pending_sample = msg
+        """Queue a sample in time order with the events (a recording replays them in that order)."""
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            self.dropped += 1
+            return
+        self._outbox.append(msg)
 
     # ------------------------------------------------------------------ phases
 
@@ -535,10 +539,13 @@ class Agent:
             self._note_level(level, blocks, "backward")  # backward starts from the forward's level
         else:
             self._note_level(level, blocks, phase)
-        self._emit({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level,
-                    "blocks": dict(blocks)})  # the job view compares ranks block by block at the edges
-        if self._sample_due():
-            self._offer_sample(self._sample(bd, "edge", (level, blocks)))
+        event = self._emit({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level,
+                            "blocks": dict(blocks)})  # the job view compares ranks block by block at the edges
+        if self._sample_due() and (phase, edge) != ("optimizer", "end"):  # that one: after the step ends
+            sample = self._sample(bd, "edge", (level, blocks))
+            if event is not None:
+                sample["t"] = event["t"]  # it measures the edge: the same instant (a replay seeking it finds it)
+            self._offer_sample(sample)
 
     def _note_level(self, level: int, blocks: dict, phase: str) -> None:
         if self._cuda_index is None:
@@ -691,6 +698,8 @@ class Agent:
         self._in_opt = None
         self._edge("optimizer", "end")
         self._finish_step()
+        if self._sample_due():  # between steps, as the next step's: a replay seeking "step N" lands on it
+            self._offer_sample(self._sample(self.acct.assemble(), "edge"))
 
     def _finish_step(self) -> None:
         now = time.time()
