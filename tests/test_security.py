@@ -386,13 +386,20 @@ UNSAFE = re.compile(r"\bimport\s+(c?pickle|_pickle|marshal|shelve|dill|jsonpickl
                     r"yaml\.(unsafe_)?load\(|np\.load\(|numpy\.load\(|\beval\(|\bexec\(")
 
 
+# The one exec that is meant: `vramtop attach PID` makes the job exec the bootstrap file vramtop itself
+# wrote (0600, in the per-user 0700 runtime dir; docs/attach.md). Nothing received from a socket or a file
+# of the job's reaches it.
+INJECTED_LINE = {("vramtop/inject.py",
+                  """_LINE = "try:\\n exec(compile(__import__('pathlib').Path({path!r}).read_text(),{path!r},'exec')," \\""")}
+
+
 def test_no_code_path_can_unpickle_or_evaluate_outside_data():
     offenders = []
     for base in (ROOT / "vramtop", ROOT / "agent" / "vramtop_agent"):
         for path in base.rglob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 code = line.split("#", 1)[0]
-                if UNSAFE.search(code):
+                if UNSAFE.search(code) and (str(path.relative_to(ROOT)), line.strip()) not in INJECTED_LINE:
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == []
 

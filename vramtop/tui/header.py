@@ -156,6 +156,11 @@ def _batch(state: SessionState, ctx: HeaderContext) -> Text:
 def _step(state: SessionState, ctx: HeaderContext) -> Text:
     t = Text("step ", style="dim")
     t.append(str((state.sample or {}).get("step", "-")), style="bold")
+    injected = _injected(state, ctx)
+    if injected is not None:  # beside the step number it qualifies, so a narrow header never cuts it alone
+        t.append(" (")
+        t.append_text(injected)
+        t.append(")", style="yellow")
     return t
 
 
@@ -205,7 +210,7 @@ def _agent_errors(state: SessionState, ctx: HeaderContext) -> Text | None:
 LINES: list[list] = [
     [_identity, _badge, _source, _rank, _cmdline],
     [_device, _model, _method, _params, _dtype],
-    [_batch, _step, _injected, _phase, _step_time, _dropped, _rejected, _agent_errors],
+    [_batch, _step, _phase, _step_time, _dropped, _rejected, _agent_errors],
 ]
 
 
