@@ -8,7 +8,6 @@ Two families cover the presets and most decoder checkpoints:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -158,13 +157,9 @@ def _int(cfg: dict, key: str) -> int:
 
 def load_config(path: str) -> ModelDesc:
     """A config.json file, or a directory holding one."""
+    from vramtop_agent.estimator.model_source import read_config  # one reader of config.json files
+
+    cfg = read_config(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
     return from_hf_config(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(path))) or path)
