@@ -276,3 +276,18 @@ async def test_bare_vramtop_shows_the_gpus_until_an_agent_starts():
             assert "showing vramtop agents as they start" not in text
         finally:
             agent.stop()
+
+
+def test_job_table_gives_up_pid_then_node_when_narrow():
+    from vramtop.tui.job_view import COLUMNS, columns_for
+    from vramtop_agent.schema import BLOCK_KEYS
+
+    def cells(cols):
+        return sum(w for *_, w in cols) + len(cols) - 1
+
+    assert columns_for(None) == COLUMNS == columns_for(cells(COLUMNS))
+    narrow = columns_for(118)  # a 120-column terminal less the padding
+    keys = [c[0] for c in narrow]
+    assert "pid" not in keys and "node" not in keys
+    assert {"rank", "peak", "step", "step_time", "state", *BLOCK_KEYS} <= set(keys)
+    assert cells(narrow) <= 118

@@ -90,10 +90,25 @@ def bar_scale(job: JobState, keys: list[str] | None = None, vals: dict | None = 
     return best
 
 
-def line(cells: dict[str, Text]) -> Text:
+# Columns given up first when the screen is narrower than the whole table (the rest of a rank's
+# identity stays in its rank number; pid and node are one Enter away).
+DROP_ORDER = ("pid", "node", "stack")
+
+
+def columns_for(width: int | None) -> tuple:
+    """The columns that fit in `width` cells (all of them when width is None)."""
+    cols = COLUMNS
+    for key in DROP_ORDER:
+        if width is None or sum(w for _, _, w in cols) + len(cols) - 1 <= width:
+            break
+        cols = tuple(c for c in cols if c[0] != key)
+    return cols
+
+
+def line(cells: dict[str, Text], cols: tuple = COLUMNS) -> Text:
     """One fixed-width line of the overview table from a row's cells (or the header's)."""
     out = Text(no_wrap=True, overflow="crop")
-    for i, (col, _, width) in enumerate(COLUMNS):
+    for i, (col, _, width) in enumerate(cols):
         cell = cells[col].copy()
         cell.truncate(width, overflow="ellipsis")
         if col in _RIGHT:
@@ -102,7 +117,7 @@ def line(cells: dict[str, Text]) -> Text:
         else:
             out.append_text(cell)
             out.append(" " * (width - cell.cell_len))
-        if i < len(COLUMNS) - 1:
+        if i < len(cols) - 1:
             out.append(" ")
     return out
 
@@ -110,20 +125,22 @@ def line(cells: dict[str, Text]) -> Text:
 _RIGHT = {"pid", "parameters", "gradients", "optimizer", "activations", "other", "peak", "step", "step_time"}
 
 
-def header_line() -> Text:
-    t = line({col: Text(label) for col, label, _ in COLUMNS})
+def header_line(cols: tuple = COLUMNS) -> Text:
+    t = line({col: Text(label) for col, label, _ in COLUMNS}, cols)
     t.stylize("bold")
     return t
 
 
-def overview_rows(job: JobState, cache: dict | None = None) -> tuple[list[str], list[Text], dict]:
+def overview_rows(job: JobState, cache: dict | None = None, width: int | None = None
+                  ) -> tuple[list[str], list[Text], dict]:
     """(keys in rank order, one line per rank, imbalance) for the whole job: what the overview draws.
 
     With `cache` (a dict kept between calls), a rank's line is rebuilt only when
     what it shows changed: its step, its last step summary, its connection state,
     the bar scale, or whether it is the max/min of an imbalanced metric. Lines
-    change at the step rate, not at the sample rate.
+    change at the step rate, not at the sample rate. `width`: the cells available (columns_for).
     """
+    cols = columns_for(width)
     keys = job.keys()
     vals = {k: job.values(k) for k in keys}
     imb = job.imbalance(keys=keys, values=vals)
@@ -135,13 +152,13 @@ def overview_rows(job: JobState, cache: dict | None = None) -> tuple[list[str], 
         v = vals[k]
         st = job.members[k]
         last = st.last_step()
-        sig = (v["step"], id(last), v["connection"], scale, ws, job.node(k), job.pid(k),
+        sig = (v["step"], id(last), v["connection"], scale, ws, job.node(k), job.pid(k), cols,
                tuple(f for f in flags if k in (f[1], f[2])))
         hit = cache.get(k) if cache is not None else None
         if hit is not None and hit[0] == sig:
             lines.append(hit[1])
             continue
-        ln = line(rank_cells(job, k, imb, scale, v=v, world_size=ws))
+        ln = line(rank_cells(job, k, imb, scale, v=v, world_size=ws), cols)
         if cache is not None:
             cache[k] = (sig, ln)
         lines.append(ln)
@@ -232,12 +249,15 @@ class RankTable(Static, can_focus=True):
         self.lines: list[Text] = []
         self.cursor = 0
         self._shown: Text | None = None
+        self.columns: tuple = COLUMNS
 
     @property
     def cursor_key(self) -> str | None:
         return self.keys[self.cursor] if 0 <= self.cursor < len(self.keys) else None
 
-    def set_rows(self, keys: list[str], lines: list[Text]) -> None:
+    def set_rows(self, keys: list[str], lines: list[Text], columns: tuple = COLUMNS) -> None:
+        if columns != self.columns:
+            self.columns, self.lines = columns, []  # a resize: redraw with the header's new columns
         if keys == self.keys and len(lines) == len(self.lines) and all(a is b for a, b in zip(lines, self.lines)):
             return  # the same line objects (overview_rows' cache): nothing to redraw
         current = self.cursor_key
@@ -257,7 +277,7 @@ class RankTable(Static, can_focus=True):
                 ln = ln.copy()
                 ln.stylize("on #1c1c1c")
             rows.append(ln)
-        text = Text("\n", no_wrap=True).join([header_line(), *rows]) if rows else Text("waiting for the ranks…",
+        text = Text("\n", no_wrap=True).join([header_line(self.columns), *rows]) if rows else Text("waiting for the ranks…",
                                                                                       style="dim")
         if text != self._shown:  # identical content: no re-render at all
             self._shown = text
@@ -324,8 +344,10 @@ class OverviewScreen(Screen):
         if getattr(app, "paused", False):
             return
         job: JobState = app.job
-        keys, lines, imb = overview_rows(job, self._lines)
-        self.query_one(RankTable).set_rows(keys, lines)
+        full = self.query_one("#ranks-scroll").size.width
+        width = full - 2 if full > 2 else None  # its padding; None before the first layout
+        keys, lines, imb = overview_rows(job, self._lines, width)
+        self.query_one(RankTable).set_rows(keys, lines, columns_for(width))
         _update(self.query_one("#job-header", Static), job_header(job, app.job_source.describe))
         _update(self.query_one("#imbalance", Static), imbalance_text(job, imb))
         _update(self.query_one("#status", Static), Text(app.job_source.status))
