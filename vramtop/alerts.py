@@ -44,8 +44,12 @@ class Alert:
         who = {}
         if state is not None:
             h, last = state.hello or {}, state.sample or state.hello or {}
+            # The step the alert is about where it names one (an OOM's own step), else the latest sample's:
+            # samples are taken at edges, at most sample_hz a second, and may lag the event.
+            step = self.details.get("step") if isinstance(self.details.get("step"), int) else None
             who = {"pid": last.get("pid"), "rank": last.get("rank"), "host": h.get("host"),
-                   "device": h.get("device") or last.get("device"), "step": (state.sample or {}).get("step")}
+                   "device": h.get("device") or last.get("device"),
+                   "step": step if step is not None else (state.sample or {}).get("step")}
         return json.dumps({"kind": self.kind, "message": self.message, "t": time.time(), **who,
                            "details": self.details}, default=str)
 
