@@ -11,6 +11,7 @@ trained under the agent, and compared:
 from __future__ import annotations
 
 import tempfile
+import warnings
 
 import pytest
 
@@ -104,6 +105,14 @@ def _compare(family: str, method: str, ckpt: bool) -> list[str]:
     if acts != est.blocks["activations"]:
         problems.append(f"{case}: activations measured {acts} != estimated {est.blocks['activations']}")
     real = got["real_peak"]
+    if abs(est.peak_allocated - real) > PEAK_TOLERANCE * real:
+        # The reference, not the estimate, has been seen to vary: once in a loaded full-suite run the real
+        # Mixtral peak from the profiler's events came out 533 KB (11%) below its usual value, which every
+        # other run reproduces to within 12 bytes. Cause not found yet (see the stop-9 note): measure the
+        # real run once more before calling the estimate wrong, and say so.
+        again = _train_real(family, method, ckpt)["real_peak"]
+        warnings.warn(f"{case}: real peak {real} re-measured as {again}")
+        real = again
     if abs(est.peak_allocated - real) > PEAK_TOLERANCE * real:
         problems.append(f"{case}: peak measured {real}, estimated {est.peak_allocated} "
                         f"({(est.peak_allocated - real) / real:+.1%})")
