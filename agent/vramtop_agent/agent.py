@@ -41,6 +41,7 @@ from vramtop_agent.compile_guard import skip_our_frames
 from vramtop_agent.saved import SavedTensorTracker
 from vramtop_agent.tracking import TrackingPolicy
 from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
+from vramtop_agent.hooks import remove_hooks
 
 AGENT_VERSION = "0.1.0"
 OUTBOX_LIMIT = 10_000
@@ -839,11 +840,7 @@ class Agent:
         self._closed = True
         self.saved.exit()
         self.attribution.exit()
-        for h in self._hooks:
-            try:
-                h.remove()
-            except Exception:
-                pass
+        remove_hooks(self._hooks)
         self._hooks = []
         self._emit({"type": "bye", "reason": reason})
         self._stop.set()
@@ -890,11 +887,7 @@ class Agent:
         self._sinks = []
         self._info_written = False
         self._outbox.clear()  # no sampler thread here; its Event's lock may have been held at fork: untouched
-        for h in self._hooks:
-            try:
-                h.remove()  # only this process's copy of the module
-            except Exception:
-                pass
+        remove_hooks(self._hooks)  # only this process's copy of the module
         self._hooks = []
 
     def __enter__(self) -> "Agent":

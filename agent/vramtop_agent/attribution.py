@@ -22,6 +22,7 @@ import weakref
 
 from vramtop_agent.autodetect import unwrap
 from vramtop_agent.saved import ROOT_UNIT
+from vramtop_agent.hooks import remove_hooks
 
 MAX_UNITS = 160
 MAX_DEPTH = 6
@@ -123,11 +124,7 @@ class Attribution:
 
     def exit(self) -> None:
         handles, self._handles = self._handles, []
-        for h in handles:
-            try:
-                h.remove()
-            except Exception:
-                pass
+        remove_hooks(handles)
 
     def live(self) -> dict[str, int]:
         """Bytes saved for backward now, per unit ({} when the model has no units)."""

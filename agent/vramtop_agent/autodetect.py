@@ -37,6 +37,8 @@ import threading
 import warnings
 from typing import Callable
 
+from vramtop_agent.hooks import remove_hooks
+
 _COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 
 # Attributes through which a wrapper holds the module it wraps.
@@ -151,11 +153,7 @@ class RootDetector:
                 warnings.filters.remove(filt)
                 getattr(warnings, "_filters_mutated", lambda: None)()  # re-read the filters (CPython caches them)
         handles, self._handles = self._handles, []
-        for h in handles:
-            try:
-                h.remove()
-            except Exception:
-                pass
+        remove_hooks(handles)
 
     def _pre(self, module, args):
         if self._compiling():
