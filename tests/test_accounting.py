@@ -141,3 +141,27 @@ def test_meta_device_model_is_accounted_without_memory():
     agent.stop()
     expected = sum(p.numel() * p.element_size() for p in model.parameters())
     assert blocks["parameters"] == expected
+
+
+def test_a_model_adopted_during_a_parameter_walk_is_walked_again():
+    """The I/O thread can be walking the parameters when the training thread adopts the model
+    (zero-code root detection): that walk is stale and must not mark the cache clean."""
+    from vramtop_agent.accounting import Accountant
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 2))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    acct = Accountant(optimizer=opt)
+    walk = acct.param_objects
+
+    def model_arrives_mid_walk():
+        objs = walk()  # what the walk saw: the optimizer's parameters only
+        acct.model = model  # the other thread, between the walk and its bookkeeping
+        return objs
+
+    acct.param_objects = model_arrives_mid_walk
+    acct.refresh_params()
+    acct.param_objects = walk
+    bd = acct.breakdown()
+    assert bd.frozen == storage_bytes(model[0].parameters())
+    assert bd.trainable == storage_bytes(model[1].parameters())

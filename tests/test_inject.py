@@ -541,8 +541,10 @@ def test_agent_directory_is_added_when_the_job_cannot_import_it(tmp_path):
         out = vramtop("record", str(target.pid), "--yes", "-o", str(tmp_path / "r.vramtop"), "--duration", "0.5")
         assert out.returncode == 0 and "agent started" in out.stderr, out.stderr
         info = agent_of(target.pid)
-        got = collect(info["endpoint"], lambda ms: any(m["type"] == "step" for m in ms))
-        assert [m for m in got if m["type"] == "hello"][-1]["model"]["class"] == "Linear"
+        # A SUB socket misses what was published before it connected: wait for the next hello too.
+        got = collect(info["endpoint"], lambda ms: any(m["type"] == "step" for m in ms)
+                      and any(m["type"] == "hello" and m.get("model") for m in ms))
+        assert [m for m in got if m["type"] == "hello" and m.get("model")][-1]["model"]["class"] == "Linear"
         assert target.poll() is None
     finally:
         target.kill()

@@ -25,7 +25,6 @@ from canned import T0, CannedSource, cpu_stream, cuda_stream, fixed_clock
 from vramtop.state import SessionState
 from vramtop.tui.app import VramtopApp
 
-pytestmark = pytest.mark.asyncio
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 UPDATE = os.environ.get("VRAMTOP_UPDATE_SNAPSHOTS") == "1"
 SIZES = [(80, 24), (120, 40), (200, 50)]

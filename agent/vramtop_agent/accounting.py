@@ -129,6 +129,9 @@ class Accountant:
         self._opt_ledgers: dict = {}  # id(optimizer) -> (ledger, n states, monotonic time of the walk)
         self._params_at = -1e9
         self._params_dirty = True
+        # Bumped by every invalidation: a refresh that raced one (the I/O thread
+        # refreshing while the training thread adopts the model) stays dirty.
+        self._params_gen = 0
         self._param_refs: list = []  # weakrefs to the parameter objects
         self._param_ids: frozenset = frozenset()
         self._param_bd = Breakdown()
@@ -185,11 +188,11 @@ class Accountant:
             if acct is not None:
                 acct._opt_ledgers.pop(key, None)
                 acct._opt_refs = [r for r in acct._opt_refs if r() is not None]
-                acct._params_dirty = True
+                acct.mark_params_dirty()
 
         self._opt_refs.append(weakref.ref(opt, gone))
         self._opt_ledgers[key] = (StorageLedger(), -1, -1e9)
-        self._params_dirty = True
+        self.mark_params_dirty()
         return True
 
     def steps_params_of_model(self, opt) -> bool:
@@ -203,9 +206,14 @@ class Accountant:
                     return True
         return False
 
+    def mark_params_dirty(self) -> None:
+        """The parameter set may have changed: re-walk it on next use (any thread)."""
+        self._params_gen += 1
+        self._params_dirty = True
+
     def invalidate(self) -> None:
         """The model or an optimizer changed: rebuild every cache on next use."""
-        self._params_dirty = True
+        self.mark_params_dirty()
         self.grads.clear()
         self._grad_params = {}
         for key, (ledger, _, _) in list(self._opt_ledgers.items()):
@@ -228,6 +236,7 @@ class Accountant:
         return params
 
     def refresh_params(self) -> None:
+        gen = self._params_gen
         objs = self.param_objects()
         bd = Breakdown()
         seen: set = set()
@@ -271,7 +280,7 @@ class Accountant:
                 except Exception:
                     pass
         self._buffer_entries = entries
-        self._params_dirty = False
+        self._params_dirty = gen != self._params_gen
         self._params_at = time.monotonic()
 
     def _maybe_refresh_params(self, training_thread: bool) -> None:
@@ -408,7 +417,7 @@ def _watch_registrations(acct: Accountant) -> None:
 
     def registered(module, name, param):
         for a in list(_ACCOUNTANTS):
-            a._params_dirty = True
+            a.mark_params_dirty()
         return None
 
     _REGISTRATION_HOOK = register_module_parameter_registration_hook(registered)
