@@ -37,9 +37,9 @@ def test_cpu_says_not_available_instead_of_zero():
 
 def test_cuda_shows_the_spike_and_full_words():
     st = _state(cuda_stream())
-    assert "backward spike +2.5 GiB" in render.now_lines(st, 200).plain
+    assert "backward spike +2.52 GiB" in render.now_lines(st, 200).plain
     phases = _plain(render.phases(st, width=120))
-    assert "activations" in phases and "activ " not in phases and "+2.5 GiB" in phases
+    assert "activations" in phases and "activ " not in phases and "+2.52 GiB" in phases
 
 
 def test_a_model_that_takes_no_token_ids():

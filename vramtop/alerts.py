@@ -55,7 +55,7 @@ class Alert:
 
 
 def _fmt(n) -> str:
-    from vramtop.report import fmt_bytes
+    from vramtop_agent.vocabulary import fmt_bytes
 
     return fmt_bytes(n)
 

@@ -237,7 +237,7 @@ def finish_estimate(est: dict, budget: Budget, verdict_path: str | None, text: s
 
 
 def _gib(n: int) -> str:
-    from vramtop_agent.estimator.units import fmt_bytes
+    from vramtop_agent.vocabulary import fmt_bytes
 
     return fmt_bytes(n)
 

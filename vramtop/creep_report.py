@@ -21,7 +21,7 @@ def summarize(rec, session: int | None) -> list[dict]:
 
 def lines(events: list[dict], steps: int) -> list[str]:
     from vramtop.alerts import _duration
-    from vramtop.report import fmt_bytes
+    from vramtop_agent.vocabulary import fmt_bytes
 
     if not events:
         return [f"CREEP     none: no memory grew steadily from step to step after warm-up ({steps} steps)"] \

@@ -160,7 +160,7 @@ def diff_files(target_a: str, target_b: str) -> dict:
 
 
 def render_text(d: dict) -> str:
-    from vramtop.report import fmt_bytes
+    from vramtop_agent.vocabulary import fmt_bytes
 
     a, b = d["a"], d["b"]
     lines = [f"A: {a['file']}#{a['session']}  steps {a['steps'][0]}-{a['steps'][1]} (of {a['all_steps'][0]}-"

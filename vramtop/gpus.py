@@ -129,7 +129,7 @@ def render_gpus(report: GpuReport, agents: list[dict] | None = None):
     from rich.table import Table
     from rich.text import Text
 
-    from vramtop.tui.render import fmt_bytes
+    from vramtop_agent.vocabulary import fmt_bytes
 
     if report.error:
         return Text(report.error, style="yellow")

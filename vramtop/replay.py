@@ -302,7 +302,7 @@ class ReplaySource:
         peak = self.rec.peak(self.session)
         if peak is None or peak.t is None:
             raise UserError("no samples to find a peak in")
-        from vramtop.tui.render import fmt_bytes
+        from vramtop_agent.vocabulary import fmt_bytes
 
         return self._seek(peak.t, f"peak {fmt_bytes(peak.level)} at step {peak.step} ({peak.phase})")
 

@@ -24,9 +24,9 @@ from typing import Any
 
 from vramtop import creep_report
 from vramtop.recording import SAMPLE_COLUMNS, STEP_COLUMNS, Recording, clean
-from vramtop.tui.render import COLORS as BLOCK_COLORS
-from vramtop.tui.render import PHASE_STYLE
 from vramtop_agent.schema import BLOCK_KEYS, PHASES
+from vramtop_agent.vocabulary import COLOURS as BLOCK_COLORS
+from vramtop_agent.vocabulary import PHASE_STYLE, fmt_bytes
 
 # The dashboard's block colours, so the report and the TUI read alike.
 COLORS = {
@@ -39,21 +39,6 @@ COLORS = {
     "rss": BLOCK_COLORS["process"],
 }
 MAX_POINTS = 800
-
-
-def fmt_bytes(n: float | None) -> str:
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or n != n or abs(n) == float("inf"):
-        return "-"
-    n = float(n)
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{sign}{n:.0f} B"
-            return f"{sign}{n:.2f} {unit}" if n < 10 else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.1f} TiB"  # pragma: no cover
 
 
 def fmt_offset(seconds: float | None) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from vramtop_agent.creep import CreepWatch
 from vramtop_agent.schema import BLOCK_KEYS
+from vramtop_agent.vocabulary import LABELS
 
 HISTORY = 3000  # samples kept for the timeline (5 minutes at 10 Hz)
 STALE_AFTER = 2.0  # seconds without a frame before the view says so
@@ -197,35 +198,35 @@ class SessionState:
         if s is None:
             return []
         blocks = s["blocks"]
-        segs = [Segment(k, _BLOCK_LABELS[k], size(blocks.get(k)) or 0) for k in BLOCK_KEYS]
+        segs = [Segment(k, LABELS[k], size(blocks.get(k)) or 0) for k in BLOCK_KEYS]
         tracked = sum(x.nbytes for x in segs)
         total = self.device_total()
         if self.on_cuda:
             cuda = s["cuda"]
             allocated = size(cuda.get("allocated")) or 0
             reserved = size(cuda.get("reserved")) or 0
-            segs.append(Segment("cache", "cache/frag", max(reserved - allocated, 0)))
+            segs.append(Segment("cache", LABELS["cache"], max(reserved - allocated, 0)))
             nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
             process_used, used = size(nv.get("process_used")), size(nv.get("used"))
             if process_used is not None:
-                segs.append(Segment("nonpytorch", "non-PyTorch", max(process_used - reserved, 0)))
+                segs.append(Segment("nonpytorch", LABELS["nonpytorch"], max(process_used - reserved, 0)))
                 if used is not None:
-                    segs.append(Segment("others", "other procs", max(used - process_used, 0)))
+                    segs.append(Segment("others", LABELS["others"], max(used - process_used, 0)))
             elif used is not None:
                 # The driver hides per-process use (containers): everything beyond reserved is outside PyTorch.
-                segs.append(Segment("nonpytorch", "non-PyTorch", max(used - reserved, 0)))
+                segs.append(Segment("nonpytorch", LABELS["nonpytorch"], max(used - reserved, 0)))
             if total:
                 used = sum(x.nbytes for x in segs[5:]) + allocated
-                segs.append(Segment("free", "free", max(total - used, 0)))
+                segs.append(Segment("free", LABELS["free"], max(total - used, 0)))
         else:
             host = s.get("host") if isinstance(s.get("host"), dict) else {}
             rss, host_total, available = size(host.get("rss")), size(host.get("total")), size(host.get("available"))
             if rss is not None:
-                segs.append(Segment("process", "process (untracked)", max(rss - tracked, 0)))
+                segs.append(Segment("process", LABELS["process"], max(rss - tracked, 0)))
             if host_total and available is not None:
                 used_by_others = max(host_total - available - (rss or 0), 0)
-                segs.append(Segment("others", "other procs", used_by_others))
-                segs.append(Segment("free", "free", available))
+                segs.append(Segment("others", LABELS["others"], used_by_others))
+                segs.append(Segment("free", LABELS["free"], available))
         return segs
 
     def last_step(self) -> dict | None:
@@ -264,10 +265,3 @@ def activations_note(sample: dict, fmt) -> str:
     return " · ".join(["tracked", *parts])
 
 
-_BLOCK_LABELS = {
-    "parameters": "parameters",
-    "gradients": "gradients",
-    "optimizer": "optimizer",
-    "activations": "activations",
-    "other": "other",
-}

@@ -34,6 +34,8 @@ from typing import Any
 
 import msgpack
 
+from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES  # noqa: F401  (re-exported: the wire's names)
+
 SCHEMA_VERSION = 1
 
 TOPIC_SAMPLE = b"S"
@@ -42,8 +44,6 @@ TOPIC_EVENT = b"E"
 # A frame larger than this is refused by the viewer (and by ZMQ_MAXMSGSIZE).
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 
-BLOCK_KEYS = ("parameters", "gradients", "optimizer", "activations", "other")
-PHASES = ("forward", "backward", "optimizer")
 # "creep" is never published by the agent: its recorder and the viewer compute it (vramtop_agent.creep).
 EVENT_TYPES = ("hello", "phase", "step", "error", "oom", "bye", "creep")
 

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from vramtop.state import SessionState, size
 from vramtop.tui.render import PHASE_STYLE, fmt_count
-from vramtop.tui.render import _finite as finite
+from vramtop_agent.vocabulary import is_number as finite
 from vramtop.tui.render import _text as text_field
 
 _CONN_STYLE = {"live": "bold green", "stale": "bold yellow", "waiting": "yellow", "ended": "bold red",

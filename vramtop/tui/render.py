@@ -14,25 +14,11 @@ from rich.text import Text
 
 from vramtop.state import SessionState, activations_note, size
 from vramtop_agent.schema import BLOCK_KEYS, PHASES
+from vramtop_agent.vocabulary import COLOURS, PHASE_STYLE, fmt_bytes, is_number
 
-COLORS = {
-    "parameters": "#4e79a7",
-    "gradients": "#f28e2b",
-    "optimizer": "#e15759",
-    "activations": "#59a14f",
-    "other": "#b07aa1",
-    "cache": "#edc948",
-    "nonpytorch": "#9c755f",
-    "process": "#9c755f",
-    "others": "#79706e",
-    "free": "#3a3a3a",
-}
-PHASE_STYLE = {"forward": ("F", "#59a14f"), "backward": ("B", "#e15759"), "optimizer": ("O", "#4e79a7"),
-               "idle": ("·", "#666666")}
-
-
-def _finite(n) -> bool:
-    return isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n)
+COLORS = COLOURS  # the vocabulary's colours, under the name the views use
+PHASE_STYLE = PHASE_STYLE
+_finite = is_number
 
 
 def _text(x, limit: int = 80, default: str = "?") -> str:
@@ -40,19 +26,6 @@ def _text(x, limit: int = 80, default: str = "?") -> str:
     if not isinstance(x, str):
         return default
     return x if len(x) <= limit else x[:limit - 1] + "…"
-
-
-def fmt_bytes(n: float | None) -> str:
-    if not _finite(n):
-        return "-"
-    n = float(n)
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}" if n < 100 else f"{sign}{n:.0f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.1f} TiB"
 
 
 def fmt_count(n: int | None) -> str:

@@ -10,9 +10,9 @@ from vramtop_agent.estimator.model_desc import ModelDesc
 from vramtop_agent.estimator.setup import Setup, validate
 from vramtop_agent.estimator.units import DTYPE_BYTES
 from vramtop_agent.estimator.weights import weight_bytes
+from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
 
-BLOCKS = ("parameters", "gradients", "optimizer", "activations", "other")
-PHASES = ("forward", "backward", "optimizer")
+BLOCKS = BLOCK_KEYS  # the estimate predicts the wire's blocks
 
 
 @dataclass

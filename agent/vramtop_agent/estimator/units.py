@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from vramtop_agent.vocabulary import fmt_bytes, parse_bytes  # noqa: F401  (the estimator's public names)
+
 # Bytes per element. The 4-bit formats are not listed: their size is computed
 # per tensor in `weights.py` (packed pairs plus block constants).
 DTYPE_BYTES = {
@@ -33,29 +35,6 @@ def dtype_bytes(name: str) -> int:
     if n not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {name!r}")
     return DTYPE_BYTES[n]
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'24GiB', '24 GB', '80g', '1.5e9' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not m or m.group(2) not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (try 24GiB or 80GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def fmt_bytes(n: float | int | None) -> str:
-    if n is None:
-        return "-"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{sign}{n / size:.2f} {unit}"
-    return f"{sign}{int(n)} B"
 
 
 # Total memory as nvidia-smi reports it (MiB), i.e. what a process can ever
