@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from vramtop.source import Source
 from vramtop_agent.schema import validate
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -88,10 +89,8 @@ def cuda_stream(pid: int = 4343, rank: int = 0, world_size: int = 1, steps: int 
     return [validate(m) for m in msgs]
 
 
-class CannedSource:
-    """A source with the app's shape that hands over its messages once."""
-
-    choices: list = []
+class CannedSource(Source):
+    """A source that hands over its messages once."""
 
     def __init__(self, msgs: list[dict], describe: str = "", status: str = "attached to ipc:///run/vramtop/4242-0.sock"):
         self._msgs = list(msgs)

@@ -16,6 +16,7 @@ from alarm_helpers import HERE, LEAK_JOB, vramtop
 from recording_helpers import fake_msg
 from vramtop.alerts import AlertMonitor, Thresholds, evaluate
 from vramtop.metrics import MetricsExporter
+from vramtop.source import KeyedSource, Source
 from vramtop.state import SessionState
 
 ROOT = os.path.dirname(HERE)
@@ -108,7 +109,7 @@ def test_monitor_runs_the_command_once_per_kind(tmp_path):
     assert got["creep"][0]["details"]["slope"] == 12 * MiB
 
 
-class _CannedSource:
+class _CannedSource(Source):
     """A stream source for the dashboard that hands over canned messages (a CUDA job, on a CPU box)."""
 
     status = describe = ""
@@ -154,7 +155,7 @@ def test_healthy_stream_shows_no_banner():
 # ---------------------------------------------------------------- Prometheus rules, Grafana dashboard
 
 
-class _KeyedSource:
+class _KeyedSource(KeyedSource):
     def __init__(self, msgs):
         self.msgs = [("rank0", m) for m in msgs]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from canned import T0, CannedSource, cpu_stream, cuda_stream, fixed_clock
+from vramtop.source import KeyedSource
 from vramtop.state import SessionState
 from vramtop.tui.app import VramtopApp
 
@@ -135,8 +136,8 @@ async def test_what_if_dialog():
     assert_snapshot("what-if-cuda-80x24", svg)
 
 
-class _JobSource:
-    """Two ranks' canned streams, with the shape JobApp pulls from."""
+class _JobSource(KeyedSource):
+    """Two ranks' canned streams, as JobApp pulls them."""
 
     def __init__(self, streams: dict[str, list[dict]]):
         self._streams = streams

@@ -25,6 +25,7 @@ from typing import Callable
 from vramtop.errors import UserError
 from vramtop.job_state import member_key
 from vramtop.remote import Host, SshTunnel, local_socket_dir, parse_host, remote_ls, remote_target
+from vramtop.source import KeyedSource
 
 
 @dataclass
@@ -45,7 +46,7 @@ class _RemoteHost:
     error: str | None = None
 
 
-class JobSource:
+class JobSource(KeyedSource):
     def __init__(self, agents: list[dict], *, hosts: list[Host | str] | None = None,
                  match: Callable[[dict], bool] | None = None, remote_vramtop: str | None = None,
                  rescan_s: float | None = 2.0, scan_local: bool | None = None, label: str = "job"):

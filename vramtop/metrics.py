@@ -90,7 +90,7 @@ class MetricsExporter:
         with self.lock:
             for key, msg in msgs:
                 self.job.apply(key, msg)
-            for key in getattr(self.source, "gone", ()):
+            for key in self.source.gone:
                 st = self.job.members.get(key)
                 if st is not None:
                     st.process_gone = True
@@ -98,9 +98,7 @@ class MetricsExporter:
             for key, st in list(self.job.members.items()):
                 if st.last_frame_at is not None and now - st.last_frame_at > self.forget_after_s:
                     self.job.remove(key)
-                    remove = getattr(self.source, "remove", None)
-                    if remove:
-                        remove(key)
+                    self.source.remove(key)
         return len(msgs)
 
     # ------------------------------------------------------------------ collector

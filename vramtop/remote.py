@@ -41,6 +41,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from vramtop.errors import UserError
+from vramtop.source import Source
 
 SSH_ENV = "VRAMTOP_SSH"  # the ssh command line, shell-split (default: "ssh")
 REMOTE_ENV = "VRAMTOP_REMOTE_VRAMTOP"  # how to run vramtop on the node (default: vramtop, else python3 -m vramtop)
@@ -430,7 +431,7 @@ class SshTunnel:
 # --------------------------------------------------------------------- source
 
 
-class RemoteSource:
+class RemoteSource(Source):
     """One agent on another machine, through an SSH tunnel; the same shape as LiveSource.
 
     With several agents on the host, `choices` lists them (the app shows its

@@ -22,6 +22,7 @@ from typing import Callable
 
 from vramtop.errors import UserError
 from vramtop.recording import Recording
+from vramtop.source import Source
 
 SPEEDS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 PREROLL_S = 300.0  # the live timeline's history (state.HISTORY samples at 10 Hz)
@@ -155,7 +156,7 @@ def newest_session(sessions: list) -> int | None:
     return min(launch, key=lambda s: (s.rank, s.id)).id
 
 
-class ReplaySource:
+class ReplaySource(Source):
     """Feeds a recording into a SessionState at the pace of a PlaybackClock."""
 
     def __init__(self, recording: Recording, session: int | None = None, speed: float = 1.0,

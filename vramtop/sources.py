@@ -1,9 +1,9 @@
 """Where the viewer's messages come from: a live agent on this machine or an endpoint.
 
-A source has `poll() -> list[dict]` (validated wire messages, never raises),
-`status` (one line for the footer), `choices` (agents to pick from, when
-discovery finds several) and `close()`. The TUI pulls from it on a timer;
-replay provides another source with the same shape.
+LiveSource is a vramtop.source.Source: `poll() -> list[dict]` (validated wire
+messages, never raises), `status` (one line for the footer), `choices` (agents
+to pick from, when discovery finds several), `choose()` and `close()`. The TUI
+pulls from it on a timer; replay provides another Source.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from vramtop.errors import UserError
+from vramtop.source import Source
 from vramtop.subscriber import Subscriber, check_endpoint
 from vramtop_agent import discovery
 
@@ -31,7 +32,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-class LiveSource:
+class LiveSource(Source):
     """Follows one agent; with no target, discovers agents and re-attaches when a job restarts."""
 
     def __init__(self, target: str | None = None, rescan_s: float = 1.0, *, curve_server_key=None,
