@@ -13,7 +13,7 @@ blocks) and a step summary. `t` in every frame is the send time.
 Viewer (this process), one of:
 - model: vramtop.job_source.JobSource (one SUB pair per agent, one poller)
   pumped at 10 Hz like the app, folded into a JobState, and the job overview
-  (job_view.overview_rows: every rank's line + the imbalance panel) rendered
+  (job_render.overview_rows: every rank's line + the imbalance panel) rendered
   at 4 Hz to an off-screen Rich console;
 - tui: the real JobApp (vramtop.tui.job_view) running headless at 200x80,
   overview screen on top, refresh 4 Hz, pump 10 Hz.
@@ -198,7 +198,7 @@ def run_model(infos, seconds: float, warmup: float, meter: Meter, mark) -> tuple
     from rich.text import Text
 
     from vramtop.job_state import JobState
-    from vramtop.tui.job_view import header_line, imbalance_text, job_header, overview_rows
+    from vramtop.tui.job_render import header_line, imbalance_text, job_header, overview_rows
 
     src = make_source(infos)
     job = JobState()

@@ -17,7 +17,8 @@ from vramtop.commands.attach import pick_job
 from vramtop.job_source import JobSource
 from vramtop.job_state import JobState, group_jobs, member_key
 from vramtop.tui import render
-from vramtop.tui.job_view import HI_STYLE, LO_STYLE, JobApp, OverviewScreen, imbalance_text, rank_cells
+from vramtop.tui.job_render import HI_STYLE, LO_STYLE, imbalance_text, rank_cells
+from vramtop.tui.job_view import JobApp, OverviewScreen
 from vramtop_agent import discovery
 
 MIB = 1 << 20
@@ -279,7 +280,7 @@ async def test_bare_vramtop_shows_the_gpus_until_an_agent_starts():
 
 
 def test_job_table_gives_up_pid_then_node_when_narrow():
-    from vramtop.tui.job_view import COLUMNS, columns_for
+    from vramtop.tui.job_render import COLUMNS, columns_for
     from vramtop_agent.schema import BLOCK_KEYS
 
     def cells(cols):

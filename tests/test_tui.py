@@ -116,7 +116,7 @@ async def test_estimate_beside_actual_and_what_if(demo_job):
         # The whole panel (its lower part may be scrolled out of the visible screen).
         from rich.console import Console
 
-        from vramtop.tui.gap_view import render_gap
+        from vramtop.tui.gap_render import render_gap
 
         console = Console(width=120, record=True, file=open(os.devnull, "w"))
         console.print(render_gap(app.state, app.gap_model))

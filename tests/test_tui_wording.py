@@ -7,7 +7,7 @@ import pytest
 from canned import CannedSource, cpu_stream, cuda_stream, fixed_clock
 from vramtop.state import SessionState
 from vramtop.tui import render
-from vramtop.tui.gap_view import GapModel, render_gap, worth_trying
+from vramtop.tui.gap_render import GapModel, render_gap, worth_trying
 
 
 def _state(msgs) -> SessionState:
@@ -80,14 +80,14 @@ async def test_pause_shows_in_the_header_and_s_saves_into_a_named_folder(tmp_pat
         await pilot.pause(0.1)
         await pilot.press("space")
         await pilot.pause(0.1)
-        assert "[paused]" in app._w("#header").render().plain.splitlines()[0]
+        assert "[paused]" in app.query_one("#header").render().plain.splitlines()[0]
         await pilot.press("s")
         await pilot.pause(0.1)
         assert app.last_screenshot and app.last_screenshot.startswith(str(tmp_path / "shots"))
         assert (tmp_path / "shots").is_dir() and list((tmp_path / "shots").glob("vramtop-*.svg"))
         await pilot.press("space")
         await pilot.pause(0.1)
-        assert "[live]" in app._w("#header").render().plain.splitlines()[0]
+        assert "[live]" in app.query_one("#header").render().plain.splitlines()[0]
 
 
 def test_report_speaks_of_the_measured_peak_and_host_ram_on_cpu(tmp_path):

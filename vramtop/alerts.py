@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from vramtop.state import size
+from vramtop.state import byte_count
 
 KINDS = ("oom", "creep", "headroom", "retries", "fragmentation")
 
@@ -88,13 +88,13 @@ def _headroom(state, th: Thresholds) -> Alert | None:
         return None
     if state.on_cuda:
         nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
-        used = size(nv.get("used"))
+        used = byte_count(nv.get("used"))
         if used is None:
-            used = size(s["cuda"].get("reserved"))
+            used = byte_count(s["cuda"].get("reserved"))
         free = total - (used or 0)
         where = "on the card"
     else:
-        free = size((s.get("host") or {}).get("available"))
+        free = byte_count((s.get("host") or {}).get("available"))
         where = "host RAM"
     if free is None:
         return None
@@ -107,7 +107,7 @@ def _headroom(state, th: Thresholds) -> Alert | None:
 
 def _retries(state) -> Alert | None:
     cuda = (state.sample or {}).get("cuda")
-    n = size(cuda.get("alloc_retries")) if isinstance(cuda, dict) else None
+    n = byte_count(cuda.get("alloc_retries")) if isinstance(cuda, dict) else None
     if not n:
         return None
     return Alert("retries", f"the allocator retried {n} time{'s' if n != 1 else ''} (cudaMalloc failed, "
@@ -118,7 +118,7 @@ def _fragmentation(state, th: Thresholds) -> Alert | None:
     cuda = (state.sample or {}).get("cuda")
     if not isinstance(cuda, dict):
         return None
-    reserved, allocated = size(cuda.get("reserved")) or 0, size(cuda.get("allocated")) or 0
+    reserved, allocated = byte_count(cuda.get("reserved")) or 0, byte_count(cuda.get("allocated")) or 0
     slack = reserved - allocated
     if reserved <= 0 or slack < th.frag_min_bytes:
         return None

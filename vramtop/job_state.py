@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from vramtop.state import SessionState
 from vramtop_agent.schema import BLOCK_KEYS
+from vramtop_agent.vocabulary import is_number
 
 IMBALANCE_RATIO = 0.10
 BYTES_FLOOR = 1 << 20  # 1 MiB: differences below this are noise, not imbalance
@@ -175,7 +176,7 @@ class JobState:
         vals = values if values is not None else {k: self.values(k) for k in keys}
         out: dict[str, Imbalance] = {}
         for metric in METRICS:
-            have = [(v[metric], k) for k, v in vals.items() if isinstance(v.get(metric), (int, float))]
+            have = [(v[metric], k) for k, v in vals.items() if is_number(v.get(metric))]
             if len(have) < 2:
                 continue
             hi_v, hi_k = max(have, key=lambda x: x[0])
@@ -185,8 +186,8 @@ class JobState:
             out[metric] = Imbalance(metric, hi_v, lo_v, hi_k, lo_k, flagged)
         return out
 
-    def steps(self) -> tuple[int | None, int | None]:
-        """The slowest and fastest rank's current step (a rank that lags shows as a gap)."""
+    def step_range(self) -> tuple[int | None, int | None]:
+        """(the slowest rank's current step, the fastest rank's): a rank that lags shows as a gap."""
         steps = [st.sample["step"] for st in self.members.values() if st.sample]
         return (min(steps), max(steps)) if steps else (None, None)
 
@@ -199,7 +200,7 @@ def _fold_max(into: dict, blocks) -> None:
         return
     for k in BLOCK_KEYS:
         v = blocks.get(k)
-        if isinstance(v, (int, float)) and v > into.get(k, -1):
+        if is_number(v) and v > into.get(k, -1):
             into[k] = v
 
 

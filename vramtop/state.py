@@ -8,30 +8,25 @@ and validated wire message (see vramtop_agent.schema).
 from __future__ import annotations
 
 import collections
-import math
 import time
 from dataclasses import dataclass
 
 from vramtop_agent.creep import CreepWatch
 from vramtop_agent.schema import BLOCK_KEYS
-from vramtop_agent.vocabulary import LABELS
+from vramtop_agent.vocabulary import LABELS, is_number
 
 HISTORY = 3000  # samples kept for the timeline (5 minutes at 10 Hz)
 STALE_AFTER = 2.0  # seconds without a frame before the view says so
 MAX_OOMS = 100  # OOM events kept (each can carry a segment map of megabytes)
 
 
-def size(x) -> int | None:
+def byte_count(x) -> int | None:
     """A byte count from a validated message: an int >= 0, or None when absent or unusable.
 
     schema.validate() already refuses negative and non-finite sizes; this keeps the
     view safe whatever reaches it (a recording, a future field, a test).
     """
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return int(x) if x >= 0 else None
+    return int(x) if is_number(x) and x >= 0 else None
 
 
 @dataclass
@@ -123,7 +118,7 @@ class SessionState:
         cuda = msg.get("cuda")
         allocated = reserved = None
         if isinstance(cuda, dict):
-            allocated, reserved = size(cuda.get("allocated")), size(cuda.get("reserved"))
+            allocated, reserved = byte_count(cuda.get("allocated")), byte_count(cuda.get("reserved"))
         if allocated is None:
             allocated = self.tracked()
         self.history.append(Point(msg["t"], allocated, reserved, msg["phase"], msg["step"]))
@@ -156,7 +151,7 @@ class SessionState:
     def tracked(self) -> int:
         """The four blocks + other of the latest sample, in bytes."""
         blocks = (self.sample or {}).get("blocks") or {}
-        return sum(size(blocks.get(k)) or 0 for k in BLOCK_KEYS)
+        return sum(byte_count(blocks.get(k)) or 0 for k in BLOCK_KEYS)
 
     def connection(self, now: float | None = None) -> str:
         """live | stale | ended | gone | waiting, for the header."""
@@ -177,12 +172,12 @@ class SessionState:
     def device_total(self) -> int | None:
         s = self.sample or {}
         nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
-        if size(nv.get("total")):
-            return size(nv["total"])
-        if self.hello and size(self.hello.get("device_total")):
-            return size(self.hello["device_total"])
+        if byte_count(nv.get("total")):
+            return byte_count(nv["total"])
+        if self.hello and byte_count(self.hello.get("device_total")):
+            return byte_count(self.hello["device_total"])
         host = s.get("host") if isinstance(s.get("host"), dict) else {}
-        return size(host.get("total"))
+        return byte_count(host.get("total"))
 
     def segments(self) -> list[Segment]:
         """The memory bar, left to right, summing to the device's total when it is known.
@@ -198,16 +193,16 @@ class SessionState:
         if s is None:
             return []
         blocks = s["blocks"]
-        segs = [Segment(k, LABELS[k], size(blocks.get(k)) or 0) for k in BLOCK_KEYS]
+        segs = [Segment(k, LABELS[k], byte_count(blocks.get(k)) or 0) for k in BLOCK_KEYS]
         tracked = sum(x.nbytes for x in segs)
         total = self.device_total()
         if self.on_cuda:
             cuda = s["cuda"]
-            allocated = size(cuda.get("allocated")) or 0
-            reserved = size(cuda.get("reserved")) or 0
+            allocated = byte_count(cuda.get("allocated")) or 0
+            reserved = byte_count(cuda.get("reserved")) or 0
             segs.append(Segment("cache", LABELS["cache"], max(reserved - allocated, 0)))
             nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
-            process_used, used = size(nv.get("process_used")), size(nv.get("used"))
+            process_used, used = byte_count(nv.get("process_used")), byte_count(nv.get("used"))
             if process_used is not None:
                 segs.append(Segment("nonpytorch", LABELS["nonpytorch"], max(process_used - reserved, 0)))
                 if used is not None:
@@ -220,7 +215,7 @@ class SessionState:
                 segs.append(Segment("free", LABELS["free"], max(total - used, 0)))
         else:
             host = s.get("host") if isinstance(s.get("host"), dict) else {}
-            rss, host_total, available = size(host.get("rss")), size(host.get("total")), size(host.get("available"))
+            rss, host_total, available = byte_count(host.get("rss")), byte_count(host.get("total")), byte_count(host.get("available"))
             if rss is not None:
                 segs.append(Segment("process", LABELS["process"], max(rss - tracked, 0)))
             if host_total and available is not None:
@@ -249,7 +244,7 @@ def activations_note(sample: dict, fmt) -> str:
         return source
     groups: dict = {}
     for name, nbytes in by_module.items():
-        if not isinstance(name, str) or size(nbytes) is None:
+        if not isinstance(name, str) or byte_count(nbytes) is None:
             continue
         head, _, last = name.rpartition(".")
         key, idx = (head, int(last)) if head and last.isdigit() else (name, None)

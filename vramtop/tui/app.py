@@ -5,15 +5,18 @@ re-renders the panels from it (4 Hz). All formatting is in render.py (the
 header's fields in header.py); which widgets a terminal size shows is
 layout.py: from 80×24 the header, the card's bar, the latest step's phase
 peaks and one panel at a time (Tab, 1-4), from 120×36 every panel, below
-60×20 a line that says so. Renderers get the width to fill and cut their lines
-to it: Textual would otherwise wrap them. The agent never learns whether a
-viewer exists, so quitting (or crashing) here changes nothing in the training job.
+60×20 a line that says so. Each panel (Panel) hands its renderer the width of
+its own content region, and renderers cut their lines to it: Textual would
+otherwise wrap them. Styles: vramtop.tcss. The source is a vramtop.source.Source.
+The agent never learns whether a viewer exists, so quitting (or crashing) here
+changes nothing in the training job.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -24,20 +27,39 @@ from textual.widgets import Footer, OptionList, Static
 from textual.widgets.option_list import Option
 
 from vramtop.alerts import AlertMonitor
+from vramtop.source import Source
 from vramtop.state import SessionState
 from vramtop.tui import alerts_view, layout, render
-from vramtop.tui.gap_view import GapModel, WhatIfScreen, render_gap
+from vramtop.tui.gap_render import GapModel, render_gap
+from vramtop.tui.gap_view import WhatIfScreen
 from vramtop.tui.header import HeaderContext
+
+
+class Panel(Static):
+    """One part of the dashboard: what a renderer (render.py and friends) makes of the state.
+
+    `draw` gives the renderer the width this panel has to fill: its own content
+    region, whatever layout it sits in. A renderer that fails on odd data (the
+    stream is outside input) says so in its panel instead of ending the dashboard.
+    """
+
+    def draw(self, fn, *args, **kwargs) -> None:
+        # Before the first layout a panel has no size yet: the screen's width, less the padding.
+        width = self.content_size.width or max(self.app.size.width - 2, 20)
+        self.show(fn, *args, width=max(width, 20), **kwargs)
+
+    def show(self, fn, *args, **kwargs) -> None:
+        try:
+            content = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            content = Text(f"{self.id}: cannot show this data ({type(exc).__name__}: {exc})"[:300], style="red")
+        self.update(content)
 
 
 class AgentPicker(ModalScreen[dict | None]):
     """Shown when several agents run on this machine."""
 
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
-    DEFAULT_CSS = """
-    AgentPicker { align: center middle; }
-    AgentPicker > Vertical { width: 90%; height: auto; max-height: 80%; border: round $accent; padding: 0 1; }
-    """
 
     def __init__(self, agents: list[dict]):
         super().__init__()
@@ -63,23 +85,9 @@ class AgentPicker(ModalScreen[dict | None]):
 class VramtopApp(App):
     TITLE = "vramtop"
     ENABLE_COMMAND_PALETTE = False  # its footer entry would crowd out the dashboard's own keys at 80 columns
-    CSS = """
-    Screen { layout: vertical; }
-    #header { height: 3; padding: 0 1; background: $boost; }
-    #alerts { height: auto; padding: 0 1; }
-    #stack { height: auto; padding: 0 1; }
-    #now { height: auto; padding: 0 1; }
-    #tabs { height: 1; padding: 0 1; }
-    #middle { height: 1fr; }
-    #left { width: 1fr; }
-    #timeline { height: 14; padding: 0 1; }
-    #gap { height: auto; padding: 0 1; }
-    #side { width: 1fr; }
-    #frag { height: auto; padding: 0 1; }
-    #phases { height: auto; padding: 0 1; }
-    #toosmall { height: 1fr; padding: 1 2; }
-    #status { height: 1; padding: 0 1; color: $text-muted; }
-    """
+    # Every screen's and dialog's styles. A path from here: Textual would resolve a bare name beside the
+    # file of whichever subclass runs (a test's or bench's own app).
+    CSS_PATH = Path(__file__).with_name("vramtop.tcss")
     BINDINGS = [
         Binding("q", "quit", "Quit"),
         Binding("space", "toggle_pause", "Pause view"),
@@ -96,7 +104,7 @@ class VramtopApp(App):
     ]
     SCREENSHOT_DIR = "vramtop-screenshots"  # under the working directory, or $VRAMTOP_SCREENSHOTS
 
-    def __init__(self, source, state: SessionState | None = None, refresh_hz: float = 4.0, pump_hz: float = 10.0,
+    def __init__(self, source: Source, state: SessionState | None = None, refresh_hz: float = 4.0, pump_hz: float = 10.0,
                  alerts: AlertMonitor | None = None):
         super().__init__()
         self.alerts = alerts or AlertMonitor()  # the banner; --on-alert runs its command
@@ -112,20 +120,20 @@ class VramtopApp(App):
         self.panel = layout.PANELS[0].id  # the panel shown in the compact layout
 
     def compose(self) -> ComposeResult:
-        yield Static(id="header")
-        yield Static(id="alerts")
-        yield Static(id="stack")
-        yield Static(id="now")
-        yield Static(id="tabs")
+        yield Panel(id="header")
+        yield Panel(id="alerts")
+        yield Panel(id="stack")
+        yield Panel(id="now")
+        yield Panel(id="tabs")
         with Horizontal(id="middle"):
             with VerticalScroll(id="left"):
                 for p in layout.PANELS:
                     if p.column == "left":
-                        yield Static(id=p.id)
+                        yield Panel(id=p.id)
             with VerticalScroll(id="side"):
                 for p in layout.PANELS:
                     if p.column == "side":
-                        yield Static(id=p.id)
+                        yield Panel(id=p.id)
         yield Static(id="toosmall")
         yield Static(id="status")
         yield Footer(compact=True)
@@ -145,7 +153,7 @@ class VramtopApp(App):
 
     # ------------------------------------------------------------------ layout
 
-    def _w(self, selector: str, kind=None):
+    def _widget(self, selector: str, kind=None):
         """A widget of the dashboard itself (the default screen), whatever dialog is on top."""
         base = self.screen_stack[0]
         return base.query_one(selector, kind) if kind else base.query_one(selector)
@@ -156,16 +164,16 @@ class VramtopApp(App):
         self.mode = layout.mode_for(width, height)
         small, wide = self.mode == "too_small", self.mode == "wide"
         for wid in ("#header", "#stack", "#now", "#middle", "#status"):
-            self._w(wid).display = not small
-        self._w("#toosmall").display = small
-        self._w("#tabs").display = self.mode == "compact"
+            self._widget(wid).display = not small
+        self._widget("#toosmall").display = small
+        self._widget("#tabs").display = self.mode == "compact"
         for p in layout.PANELS:
-            self._w(f"#{p.id}").display = wide or p.id == self.panel
+            self._widget(f"#{p.id}").display = wide or p.id == self.panel
         shown = {p.column for p in layout.PANELS if wide or p.id == self.panel}
-        self._w("#left").display = not small and "left" in shown
-        self._w("#side").display = not small and "side" in shown
+        self._widget("#left").display = not small and "left" in shown
+        self._widget("#side").display = not small and "side" in shown
         # Compact: the one panel gets the whole middle; the timeline fills it.
-        self._w("#timeline").styles.height = 14 if wide else "1fr"
+        self._widget("#timeline").styles.height = 14 if wide else "1fr"
         self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
@@ -175,7 +183,7 @@ class VramtopApp(App):
         return True
 
     def header_context(self) -> HeaderContext:
-        return HeaderContext(source=str(getattr(self.source, "describe", "") or ""), mode="live", paused=self.paused)
+        return HeaderContext(source=self.source.describe, mode="live", paused=self.paused)
 
     # ------------------------------------------------------------------ data
 
@@ -195,15 +203,14 @@ class VramtopApp(App):
                 self.alerts.update(self.state)
             except Exception as exc:  # noqa: BLE001 - an alert bug must not stop the dashboard
                 self.alerts.failures.append(f"alerts: {type(exc).__name__}: {exc}"[:200])
-        rejected, reason = getattr(self.source, "rejected", (0, None))
+        rejected, reason = self.source.rejected
         if rejected > self.state.rejected_frames:
             self.state.rejected_frames, self.state.last_rejection = rejected, reason
-        gone = getattr(self.source, "process_gone", None)
         # Asked even before the first hello: in discovery mode it is what detaches from a job that died
         # early and looks for its next incarnation.
-        if gone is not None and gone():
+        if self.source.process_gone():
             self.state.process_gone = True
-        choices = getattr(self.source, "choices", None)
+        choices = self.source.choices
         if choices and not self._picker_open:
             self._picker_open = True
             self.push_screen(AgentPicker(list(choices)), self._picked)
@@ -224,49 +231,38 @@ class VramtopApp(App):
         if layout.mode_for(*self.size) != self.mode:  # a resize the resize event saw too early
             self._apply_layout()
         if self.mode == "too_small":
-            self._w("#toosmall", Static).update(layout.too_small(*self.size))
+            self._widget("#toosmall", Static).update(layout.too_small(*self.size))
             return
         st = self.state
         wide = self.mode == "wide"
-        width = max(self.size.width - 2, 20)  # the panels' padding
         self._render_header()
-        self._panel("#alerts", alerts_view.render, st, self.alerts)
-        self.query_one("#alerts", Static).display = alerts_view.has_content(st, self.alerts)  # no blank line
-        idle = getattr(self.source, "idle_view", None) if st.sample is None else None  # NodeSource: the GPUs (NVML)
-        if idle:
-            self._panel("#stack", idle)
-        else:
-            self._panel("#stack", render.stack, st, width, not wide)
-        self._panel("#now", render.now_lines, st, width)
+        self._widget("#alerts", Panel).show(alerts_view.render, st, self.alerts)
+        self._widget("#alerts").display = alerts_view.has_content(st, self.alerts)  # no blank line
+        self._widget("#stack", Panel).draw(self._stack, st, compact=not wide)
+        self._widget("#now", Panel).draw(render.now_lines, st)
         if not wide:
-            self._panel("#tabs", layout.tab_line, self.panel, width)
-        tl = self._w("#timeline", Static)
-        if tl.display:
-            self._panel("#timeline", render.timeline, st, max(tl.content_size.width, 20), max(tl.size.height - 4, 4))
-        side = self._w("#side")
-        self._panel("#frag", render.fragmentation, st, max(side.size.width - 12, 10))
-        rows = 8 if wide else max(self._w("#middle").size.height - 3, 2)
-        ph = self._w("#phases")
-        self._panel("#phases", render.phases, st, rows, max((ph.size.width or width) - 2, 20))
-        self._panel("#gap", render_gap, st, self.gap_model)
-        status = getattr(self.source, "status", "")
+            self._widget("#tabs", Panel).draw(layout.tab_line, self.panel)
+        timeline = self._widget("#timeline", Panel)
+        if timeline.display:  # its chart: its own height less the title, phase marks, axis and a spare line
+            timeline.draw(render.timeline, st, height=max(timeline.content_size.height - 4, 4))
+        self._widget("#frag", Panel).draw(render.fragmentation, st)
+        # The phase table's rows: as many as the middle has (in the compact layout it is the only panel there).
+        rows = 8 if wide else max(self._widget("#middle").size.height - 3, 2)
+        self._widget("#phases", Panel).draw(render.phases, st, rows)
+        self._widget("#gap", Panel).show(render_gap, st, self.gap_model)
+        status = self.source.status
         if st.last_rejection:
             status += f"  | last rejected frame: {st.last_rejection}"
         # Text, not markup: the status quotes rejected frames, i.e. whatever a peer sent.
-        self._w("#status", Static).update(Text(str(status), no_wrap=True, overflow="ellipsis"))
+        self._widget("#status", Static).update(Text(str(status), no_wrap=True, overflow="ellipsis"))
+
+    def _stack(self, st: SessionState, *, width: int, compact: bool):
+        """The memory bar; before a first sample, what the source shows instead (NodeSource: the GPUs)."""
+        idle = self.source.idle_view() if st.sample is None else None
+        return idle if idle is not None else render.stack(st, width, compact)
 
     def _render_header(self) -> None:
-        width = max(self.size.width - 2, 20)  # the header spans the screen, less its padding
-        self._panel("#header", render.header, self.state, "", width, self.header_context())
-
-    def _panel(self, widget_id: str, fn, *args) -> None:
-        """Render one panel. A renderer that fails on odd data (the stream is outside input) says so
-        in its panel instead of ending the dashboard."""
-        try:
-            content = fn(*args)
-        except Exception as exc:  # noqa: BLE001
-            content = Text(f"{widget_id[1:]}: cannot show this data ({type(exc).__name__}: {exc})"[:300], style="red")
-        self._w(widget_id, Static).update(content)
+        self._widget("#header", Panel).draw(render.header, self.state, "", ctx=self.header_context())
 
     # ------------------------------------------------------------------ actions
 
@@ -292,7 +288,7 @@ class VramtopApp(App):
     def action_scroll_panels(self, lines: int) -> None:
         """The panels that overflow (the estimate's advice at 80×24) scroll with the arrow keys."""
         for column in ("#left", "#side"):
-            box = self._w(column)
+            box = self._widget(column)
             if box.display:
                 box.scroll_relative(y=lines, animate=False)
 
@@ -317,9 +313,7 @@ class VramtopApp(App):
             self.notify("no estimate from the agent yet")
 
     def action_pick_agent(self) -> None:
-        from vramtop_agent import discovery
-
-        agents = getattr(self.source, "list_agents", discovery.list_agents)()  # RemoteSource lists its host
+        agents = self.source.list_agents()  # this machine's, or the host's for a RemoteSource
         if agents and not self._picker_open:
             self._picker_open = True
             self.push_screen(AgentPicker(agents), self._picked)

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from vramtop.state import SessionState, size
-from vramtop.tui.render import PHASE_STYLE, fmt_count
-from vramtop_agent.vocabulary import is_number as finite
-from vramtop.tui.render import _text as text_field
+from vramtop.state import SessionState, byte_count
+from vramtop.tui.render import fmt_count, text_field
+from vramtop_agent.vocabulary import PHASE_STYLE, is_number
 
 _CONN_STYLE = {"live": "bold green", "stale": "bold yellow", "waiting": "yellow", "ended": "bold red",
                "gone": "bold red", "replay": "bold cyan", "paused": "bold yellow"}
@@ -80,7 +79,7 @@ def _source(state: SessionState, ctx: HeaderContext) -> Text | None:
 def _rank(state: SessionState, ctx: HeaderContext) -> Text | None:
     h = state.hello or {}
     world = h.get("world_size", 1)
-    return Text(f"rank {h.get('rank', 0)}/{world}") if finite(world) and world > 1 else None
+    return Text(f"rank {h.get('rank', 0)}/{world}") if is_number(world) and world > 1 else None
 
 
 def _cmdline(state: SessionState, ctx: HeaderContext) -> Text | None:
@@ -187,12 +186,12 @@ def _phase(state: SessionState, ctx: HeaderContext) -> Text:
 def _step_time(state: SessionState, ctx: HeaderContext) -> Text:
     last = state.last_step()
     t = Text("step time ", style="dim")
-    t.append(f"{last['step_time'] * 1000:.0f} ms" if last and finite(last.get("step_time")) else "-", style="bold")
+    t.append(f"{last['step_time'] * 1000:.0f} ms" if last and is_number(last.get("step_time")) else "-", style="bold")
     return t
 
 
 def _dropped(state: SessionState, ctx: HeaderContext) -> Text:
-    n = (size((state.sample or {}).get("dropped")) or 0) + state.missed_events
+    n = (byte_count((state.sample or {}).get("dropped")) or 0) + state.missed_events
     t = Text("dropped ", style="dim")
     t.append(str(n), style="bold red" if n else "")
     return t
@@ -204,7 +203,7 @@ def _rejected(state: SessionState, ctx: HeaderContext) -> Text | None:
 
 def _agent_errors(state: SessionState, ctx: HeaderContext) -> Text | None:
     s = state.sample or {}
-    return Text(f"agent errors {s['errors']}", style="bold red") if size(s.get("errors")) else None
+    return Text(f"agent errors {s['errors']}", style="bold red") if byte_count(s.get("errors")) else None
 
 
 LINES: list[list] = [

@@ -2,17 +2,12 @@
 
 JobApp is the single-process dashboard (VramtopApp) with a job overview
 screen pushed on top of it:
-- the overview (OverviewScreen) lists every rank: a compact stack bar (the
-  breakdown at the rank's last step peak, all bars on one scale so a heavier
-  rank is a longer bar), then per block the most it held during the rank's
-  last step (see vramtop.job_state), the step peak, step, step time and
-  connection state (the live numbers are one Enter away). Per block, the largest and smallest
-  rank are coloured when they differ by 10% or more (and 1 MiB); the panel
-  below says by how much;
+- the overview (OverviewScreen) lists every rank, one line each, and the
+  imbalance across them (what the lines and panels say: vramtop.tui.job_render);
 - Enter (or a click on a rank's line) drills into that rank: the
   overview is popped and the dashboard underneath shows the rank's own
   SessionState, live; Escape brings the overview back.
-The rendering functions here are pure (JobState in, Rich out), like render.py.
+This module is the widgets only; everything they show is rendered by job_render.
 """
 
 from __future__ import annotations
@@ -21,202 +16,17 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.geometry import Region
 from textual.message import Message
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Footer, Static
 
 from vramtop.job_state import JobState
+from vramtop.source import KeyedSource, Source
 from vramtop.state import SessionState
-from vramtop.tui import render
 from vramtop.tui.app import VramtopApp
-from vramtop_agent.schema import BLOCK_KEYS
-
-BAR_WIDTH = 16
-HI_STYLE = "bold white on #a1262b"  # the largest rank of an imbalanced block
-LO_STYLE = "bold black on #76b7b2"  # the smallest
-# (key, label, width): fixed widths, since cells are updated in place as numbers grow.
-COLUMNS = (("rank", "rank", 6), ("node", "node", 12), ("pid", "pid", 8), ("stack", "stack at step peak", BAR_WIDTH),
-           ("parameters", "parameters", 10), ("gradients", "gradients", 10), ("optimizer", "optimizer", 10),
-           ("activations", "activations", 11), ("other", "other", 9), ("peak", "step peak", 9),
-           ("step", "step", 7), ("step_time", "step time", 9), ("state", "state", 7))
-_SHORT = {"parameters": "parameters", "gradients": "gradients", "optimizer": "optimizer",
-          "activations": "activations", "other": "other", "peak": "step peak", "step_time": "step time"}
-
-
-# --------------------------------------------------------------------- pure rendering
-
-
-def rank_cells(job: JobState, key: str, imb: dict, scale: int, width: int = BAR_WIDTH, v: dict | None = None,
-               world_size: int | None = -1) -> dict[str, Text]:
-    """The overview's cells for one rank (column key -> Text). `v`, `world_size`: precomputed, for speed."""
-    v = job.values(key) if v is None else v
-    cells: dict[str, Text] = {}
-    ws = job.world_size() if world_size == -1 else world_size
-    r = job.rank(key)
-    cells["rank"] = Text(f"{r}/{ws}" if ws and ws > 1 else str(r), style="bold")
-    cells["node"] = Text(job.node(key)[:16])
-    cells["pid"] = Text(str(job.pid(key) or "-"))
-    sizes = [int(v["peak_blocks"].get(k) or 0) for k in BLOCK_KEYS]
-    bar = render._bar(sizes, list(BLOCK_KEYS), width, max(scale, 1)) if any(sizes) else Text()
-    if bar.cell_len < width:
-        bar.append("·" * (width - bar.cell_len), style="#3a3a3a")
-    cells["stack"] = bar
-    for metric in (*BLOCK_KEYS, "peak"):
-        cells[metric] = _flag(render.fmt_bytes(v.get(metric)), metric, key, imb)
-    cells["step"] = Text(str(v.get("step")) if v.get("step") is not None else "-")
-    st = v.get("step_time")
-    cells["step_time"] = _flag(f"{st * 1000:.0f} ms" if st else "-", "step_time", key, imb)
-    conn = v["connection"]
-    cells["state"] = Text(conn, style={"live": "green", "stale": "yellow", "waiting": "yellow"}.get(conn, "bold red"))
-    return cells
-
-
-def _flag(text: str, metric: str, key: str, imb: dict) -> Text:
-    i = imb.get(metric)
-    if i is not None and i.flagged:
-        if key == i.max_key:
-            return Text(text, style=HI_STYLE)
-        if key == i.min_key:
-            return Text(text, style=LO_STYLE)
-    return Text(text)
-
-
-def bar_scale(job: JobState, keys: list[str] | None = None, vals: dict | None = None) -> int:
-    """One scale for every rank's bar: the largest sum of blocks."""
-    best = 0
-    for k in keys if keys is not None else job.keys():
-        v = vals[k] if vals is not None else job.values(k)
-        best = max(best, sum(int(v["peak_blocks"].get(b) or 0) for b in BLOCK_KEYS))
-    return best
-
-
-# Columns given up first when the screen is narrower than the whole table (the rest of a rank's
-# identity stays in its rank number; pid and node are one Enter away).
-DROP_ORDER = ("pid", "node", "stack")
-
-
-def columns_for(width: int | None) -> tuple:
-    """The columns that fit in `width` cells (all of them when width is None)."""
-    cols = COLUMNS
-    for key in DROP_ORDER:
-        if width is None or sum(w for _, _, w in cols) + len(cols) - 1 <= width:
-            break
-        cols = tuple(c for c in cols if c[0] != key)
-    return cols
-
-
-def line(cells: dict[str, Text], cols: tuple = COLUMNS) -> Text:
-    """One fixed-width line of the overview table from a row's cells (or the header's)."""
-    out = Text(no_wrap=True, overflow="crop")
-    for i, (col, _, width) in enumerate(cols):
-        cell = cells[col].copy()
-        cell.truncate(width, overflow="ellipsis")
-        if col in _RIGHT:
-            out.append(" " * (width - cell.cell_len))
-            out.append_text(cell)
-        else:
-            out.append_text(cell)
-            out.append(" " * (width - cell.cell_len))
-        if i < len(cols) - 1:
-            out.append(" ")
-    return out
-
-
-_RIGHT = {"pid", "parameters", "gradients", "optimizer", "activations", "other", "peak", "step", "step_time"}
-
-
-def header_line(cols: tuple = COLUMNS) -> Text:
-    t = line({col: Text(label) for col, label, _ in COLUMNS}, cols)
-    t.stylize("bold")
-    return t
-
-
-def overview_rows(job: JobState, cache: dict | None = None, width: int | None = None
-                  ) -> tuple[list[str], list[Text], dict]:
-    """(keys in rank order, one line per rank, imbalance) for the whole job: what the overview draws.
-
-    With `cache` (a dict kept between calls), a rank's line is rebuilt only when
-    what it shows changed: its step, its last step summary, its connection state,
-    the bar scale, or whether it is the max/min of an imbalanced metric. Lines
-    change at the step rate, not at the sample rate. `width`: the cells available (columns_for).
-    """
-    cols = columns_for(width)
-    keys = job.keys()
-    vals = {k: job.values(k) for k in keys}
-    imb = job.imbalance(keys=keys, values=vals)
-    scale = bar_scale(job, keys, vals)
-    ws = job.world_size()
-    flags = tuple((m, i.max_key, i.min_key) for m, i in imb.items() if i.flagged)
-    lines = []
-    for k in keys:
-        v = vals[k]
-        st = job.members[k]
-        last = st.last_step()
-        sig = (v["step"], id(last), v["connection"], scale, ws, job.node(k), job.pid(k), cols,
-               tuple(f for f in flags if k in (f[1], f[2])))
-        hit = cache.get(k) if cache is not None else None
-        if hit is not None and hit[0] == sig:
-            lines.append(hit[1])
-            continue
-        ln = line(rank_cells(job, k, imb, scale, v=v, world_size=ws), cols)
-        if cache is not None:
-            cache[k] = (sig, ln)
-        lines.append(ln)
-    return keys, lines, imb
-
-
-def imbalance_text(job: JobState, imb: dict | None = None) -> Text:
-    imb = job.imbalance() if imb is None else imb
-    t = Text()
-    t.append("Imbalance across ranks ", style="bold")
-    t.append("(the most each block held during each rank's last step; max vs min across ranks)\n", style="dim")
-    if not imb:
-        t.append("needs two ranks with data\n", style="dim")
-        return t
-    for metric in (*BLOCK_KEYS, "peak", "step_time"):
-        i = imb.get(metric)
-        if i is None:
-            continue
-        if metric == "step_time":
-            hi, lo, spread = f"{i.max * 1000:.0f} ms", f"{i.min * 1000:.0f} ms", f"{i.spread * 1000:.0f} ms"
-        else:
-            hi, lo, spread = render.fmt_bytes(i.max), render.fmt_bytes(i.min), render.fmt_bytes(i.spread)
-        if i.spread == 0:
-            text = f"{_SHORT[metric]:>11}  {hi} on every rank"
-        else:
-            text = (f"{_SHORT[metric]:>11}  max {hi} (rank {job.rank(i.max_key)}) vs min {lo} "
-                    f"(rank {job.rank(i.min_key)}): {spread}, {100 * i.ratio:.0f}% of max")
-        if i.flagged:
-            t.append("▲ " + text + "\n", style="bold red")
-        else:
-            t.append("  " + text + "\n", style="dim")
-    return t
-
-
-def job_header(job: JobState, where: str = "") -> Text:
-    t = Text()
-    t.append("vramtop job ", style="bold")
-    ws = job.world_size()
-    n = len(job.members)
-    t.append(f"{n} rank{'s' if n != 1 else ''}", style="bold cyan")
-    if ws and ws > 1:
-        t.append(f" of world size {ws}")
-    nodes = sorted({job.node(k) for k in job.members})
-    if nodes:
-        t.append(f"  on {len(nodes)} node{'s' if len(nodes) != 1 else ''}: {', '.join(nodes)[:60]}", style="dim")
-    live = job.live_count()
-    t.append(f"  live {live}/{n}", style="green" if live == n and n else "yellow")
-    lo, hi = job.steps()
-    if lo is not None:
-        t.append("  step ", style="dim")
-        t.append(f"{lo}" if lo == hi else f"{lo}..{hi}", style="bold" if lo == hi else "bold yellow")
-    if where:
-        t.append(f"  {where}", style="dim")
-    t.append("\nEnter or click: drill into a rank   Esc (in a rank): back to all ranks", style="dim")
-    return t
-
-
-# --------------------------------------------------------------------- widgets
+from vramtop.tui.job_render import COLUMNS, columns_for, header_line, imbalance_text, job_header, overview_rows
 
 
 class RankTable(Static, can_focus=True):
@@ -224,7 +34,8 @@ class RankTable(Static, can_focus=True):
 
     One Text for the whole table (not a DataTable of cells): with 64 ranks
     refreshed 4 times a second, per-cell rendering cost more than everything
-    else in the viewer; and it is re-rendered only when a line changed.
+    else in the viewer; and it is re-rendered only when a line changed. The
+    columns it shows are those that fit its own width (job_render.columns_for).
     """
 
     BINDINGS = [
@@ -236,7 +47,8 @@ class RankTable(Static, can_focus=True):
         Binding("end", "move(1000000)", show=False),
         Binding("enter", "select", "Drill into rank"),
     ]
-    CURSOR_STYLE = "reverse"
+    # Styled in vramtop.tcss: the line under the cursor, and every other line (easier to follow across).
+    COMPONENT_CLASSES = {"rank-table--cursor", "rank-table--stripe"}
 
     class Selected(Message):
         def __init__(self, key: str) -> None:
@@ -250,10 +62,18 @@ class RankTable(Static, can_focus=True):
         self.cursor = 0
         self._shown: Text | None = None
         self.columns: tuple = COLUMNS
+        self._line_cache: dict = {}  # overview_rows' cache: a rank's line is rebuilt only when it changed
 
     @property
     def cursor_key(self) -> str | None:
         return self.keys[self.cursor] if 0 <= self.cursor < len(self.keys) else None
+
+    def show(self, job: JobState) -> dict:
+        """Draw the job's ranks in the columns that fit this widget; returns the imbalance (for its panel)."""
+        width = self.content_size.width or None  # None before the first layout: every column
+        keys, lines, imb = overview_rows(job, self._line_cache, width)
+        self.set_rows(keys, lines, columns_for(width))
+        return imb
 
     def set_rows(self, keys: list[str], lines: list[Text], columns: tuple = COLUMNS) -> None:
         if columns != self.columns:
@@ -268,17 +88,21 @@ class RankTable(Static, can_focus=True):
         self._draw()
 
     def _draw(self) -> None:
+        cursor = self.get_component_rich_style("rank-table--cursor", partial=True)
+        stripe = self.get_component_rich_style("rank-table--stripe", partial=True)
         rows = []
         for i, ln in enumerate(self.lines):
             if i == self.cursor and self.has_focus:
                 ln = ln.copy()
-                ln.stylize(self.CURSOR_STYLE)
+                ln.stylize(cursor)
             elif i % 2:
                 ln = ln.copy()
-                ln.stylize("on #1c1c1c")
+                ln.stylize(stripe)
             rows.append(ln)
-        text = Text("\n", no_wrap=True).join([header_line(self.columns), *rows]) if rows else Text("waiting for the ranks…",
-                                                                                      style="dim")
+        if rows:
+            text = Text("\n", no_wrap=True).join([header_line(self.columns), *rows])
+        else:
+            text = Text("waiting for the ranks…", style="dim")
         if text != self._shown:  # identical content: no re-render at all
             self._shown = text
             self.update(text)
@@ -291,11 +115,9 @@ class RankTable(Static, can_focus=True):
         self.scroll_visible_line(self.cursor + 1)
 
     def scroll_visible_line(self, y: int) -> None:
-        from textual.geometry import Region
-
-        parent = self.parent
-        if parent is not None and hasattr(parent, "scroll_to_region"):
-            parent.scroll_to_region(Region(0, y, 1, 1), animate=False)
+        """Scroll the container the table sits in so that line `y` (0: the header) is on screen."""
+        if isinstance(self.parent, Widget):
+            self.parent.scroll_to_region(Region(0, y, 1, 1), animate=False)
 
     def action_select(self) -> None:
         if self.cursor_key is not None:
@@ -315,58 +137,57 @@ class RankTable(Static, can_focus=True):
         self._draw()
 
 
+class QuietStatic(Static):
+    """A Static that re-renders only when what it shows changed (an update re-renders the widget)."""
+
+    def __init__(self, **kwargs):
+        super().__init__("", **kwargs)
+        self._shown: Text | None = None
+
+    def show(self, content: Text) -> None:
+        if content != self._shown:
+            self._shown = content
+            self.update(content)
+
+
 class OverviewScreen(Screen):
-    CSS = """
-    OverviewScreen { layout: vertical; }
-    #job-header { height: 2; padding: 0 1; background: $boost; }
-    #ranks-scroll { height: 1fr; padding: 0 1; }
-    #ranks { width: auto; height: auto; }
-    #imbalance { height: auto; max-height: 10; padding: 0 1; }
-    #status { height: 1; padding: 0 1; color: $text-muted; }
-    """
+    """Every rank of the job, the imbalance across them and the sources' status (styles: vramtop.tcss)."""
+
+    app: "JobApp"
 
     def compose(self) -> ComposeResult:
-        yield Static(id="job-header")
+        yield QuietStatic(id="job-header")
         with VerticalScroll(id="ranks-scroll"):
             yield RankTable(id="ranks")
-        yield Static(id="imbalance")
-        yield Static(id="status")
+        yield QuietStatic(id="imbalance")
+        yield QuietStatic(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        self._lines: dict = {}  # overview_rows' cache
         self.set_interval(1.0 / self.app.refresh_hz, self.refresh_rows)
         self.refresh_rows()
         self.query_one(RankTable).focus()
 
     def refresh_rows(self) -> None:
         app = self.app
-        if getattr(app, "paused", False):
+        if app.paused:
             return
-        job: JobState = app.job
-        full = self.query_one("#ranks-scroll").size.width
-        width = full - 2 if full > 2 else None  # its padding; None before the first layout
-        keys, lines, imb = overview_rows(job, self._lines, width)
-        self.query_one(RankTable).set_rows(keys, lines, columns_for(width))
-        _update(self.query_one("#job-header", Static), job_header(job, app.job_source.describe))
-        _update(self.query_one("#imbalance", Static), imbalance_text(job, imb))
-        _update(self.query_one("#status", Static), Text(app.job_source.status))
+        job = app.job
+        imb = self.query_one(RankTable).show(job)
+        self.query_one("#job-header", QuietStatic).show(job_header(job, app.job_source.describe))
+        self.query_one("#imbalance", QuietStatic).show(imbalance_text(job, imb))
+        self.query_one("#status", QuietStatic).show(Text(app.job_source.status))
 
     def on_rank_table_selected(self, event: RankTable.Selected) -> None:
         self.app.drill(event.key)
 
 
-def _update(widget: Static, content: Text) -> None:
-    """Static.update only when the content changed (an update re-renders the widget)."""
-    if getattr(widget, "_vramtop_shown", None) != content:
-        widget._vramtop_shown = content
-        widget.update(content)
+class RankView(Source):
+    """What the dashboard underneath reads as its `source`: the drilled-into rank of the job.
 
-
-class _RankView:
-    """What the dashboard underneath reads as its `source`: the drilled-into rank of the job."""
-
-    choices: list = []
+    It has no stream of its own: JobApp pumps the job source and swaps the rank's
+    SessionState into the dashboard; the header and footer come from here.
+    """
 
     def __init__(self, app: "JobApp"):
         self.app = app
@@ -399,14 +220,17 @@ class JobApp(VramtopApp):
     TITLE = "vramtop job"
     BINDINGS = [Binding("escape", "overview", "All ranks")]
 
-    def __init__(self, source, refresh_hz: float = 4.0, pump_hz: float = 10.0, job: JobState | None = None):
+    def __init__(self, source: KeyedSource, refresh_hz: float = 4.0, pump_hz: float = 10.0,
+                 job: JobState | None = None):
         self.job_source = source
         self.job = job or JobState()
         self.current: str | None = None
-        super().__init__(_RankView(self), state=SessionState(), refresh_hz=refresh_hz, pump_hz=pump_hz)
+        super().__init__(RankView(self), state=SessionState(), refresh_hz=refresh_hz, pump_hz=pump_hz)
 
     def on_mount(self) -> None:
-        super().on_mount()
+        # No super().on_mount(): Textual calls VramtopApp.on_mount itself after this one (it dispatches
+        # a message to every class of the MRO that handles it), and calling it here too would start
+        # its pump and refresh timers twice.
         self.install_screen(OverviewScreen(), name="overview")
         self.push_screen("overview")
 

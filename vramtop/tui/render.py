@@ -6,22 +6,15 @@ object, so the TUI stays a thin shell and tests can check what a panel says.
 
 from __future__ import annotations
 
-import math
-
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from vramtop.state import SessionState, activations_note, size
-from vramtop_agent.schema import BLOCK_KEYS, PHASES
-from vramtop_agent.vocabulary import COLOURS, PHASE_STYLE, fmt_bytes, is_number
-
-COLORS = COLOURS  # the vocabulary's colours, under the name the views use
-PHASE_STYLE = PHASE_STYLE
-_finite = is_number
+from vramtop.state import SessionState, activations_note, byte_count
+from vramtop_agent.vocabulary import BLOCK_KEYS, COLOURS, PHASE_STYLE, PHASES, fmt_bytes, is_number
 
 
-def _text(x, limit: int = 80, default: str = "?") -> str:
+def text_field(x, limit: int = 80, default: str = "?") -> str:
     """A string field from the stream, cut to `limit` characters; anything else is `default`."""
     if not isinstance(x, str):
         return default
@@ -29,7 +22,7 @@ def _text(x, limit: int = 80, default: str = "?") -> str:
 
 
 def fmt_count(n: int | None) -> str:
-    if not _finite(n):
+    if not is_number(n):
         return "-"
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
@@ -61,7 +54,7 @@ def legend_items(state: SessionState) -> list[Text]:
     items = []
     for seg in segs:
         cell = Text()
-        cell.append("■ ", style=COLORS.get(seg.key, "white"))
+        cell.append("■ ", style=COLOURS.get(seg.key, "white"))
         cell.append(f"{seg.label} ", style="bold")
         pct = 100.0 * seg.nbytes / denom
         cell.append(fmt_bytes(seg.nbytes) + (f" {pct:.1f}%" if pct >= 0.05 else ""))  # "0.0%" says nothing
@@ -124,7 +117,7 @@ def stack(state: SessionState, width: int, compact: bool = False) -> Group | Tex
     width = max(width, 20)
     sizes = [x.nbytes for x in segs]
     denom = max(total, sum(sizes), 1)
-    bar = _bar(sizes, [x.key for x in segs], width, denom)
+    bar = stack_bar(sizes, [x.key for x in segs], width, denom)
     title = Text(no_wrap=True, overflow="ellipsis")
     title.append("Memory ", style="bold")
     title.append(f"of {fmt_bytes(total)} ", style="dim")
@@ -134,7 +127,7 @@ def stack(state: SessionState, width: int, compact: bool = False) -> Group | Tex
         return Group(title, bar, *legend)
     # The same, zoomed to what this process uses: a small model on a big card is otherwise a sliver.
     mine = [x for x in segs if x.key in (*BLOCK_KEYS, "cache")]
-    zoom = _bar([x.nbytes for x in mine], [x.key for x in mine], width, sum(x.nbytes for x in mine))
+    zoom = stack_bar([x.nbytes for x in mine], [x.key for x in mine], width, sum(x.nbytes for x in mine))
     zoom_title = Text("zoom: reserved by PyTorch (the blocks + cache/frag)" if state.on_cuda
                       else "zoom: the tensors vramtop tracks", style="dim")
     return Group(title, bar, zoom_title, zoom, *legend)
@@ -160,7 +153,7 @@ def now_lines(state: SessionState, width: int) -> Text:
         return t
     peaks = last.get("peaks") or {}
     items = [Text(f"step {last.get('step')} peak {fmt_bytes(last.get('peak'))} in "
-                  f"{_text(last.get('peak_phase'), 20)}", style="bold")]
+                  f"{text_field(last.get('peak_phase'), 20)}", style="bold")]
     for phase, short in (("forward", "fwd"), ("backward", "bwd"), ("optimizer", "opt")):
         item = Text(f"{short} ", style=PHASE_STYLE[phase][1])
         item.append(fmt_bytes(peaks.get(phase)))
@@ -168,18 +161,18 @@ def now_lines(state: SessionState, width: int) -> Text:
     spike = Text("backward spike ", style="dim")
     spike.append("+" + fmt_bytes(last.get("backward_spike")) if state.on_cuda else "n/a on CPU")
     items.append(spike)
-    if _finite(last.get("step_time")):
+    if is_number(last.get("step_time")):
         items.append(Text(f"{last['step_time'] * 1000:.0f} ms", style="dim"))
     pb = last.get("peak_blocks") or {}
     blocks = [Text("at the peak:", style="dim")]
     for k in BLOCK_KEYS:
-        item = Text("■ ", style=COLORS[k])
+        item = Text("■ ", style=COLOURS[k])
         item.append(f"{k} {fmt_bytes(pb.get(k))}")
         blocks.append(item)
     return Text("\n", no_wrap=True).join([*pack(items, width), *pack(blocks, width)])
 
 
-def _bar(sizes: list[int], keys: list[str], width: int, denom: int) -> Text:
+def stack_bar(sizes: list[int], keys: list[str], width: int, denom: int) -> Text:
     """A bar of exactly `width` cells, largest-remainder rounded; non-trivial parts get a cell."""
     denom = max(denom, sum(sizes), 1)
     raw = [n * width / denom for n in sizes]
@@ -197,22 +190,24 @@ def _bar(sizes: list[int], keys: list[str], width: int, denom: int) -> Text:
         k += 1
     bar = Text()
     for key, n in zip(keys, cells):
-        bar.append("█" * n, style=COLORS.get(key, "white"))
+        bar.append("█" * n, style=COLOURS.get(key, "white"))
     return bar
 
 
 # --------------------------------------------------------------------- fragmentation
 
 
-def fragmentation(state: SessionState, width: int = 40) -> Group | Text:
+def fragmentation(state: SessionState, width: int = 50) -> Group | Text:
+    """The allocator's numbers and sparklines of its history; the sparklines and their labels fill `width`."""
     s = state.sample
     if s is None:
         return Text("")
+    spark = max(width - len(" allocated"), 10)  # the longest label after a sparkline
     t = Text()
     t.append("Allocator\n", style="bold")
     cuda = s.get("cuda") if state.on_cuda else None
     if cuda:
-        reserved, allocated = size(cuda.get("reserved")) or 0, size(cuda.get("allocated")) or 0
+        reserved, allocated = byte_count(cuda.get("reserved")) or 0, byte_count(cuda.get("allocated")) or 0
         frag = (reserved - allocated) / reserved if reserved else 0.0
         t.append(f"reserved  {fmt_bytes(reserved)}\nallocated {fmt_bytes(allocated)}\n")
         t.append(f"cache/frag {fmt_bytes(reserved - allocated)} ({100 * frag:.0f}% of reserved)\n",
@@ -228,9 +223,9 @@ def fragmentation(state: SessionState, width: int = 40) -> Group | Text:
                 t.append(f" (this process {fmt_bytes(nv['process_used'])})")
             t.append("\n")
         series = [(p.reserved or 0, p.allocated) for p in state.history]
-        t.append(_spark([r for r, _ in series], width), style=COLORS["cache"])
+        t.append(_spark([r for r, _ in series], spark), style=COLOURS["cache"])
         t.append(" reserved\n", style="dim")
-        t.append(_spark([a for _, a in series], width), style=COLORS["activations"])
+        t.append(_spark([a for _, a in series], spark), style=COLOURS["activations"])
         t.append(" allocated\n", style="dim")
     else:
         host = s.get("host") if isinstance(s.get("host"), dict) else {}
@@ -239,11 +234,11 @@ def fragmentation(state: SessionState, width: int = 40) -> Group | Text:
         t.append(f"process RSS {fmt_bytes(host.get('rss'))}\n")
         t.append(f"tracked tensors {fmt_bytes(tracked)}\n")
         t.append(f"host available {fmt_bytes(host.get('available'))} of {fmt_bytes(host.get('total'))}\n")
-        t.append(_spark([p.allocated for p in state.history], width), style=COLORS["activations"])
+        t.append(_spark([p.allocated for p in state.history], spark), style=COLOURS["activations"])
         t.append(" tracked\n", style="dim")
     if state.errors:
         e = state.errors[-1]
-        t.append(f"agent error ({_text(e.get('where'), 30)}): {_text(e.get('message'), 80)}\n", style="red")
+        t.append(f"agent error ({text_field(e.get('where'), 30)}): {text_field(e.get('message'), 80)}\n", style="red")
     return t
 
 
@@ -281,13 +276,13 @@ def phases(state: SessionState, rows: int = 8, width: int = 80) -> Group | Text:
         return Text("Phase peaks per step\nno step finished yet", style="dim")
     for st in steps:
         pb = st["peak_blocks"]
-        top = max(BLOCK_KEYS, key=lambda k: size(pb.get(k)) or 0)
+        top = max(BLOCK_KEYS, key=lambda k: byte_count(pb.get(k)) or 0)
         cells = [str(st["step"]), *[fmt_bytes(st["peaks"].get(p)) for p in PHASES]]
         if spike:
             cells.append("+" + fmt_bytes(st["backward_spike"]) if state.on_cuda else "n/a")
-        cells.append(f"{st['step_time'] * 1000:.0f}ms" if _finite(st.get("step_time")) else "-")
+        cells.append(f"{st['step_time'] * 1000:.0f}ms" if is_number(st.get("step_time")) else "-")
         if not narrow:
-            cells.append(Text(top, style=COLORS[top]))
+            cells.append(Text(top, style=COLOURS[top]))
         table.add_row(*cells)
     parts: list = [table]
     if not state.on_cuda:
@@ -303,9 +298,9 @@ def timeline(state: SessionState, width: int, height: int = 8) -> Group | Text:
     title = Text(no_wrap=True, overflow="ellipsis")
     title.append("Timeline ", style="bold")
     on_cuda = state.on_cuda
-    title.append("allocated", style=COLORS["activations"])
+    title.append("allocated", style=COLOURS["activations"])
     if on_cuda:
-        title.append(" / reserved", style=COLORS["cache"])
+        title.append(" / reserved", style=COLOURS["cache"])
     else:
         title.append(" (tracked tensors)", style="dim")
     title.append("  ", style="dim")
@@ -329,12 +324,12 @@ def timeline(state: SessionState, width: int, height: int = 8) -> Group | Text:
         line.append(f"{label:>9} ", style="dim")
         for p in pts:
             if p.allocated >= level:
-                line.append("█", style=COLORS["activations"])
+                line.append("█", style=COLOURS["activations"])
             elif p.reserved is not None and p.reserved >= level:
-                line.append("▒", style=COLORS["cache"])
+                line.append("▒", style=COLOURS["cache"])
             elif p.allocated >= level - top / height:
                 frac = (p.allocated - (level - top / height)) / (top / height)
-                line.append(_SPARK[max(1, min(8, int(frac * 8)))], style=COLORS["activations"])
+                line.append(_SPARK[max(1, min(8, int(frac * 8)))], style=COLOURS["activations"])
             else:
                 line.append(" ")
         lines.append(line)

@@ -22,10 +22,6 @@ from vramtop.tui.header import HeaderContext
 
 class GotoScreen(ModalScreen[str | None]):
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
-    DEFAULT_CSS = """
-    GotoScreen { align: center middle; }
-    GotoScreen > Vertical { width: 70; height: auto; border: round $accent; padding: 0 1; }
-    """
 
     def compose(self) -> ComposeResult:
         with Vertical():
