@@ -11,8 +11,9 @@ import textwrap
 
 import pytest
 
-from canned import cpu_stream
+from canned import cpu_stream, cuda_stream
 from vramtop.recording import Recording
+from vramtop.source import KeyedSource
 from vramtop.state import SessionState
 from vramtop.tui import render
 
@@ -163,3 +164,39 @@ def test_run_record_template_names_the_files_it_made(tmp_path):
     made = sorted(p for p in os.listdir(tmp_path) if p.endswith(".vramtop"))
     assert len(made) == 1 and "{" not in made[0]
     assert f"recorded {tmp_path / made[0]}" in res.stderr
+
+
+# ---------------------------------------------------------------- issue 16: the job view's timers ran twice
+
+
+class _TwoRanks(KeyedSource):
+    """Two ranks' canned streams, handed over once."""
+
+    def __init__(self):
+        self._msgs = [(f"r{rank}", m) for rank in (0, 1)
+                      for m in cuda_stream(pid=6000 + rank, rank=rank, world_size=2)]
+        self.status = "2 agents"
+
+    def poll(self, timeout_ms: int = 0):
+        out, self._msgs = self._msgs, []
+        return out
+
+
+async def test_job_view_starts_each_timer_once():
+    """Textual runs on_mount for every class in the MRO: a JobApp.on_mount that also called
+    super().on_mount() started the dashboard's pump and refresh timers twice (twice the work, and two
+    pumps racing over one source)."""
+    from vramtop.tui.job_view import JobApp
+
+    intervals: list[str] = []
+
+    class CountingJobApp(JobApp):
+        def set_interval(self, interval, callback=None, **kwargs):
+            intervals.append(callback.__name__)
+            return super().set_interval(interval, callback, **kwargs)
+
+    app = CountingJobApp(_TwoRanks())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.3)
+        assert len(app.job.members) == 2  # the pump ran
+        assert sorted(intervals) == ["_pump", "_refresh_view"]
