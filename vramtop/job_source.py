@@ -99,8 +99,7 @@ class JobSource(KeyedSource):
         sub = Subscriber(endpoint)
         # Every socket the subscriber polls (its two SUB sockets, and the monitors that make it
         # reconnect): one of them ready means sub.poll() has something to do.
-        poller = getattr(sub, "_poller", None)
-        socks = tuple(s for s, _ in poller.sockets) if poller is not None else (sub._samples, sub._events)
+        socks = tuple(s for s, _ in sub._poller.sockets)
         for s in socks:
             self._poller.register(s, self._zmq.POLLIN)
             self._by_sock[s] = key

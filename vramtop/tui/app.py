@@ -226,8 +226,8 @@ class VramtopApp(App):
     # ------------------------------------------------------------------ view
 
     def _refresh_view(self) -> None:
-        if self.paused or not self.screen_stack[0].query("#header"):
-            return
+        if self.paused or not self.screen_stack or not self.screen_stack[0].query("#header"):
+            return  # not composed yet, or torn down while a timer was due
         if layout.mode_for(*self.size) != self.mode:  # a resize the resize event saw too early
             self._apply_layout()
         if self.mode == "too_small":

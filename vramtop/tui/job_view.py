@@ -257,7 +257,7 @@ class JobApp(VramtopApp):
             self.state = self.job.members[self.current]
 
     def _refresh_view(self) -> None:
-        if self.screen is self.screen_stack[0]:  # the dashboard's widgets live on the default screen
+        if self.screen_stack and self.screen is self.screen_stack[0]:  # the dashboard's widgets: default screen
             super()._refresh_view()
 
     def drill(self, key: str) -> None:
