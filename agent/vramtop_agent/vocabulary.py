@@ -55,7 +55,11 @@ PHASE_STYLE: dict[str, tuple[str, str]] = {
 
 def is_number(x: object) -> bool:
     """A finite int or float that is not a bool: what a size or a time from the wire must be."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return True  # every int is finite (math.isfinite would overflow on 10**400)
+    return isinstance(x, float) and math.isfinite(x)
 
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
