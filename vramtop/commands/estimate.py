@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 
 from vramtop import budget
+from vramtop.commands.common import add_verb
 from vramtop.errors import UserError
 
 # Seed 001's Llama-2-7B table (batch 1, gradient checkpointing on), in GB as the article prints them.
@@ -20,8 +20,8 @@ ARTICLE_LLAMA2_7B = [
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "estimate",
+    p = add_verb(
+        sub, "estimate", run,
         help="predict a training run's memory (parameters, gradients, optimizer, activations, peak)",
         description="Predict the GPU memory of one training step, block by block, and what nvidia-smi will show. "
                     "Any model transformers can build is run on a 'meta' device (shapes only, no memory, no download) "
@@ -85,7 +85,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_arguments(p)
     # "--gpu -5GiB" should reach the size parser (and get a reason), not be taken for an option.
     p._negative_number_matcher = re.compile(r"^-\d")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

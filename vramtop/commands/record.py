@@ -15,12 +15,13 @@ import sys
 import time
 
 from vramtop import alerts
+from vramtop.commands.common import add_curve_keys, add_verb, check_curve_keys
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "record",
+    p = add_verb(
+        sub, "record", run,
         help="record a training process's memory stream to a file",
         description="Subscribe to a vramtop agent and write everything it sends to a recording "
         "(SQLite, see docs/recording-format.md). With no TARGET, record the only agent running on this machine. "
@@ -37,12 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="never inject the agent into a process started without vramtop: wait for one instead")
     p.add_argument("--yes", "-y", action="store_true",
                    help="inject the agent into a process started without vramtop without asking (docs/attach.md)")
-    p.add_argument("--server-key", metavar="FILE", default=None,
-                   help="the agent's CURVE public key, when it encrypts its stream (see docs/security.md)")
-    p.add_argument("--client-key", metavar="FILE", default=None,
-                   help="with --server-key: this recorder's CURVE secret key file, for an agent that lists its viewers")
+    add_curve_keys(p, server_help="the agent's CURVE public key, when it encrypts its stream (see docs/security.md)",
+                   client_help="with --server-key: this recorder's CURVE secret key file, for an agent that lists "
+                   "its viewers")
     alerts.add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def StreamReader(endpoint: str, **curve):
@@ -116,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     output = args.output or default_name(pid)
-    if args.client_key and not args.server_key:
-        raise UserError("--client-key needs --server-key (the agent's public key)")
+    check_curve_keys(args.server_key, args.client_key)
     curve = {"curve_server_key": args.server_key, "curve_client_key": args.client_key}
     monitor = alerts.from_args(args)
     return record(endpoint, output, pid=pid, duration=args.duration, stop_at_bye=not args.keep_going, say=say,
