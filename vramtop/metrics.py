@@ -38,7 +38,7 @@ import threading
 import time
 
 from vramtop.job_state import JobState
-from vramtop_agent.schema import BLOCK_KEYS, PHASES
+from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
 
 FORGET_AFTER_S = 300.0  # a member silent this long is dropped from the export
 _LABELS = ("node", "rank", "local_rank", "world_size", "pid", "device")

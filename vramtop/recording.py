@@ -29,7 +29,8 @@ from vramtop.errors import UserError
 from vramtop_agent.recorder import FORMAT_NAME, RECORDING_SCHEMA_VERSION, SQLITE_MAGIC
 from vramtop_agent import recording_tables
 from vramtop_agent.recording_tables import column_types, columns
-from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION, SchemaError, unpack, validate
+from vramtop_agent.schema import SCHEMA_VERSION, SchemaError, unpack, validate
+from vramtop_agent.vocabulary import BLOCK_KEYS, is_number
 
 MAX_BLOB_BYTES = 64 * 1024 * 1024
 # What a damaged file can make the sqlite3 module raise: its own errors, undecodable text (also in
@@ -593,10 +594,7 @@ def open_recording(path: str) -> Recording:
 
 
 def _f(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if x == x and abs(x) != float("inf") else None
+    return float(x) if is_number(x) else None
 
 
 def _text(b: bytes) -> str:

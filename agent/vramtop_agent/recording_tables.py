@@ -9,7 +9,7 @@ order of the values in the writer's row tuples.
 
 from __future__ import annotations
 
-from vramtop_agent.schema import BLOCK_KEYS
+from vramtop_agent.vocabulary import BLOCK_KEYS
 
 # table -> ((column, SQL declaration), ...); the first word of a declaration is the column's type.
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {

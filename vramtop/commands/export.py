@@ -20,7 +20,7 @@ from typing import IO
 
 from vramtop.commands.common import add_session, add_verb
 from vramtop.errors import UserError
-from vramtop_agent.schema import BLOCK_KEYS, PHASES
+from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

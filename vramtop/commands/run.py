@@ -216,20 +216,16 @@ def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: floa
         except KeyboardInterrupt:  # from the terminal the job got it too; else pass it on. See how it ends.
             return _wait(child, out, interrupts=_on_interrupt(child, 0))
         if info is not None and child.poll() is None:
+            from vramtop.commands.attach import attach_pid
+
+            out.skip()  # what the job printed under the dashboard stays in the log
             try:
-                from vramtop.commands.attach import attach_pid
-            except ImportError:
-                attach_pid = None
-                print("vramtop: the dashboard is not available in this install", file=sys.stderr)
-            if attach_pid is not None:
-                out.skip()  # what the job printed under the dashboard stays in the log
-                try:
-                    attach_pid(int(info["pid"]), refresh_hz=refresh_hz, monitor=monitor)
-                except UserError as exc:  # e.g. the job ended meanwhile
-                    print(f"vramtop: {exc}", file=sys.stderr)
-                if child.poll() is None:
-                    print(f"vramtop: dashboard closed; pid {child.pid} keeps running, its output follows "
-                          "(Ctrl-C interrupts it)", file=sys.stderr)
+                attach_pid(int(info["pid"]), refresh_hz=refresh_hz, monitor=monitor)
+            except UserError as exc:  # e.g. the job ended meanwhile
+                print(f"vramtop: {exc}", file=sys.stderr)
+            if child.poll() is None:
+                print(f"vramtop: dashboard closed; pid {child.pid} keeps running, its output follows "
+                      "(Ctrl-C interrupts it)", file=sys.stderr)
         return _wait(child, out)
     finally:
         out.pump()

@@ -4,8 +4,7 @@ estimator's gap analysis (vramtop/gap.py) when the job published an estimate."""
 from __future__ import annotations
 
 from vramtop.report.numbers import as_int, pct
-from vramtop_agent.schema import BLOCK_KEYS
-from vramtop_agent.vocabulary import fmt_bytes
+from vramtop_agent.vocabulary import BLOCK_KEYS, fmt_bytes
 
 
 def advice(a: dict) -> list[str]:

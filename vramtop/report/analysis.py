@@ -13,7 +13,7 @@ from vramtop import creep_report
 from vramtop.recording import SAMPLE_COLUMNS, STEP_COLUMNS, Recording, Session
 from vramtop.report.advice import advice
 from vramtop.report.numbers import as_int, pct
-from vramtop_agent.schema import BLOCK_KEYS
+from vramtop_agent.vocabulary import BLOCK_KEYS
 
 MAX_POINTS = 800
 

@@ -10,8 +10,7 @@ from vramtop.recording import STEP_COLUMNS, Recording
 from vramtop.report.analysis import MAX_POINTS
 from vramtop.report.svg import COLORS, esc, fmt_tick, svg_bars, svg_lines, svg_stacked
 from vramtop.report.text import fmt_offset, render_text
-from vramtop_agent.schema import PHASES
-from vramtop_agent.vocabulary import fmt_bytes
+from vramtop_agent.vocabulary import PHASES, fmt_bytes
 
 
 def _template() -> string.Template:

@@ -7,9 +7,8 @@ import html
 import math
 from typing import Any
 
-from vramtop_agent.schema import BLOCK_KEYS
+from vramtop_agent.vocabulary import BLOCK_KEYS, PHASE_STYLE, fmt_bytes
 from vramtop_agent.vocabulary import COLOURS as BLOCK_COLORS
-from vramtop_agent.vocabulary import PHASE_STYLE, fmt_bytes
 
 # The dashboard's block colours, so the report and the TUI read alike.
 COLORS = {

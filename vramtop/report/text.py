@@ -11,12 +11,11 @@ from typing import Any
 from vramtop import creep_report
 from vramtop.recording import clean
 from vramtop.report.numbers import pct
-from vramtop_agent.schema import BLOCK_KEYS
-from vramtop_agent.vocabulary import fmt_bytes
+from vramtop_agent.vocabulary import BLOCK_KEYS, fmt_bytes, is_number
 
 
 def fmt_offset(seconds: float | None) -> str:
-    if not isinstance(seconds, (int, float)) or seconds != seconds or abs(seconds) > 1e12:
+    if not is_number(seconds) or abs(seconds) > 1e12:
         return "-"
     seconds = max(float(seconds), 0.0)
     h, rem = divmod(int(seconds), 3600)
