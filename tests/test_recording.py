@@ -58,6 +58,28 @@ def test_real_recording_has_every_table_and_reads_back():
     rec.close()
 
 
+def test_every_written_column_reads_back_the_device_too(tmp_path):
+    """The writer's tables and the reader's column lists come from one declaration
+    (vramtop_agent.recording_tables): a column written is a column read (the reader once missed `device`)."""
+    from vramtop.recording import SAMPLE_COLUMNS, STEP_COLUMNS
+
+    path = str(tmp_path / "device.vramtop")
+    rec = Recorder(path)
+    rec.send(fake_msg("sample", 1000.0, device="cuda:1"))
+    rec.send(fake_msg("step", 1000.5, step=3))
+    rec.close()
+    with Recording.open(path) as r:
+        [row] = r.sample_rows()
+        assert dict(zip(SAMPLE_COLUMNS, row))["device"] == "cuda:1"
+        [step] = r.step_rows()
+        assert dict(zip(STEP_COLUMNS, step))["step"] == 3
+    db = sqlite3.connect(path)
+    for table, read in (("samples", SAMPLE_COLUMNS), ("steps", STEP_COLUMNS)):
+        written = [c[1] for c in db.execute(f"PRAGMA table_info({table})") if c[1] != "msg"]
+        assert list(read) == written
+    db.close()
+
+
 def test_closed_recording_is_one_file():
     path = real_recording()
     assert not os.path.exists(path + "-wal") or os.path.getsize(path + "-wal") == 0

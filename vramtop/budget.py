@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 
 from vramtop.errors import UserError
-from vramtop_agent.schema import BLOCK_KEYS
+from vramtop_agent.vocabulary import BLOCK_KEYS
 
 EXIT_OVER_BUDGET = 3
 EXIT_NOTHING_MEASURED = 4

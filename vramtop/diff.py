@@ -16,7 +16,7 @@ import statistics
 from collections import Counter
 
 from vramtop.errors import UserError
-from vramtop_agent.schema import BLOCK_KEYS, PHASES
+from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
 
 WARMUP_STEPS = 3
 # A difference smaller than this (and than 1 % of the larger value) is noise, not a change.

@@ -38,7 +38,7 @@ import threading
 import time
 
 from vramtop.job_state import JobState
-from vramtop_agent.schema import BLOCK_KEYS, PHASES
+from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
 
 FORGET_AFTER_S = 300.0  # a member silent this long is dropped from the export
 _LABELS = ("node", "rank", "local_rank", "world_size", "pid", "device")
@@ -107,102 +107,45 @@ class MetricsExporter:
         return []  # no metadata up front: collect() is the only source of truth
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        fams: dict[str, object] = {}
-
-        def gauge(name, doc, extra=()):
-            if name not in fams:
-                fams[name] = GaugeMetricFamily(name, doc, labels=[*_LABELS, *extra])
-            return fams[name]
-
-        def counter(name, doc):
-            if name not in fams:
-                fams[name] = CounterMetricFamily(name, doc, labels=list(_LABELS))
-            return fams[name]
-
+        fams = _Families()
         with self.lock:
             for key in self.job.keys():
                 st = self.job.members[key]
                 h, s = st.hello or {}, st.sample or {}
-                info = self.job.infos.get(key) or {}
                 if not s and not h:
                     continue
-                labels = [
-                    self.job.node(key),
-                    str(self.job.rank(key)),
-                    str(h.get("local_rank", info.get("local_rank", ""))),
-                    str(h.get("world_size", info.get("world_size", ""))),
-                    str(self.job.pid(key) or ""),
-                    str(s.get("device") or h.get("device") or ""),
-                ]
-                gauge("vramtop_up", "1 while the agent's stream is live").add_metric(
-                    labels, 1.0 if st.connection() == "live" else 0.0)
-                if st.last_frame_at is not None:
-                    gauge("vramtop_last_frame_age_seconds", "seconds since the last frame from the agent").add_metric(
-                        labels, max(st.clock() - st.last_frame_at, 0.0))
-                if s:
-                    g = gauge("vramtop_block_bytes", "live bytes per block", ("block",))
-                    for b in BLOCK_KEYS:
-                        g.add_metric([*labels, b], float(s["blocks"].get(b, 0)))
-                    g = gauge("vramtop_params_bytes", "parameter bytes by kind", ("kind",))
-                    for kind, v in (s.get("params_split") or {}).items():
-                        if v is not None:
-                            g.add_metric([*labels, kind], float(v))
-                    gauge("vramtop_step", "the current step").add_metric(labels, float(s.get("step", 0)))
-                    cuda = s.get("cuda") or {}
-                    if cuda:
-                        g = gauge("vramtop_allocator_bytes", "CUDA caching allocator", ("kind",))
-                        for kind in ("allocated", "reserved", "active", "inactive_split", "peak_allocated",
-                                     "peak_reserved"):
-                            if cuda.get(kind) is not None:
-                                g.add_metric([*labels, kind], float(cuda[kind]))
-                        if cuda.get("reserved") is not None and cuda.get("allocated") is not None:
-                            gauge("vramtop_fragmentation_bytes", "reserved - allocated: cache and fragmentation"
-                                  ).add_metric(labels, float(max(cuda["reserved"] - cuda["allocated"], 0)))
-                        if cuda.get("alloc_retries") is not None:
-                            counter("vramtop_alloc_retries", "allocator retries (cudaMalloc failed, cache flushed)"
-                                    ).add_metric(labels, float(cuda["alloc_retries"]))
-                        if cuda.get("ooms") is not None:
-                            counter("vramtop_ooms", "CUDA out-of-memory errors").add_metric(labels, float(cuda["ooms"]))
-                    nv = s.get("nvml") or {}
-                    if nv:
-                        g = gauge("vramtop_nvml_bytes", "NVML device memory", ("kind",))
-                        for kind in ("total", "used", "process_used"):
-                            if nv.get(kind) is not None:
-                                g.add_metric([*labels, kind], float(nv[kind]))
-                    host = s.get("host") or {}
-                    if host.get("rss") is not None:
-                        gauge("vramtop_process_rss_bytes", "resident set size of the process").add_metric(
-                            labels, float(host["rss"]))
-                    counter("vramtop_dropped_frames", "frames the agent could not queue").add_metric(
-                        labels, float(s.get("dropped", 0)))
-                    counter("vramtop_agent_errors", "exceptions caught inside the agent").add_metric(
-                        labels, float(s.get("errors", 0)))
-                if s:
-                    _creep_metrics(st, labels, gauge)
-                total = st.device_total()
-                if total:
-                    gauge("vramtop_device_total_bytes", "the device's memory (host RAM on CPU)").add_metric(
-                        labels, float(total))
-                counter("vramtop_missed_events", "events lost between the agent and this exporter").add_metric(
-                    labels, float(st.missed_events))
-                last = st.last_step()
-                if last is not None:
-                    if last.get("step_time") is not None:
-                        gauge("vramtop_step_time_seconds", "the last step's time").add_metric(
-                            labels, float(last["step_time"]))
-                    gauge("vramtop_step_peak_bytes", "the last step's peak").add_metric(labels, float(last["peak"]))
-                    g = gauge("vramtop_phase_peak_bytes", "the last step's peak per phase", ("phase",))
-                    for p in PHASES:
-                        if last["peaks"].get(p) is not None:
-                            g.add_metric([*labels, p], float(last["peaks"][p]))
-                    g = gauge("vramtop_step_peak_block_bytes", "the blocks at the last step's peak", ("block",))
-                    for b in BLOCK_KEYS:
-                        g.add_metric([*labels, b], float(last["peak_blocks"].get(b, 0)))
-                    gauge("vramtop_backward_spike_bytes", "backward peak above the end-of-forward level").add_metric(
-                        labels, float(last["backward_spike"]))
+                self._member_metrics(fams, key, st, h, s)
         yield from fams.values()
+
+    def _member_metrics(self, fams: "_Families", key, st, h: dict, s: dict) -> None:
+        """One member's series, in the order the families first appear in the exposition."""
+        gauge, counter = fams.gauge, fams.counter
+        info = self.job.infos.get(key) or {}
+        labels = [
+            self.job.node(key),
+            str(self.job.rank(key)),
+            str(h.get("local_rank", info.get("local_rank", ""))),
+            str(h.get("world_size", info.get("world_size", ""))),
+            str(self.job.pid(key) or ""),
+            str(s.get("device") or h.get("device") or ""),
+        ]
+        gauge("vramtop_up", "1 while the agent's stream is live").add_metric(
+            labels, 1.0 if st.connection() == "live" else 0.0)
+        if st.last_frame_at is not None:
+            gauge("vramtop_last_frame_age_seconds", "seconds since the last frame from the agent").add_metric(
+                labels, max(st.clock() - st.last_frame_at, 0.0))
+        if s:
+            _sample_metrics(fams, labels, s)
+            _creep_metrics(st, labels, gauge)
+        total = st.device_total()
+        if total:
+            gauge("vramtop_device_total_bytes", "the device's memory (host RAM on CPU)").add_metric(
+                labels, float(total))
+        counter("vramtop_missed_events", "events lost between the agent and this exporter").add_metric(
+            labels, float(st.missed_events))
+        last = st.last_step()
+        if last is not None:
+            _step_metrics(fams, labels, last)
 
     # ------------------------------------------------------------------ serving
 
@@ -249,3 +192,83 @@ def _creep_metrics(st, labels: list, gauge) -> None:
         if c is not None and c.steps_to_full is not None:
             gauge("vramtop_creep_steps_to_full", "steps until a creeping series fills its device (or host RAM)",
                   ("series",)).add_metric([*labels, series], float(c.steps_to_full))
+
+
+class _Families(dict):
+    """The metric families of one scrape, created on first use (name -> family)."""
+
+    def gauge(self, name, doc, extra=()):
+        from prometheus_client.core import GaugeMetricFamily
+
+        if name not in self:
+            self[name] = GaugeMetricFamily(name, doc, labels=[*_LABELS, *extra])
+        return self[name]
+
+    def counter(self, name, doc):
+        from prometheus_client.core import CounterMetricFamily
+
+        if name not in self:
+            self[name] = CounterMetricFamily(name, doc, labels=list(_LABELS))
+        return self[name]
+
+
+def _sample_metrics(fams: _Families, labels: list[str], s: dict) -> None:
+    """The latest sample: blocks, parameter kinds, step, allocator, NVML, RSS and the agent's own counters."""
+    gauge, counter = fams.gauge, fams.counter
+    g = gauge("vramtop_block_bytes", "live bytes per block", ("block",))
+    for b in BLOCK_KEYS:
+        g.add_metric([*labels, b], float(s["blocks"].get(b, 0)))
+    g = gauge("vramtop_params_bytes", "parameter bytes by kind", ("kind",))
+    for kind, v in (s.get("params_split") or {}).items():
+        if v is not None:
+            g.add_metric([*labels, kind], float(v))
+    gauge("vramtop_step", "the current step").add_metric(labels, float(s.get("step", 0)))
+    cuda = s.get("cuda") or {}
+    if cuda:
+        _allocator_metrics(fams, labels, cuda)
+    nv = s.get("nvml") or {}
+    if nv:
+        g = gauge("vramtop_nvml_bytes", "NVML device memory", ("kind",))
+        for kind in ("total", "used", "process_used"):
+            if nv.get(kind) is not None:
+                g.add_metric([*labels, kind], float(nv[kind]))
+    host = s.get("host") or {}
+    if host.get("rss") is not None:
+        gauge("vramtop_process_rss_bytes", "resident set size of the process").add_metric(
+            labels, float(host["rss"]))
+    counter("vramtop_dropped_frames", "frames the agent could not queue").add_metric(
+        labels, float(s.get("dropped", 0)))
+    counter("vramtop_agent_errors", "exceptions caught inside the agent").add_metric(
+        labels, float(s.get("errors", 0)))
+
+
+def _allocator_metrics(fams: _Families, labels: list[str], cuda: dict) -> None:
+    g = fams.gauge("vramtop_allocator_bytes", "CUDA caching allocator", ("kind",))
+    for kind in ("allocated", "reserved", "active", "inactive_split", "peak_allocated", "peak_reserved"):
+        if cuda.get(kind) is not None:
+            g.add_metric([*labels, kind], float(cuda[kind]))
+    if cuda.get("reserved") is not None and cuda.get("allocated") is not None:
+        fams.gauge("vramtop_fragmentation_bytes", "reserved - allocated: cache and fragmentation"
+                   ).add_metric(labels, float(max(cuda["reserved"] - cuda["allocated"], 0)))
+    if cuda.get("alloc_retries") is not None:
+        fams.counter("vramtop_alloc_retries", "allocator retries (cudaMalloc failed, cache flushed)"
+                     ).add_metric(labels, float(cuda["alloc_retries"]))
+    if cuda.get("ooms") is not None:
+        fams.counter("vramtop_ooms", "CUDA out-of-memory errors").add_metric(labels, float(cuda["ooms"]))
+
+
+def _step_metrics(fams: _Families, labels: list[str], last: dict) -> None:
+    """The last finished step: time, peak, each phase's peak, the blocks at the peak."""
+    gauge = fams.gauge
+    if last.get("step_time") is not None:
+        gauge("vramtop_step_time_seconds", "the last step's time").add_metric(labels, float(last["step_time"]))
+    gauge("vramtop_step_peak_bytes", "the last step's peak").add_metric(labels, float(last["peak"]))
+    g = gauge("vramtop_phase_peak_bytes", "the last step's peak per phase", ("phase",))
+    for p in PHASES:
+        if last["peaks"].get(p) is not None:
+            g.add_metric([*labels, p], float(last["peaks"][p]))
+    g = gauge("vramtop_step_peak_block_bytes", "the blocks at the last step's peak", ("block",))
+    for b in BLOCK_KEYS:
+        g.add_metric([*labels, b], float(last["peak_blocks"].get(b, 0)))
+    gauge("vramtop_backward_spike_bytes", "backward peak above the end-of-forward level").add_metric(
+        labels, float(last["backward_spike"]))

@@ -25,57 +25,44 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 from urllib.parse import quote
 
-import msgpack
-
 from vramtop.errors import UserError
 from vramtop_agent.recorder import FORMAT_NAME, RECORDING_SCHEMA_VERSION, SQLITE_MAGIC
-from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION, SchemaError, validate
+from vramtop_agent import recording_tables
+from vramtop_agent.recording_tables import column_types, columns
+from vramtop_agent.schema import SCHEMA_VERSION, SchemaError, unpack, validate
+from vramtop_agent.vocabulary import BLOCK_KEYS, is_number
 
 MAX_BLOB_BYTES = 64 * 1024 * 1024
 # What a damaged file can make the sqlite3 module raise: its own errors, undecodable text (also in
 # SQLite's error messages), and absurd sizes.
 DB_ERRORS = (sqlite3.Error, UnicodeDecodeError, ValueError, OverflowError, MemoryError)
-TABLES = ("meta", "sessions", "samples", "steps", "events", "allocator_snapshots")
+TABLES = tuple(recording_tables.TABLES)
 
-SAMPLE_COLUMNS = ("id", "rseq", "session", "t", "seq", "step", "phase", *BLOCK_KEYS, "total", "allocated",
-                  "reserved", "rss")
-STEP_COLUMNS = ("id", "rseq", "session", "t", "step", "step_time", "micro_steps", "batch", "seq_len",
-                "forward_peak", "backward_peak", "optimizer_peak", "peak", "peak_phase", "end_of_forward",
-                "backward_spike", *[f"peak_{k}" for k in BLOCK_KEYS])
-
-
-_REAL = {"t", "step_time", "start_time", "first_t", "last_t"}
-_TEXT = {"phase", "peak_phase", "host", "cmdline", "device", "device_name", "model_class", "type", "format"}
-_BLOB = {"msg", "hello", "data"}
+# The column lists come from the writer's declaration (vramtop_agent.recording_tables); the message BLOB
+# is read with samples() / steps(), not with the row tuples.
+SAMPLE_COLUMNS = tuple(c for c in columns("samples") if c != "msg")
+STEP_COLUMNS = tuple(c for c in columns("steps") if c != "msg")
+SESSION_COLUMNS = columns("sessions")
+_TYPES = column_types()
 
 
 def _sel(*cols: str) -> str:
     """Column list with types enforced by SQLite (the file may hold anything in any column)."""
     out = []
     for c in cols:
-        if c in _BLOB:
+        kind = _TYPES[c]
+        if kind == "BLOB":
             out.append(c)
         elif c == "t":
             out.append("coalesce(CAST(t AS REAL), 0.0)")
-        elif c in _REAL:
-            out.append(f"CAST({c} AS REAL)")
-        elif c in _TEXT:
-            out.append(f"CAST({c} AS TEXT)")
         else:
-            out.append(f"CAST({c} AS INTEGER)")
+            out.append(f"CAST({c} AS {kind})")
     return ", ".join(out)
 
 
-class _Refused(Exception):
-    pass
-
-
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise _Refused(f"msgpack extension type {code}")
-
-
 def unpack_blob(blob: Any) -> Any:
-    """msgpack only: no extension types, no pickle, bounded size. Raises ValueError."""
+    """msgpack only (the wire schema's strict decoder: no extension types), no pickle, bounded size.
+    Raises ValueError."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ValueError("not a BLOB")
     blob = bytes(blob)
@@ -84,11 +71,9 @@ def unpack_blob(blob: Any) -> Any:
     if blob[:1] == b"\x80" and len(blob) > 2 and blob[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise ValueError("a pickle, not msgpack (refused)")
     try:
-        return msgpack.unpackb(blob, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-    except _Refused as exc:
+        return unpack(blob)
+    except SchemaError as exc:
         raise ValueError(str(exc)) from None
-    except Exception as exc:
-        raise ValueError(f"not msgpack ({type(exc).__name__})") from None
 
 
 @dataclass
@@ -315,13 +300,10 @@ class Recording:
 
     def sessions(self) -> list[Session]:
         out = []
-        for row in self._query(
-                "SELECT " + _sel("id", "pid", "rank", "host", "cmdline", "device", "device_name", "device_total",
-                                 "model_class", "params_total", "params_trainable", "start_time", "first_t", "last_t",
-                                 "hello") + " FROM sessions ORDER BY id"):
-            s = Session(*row[:14])
-            if row[14] is not None:
-                s.hello = self._decode(row[14], "session hello")
+        for row in self._query(f"SELECT {_sel(*SESSION_COLUMNS)} FROM sessions ORDER BY id"):
+            s = Session(**dict(zip(SESSION_COLUMNS, row)))
+            if s.hello is not None:
+                s.hello = self._decode(s.hello, "session hello")
             out.append(s)
         return out
 
@@ -612,10 +594,7 @@ def open_recording(path: str) -> Recording:
 
 
 def _f(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if x == x and abs(x) != float("inf") else None
+    return float(x) if is_number(x) else None
 
 
 def _text(b: bytes) -> str:

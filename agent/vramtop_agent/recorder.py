@@ -41,6 +41,7 @@ from typing import Any
 import msgpack
 
 from vramtop_agent.creep import CreepWatch
+from vramtop_agent.recording_tables import create_statements, insert_sql
 from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION
 
 FORMAT_NAME = "vramtop-recording"
@@ -55,102 +56,13 @@ COMPATIBLE_VERSION = 1
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    id               INTEGER PRIMARY KEY,
-    pid              INTEGER NOT NULL,
-    rank             INTEGER NOT NULL,
-    host             TEXT,
-    cmdline          TEXT,
-    device           TEXT,
-    device_name      TEXT,
-    device_total     INTEGER,
-    model_class      TEXT,
-    params_total     INTEGER,
-    params_trainable INTEGER,
-    start_time       REAL,
-    first_t          REAL,
-    last_t           REAL,
-    hello            BLOB
-);
-CREATE TABLE IF NOT EXISTS samples (
-    id          INTEGER PRIMARY KEY,
-    rseq        INTEGER NOT NULL,
-    session     INTEGER NOT NULL,
-    t           REAL NOT NULL,
-    seq         INTEGER,
-    step        INTEGER,
-    phase       TEXT,
-    device      TEXT,
-    parameters  INTEGER,
-    gradients   INTEGER,
-    optimizer   INTEGER,
-    activations INTEGER,
-    other       INTEGER,
-    total       INTEGER,
-    allocated   INTEGER,
-    reserved    INTEGER,
-    rss         INTEGER,
-    msg         BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS samples_t ON samples (t);
-CREATE INDEX IF NOT EXISTS samples_step ON samples (step);
-CREATE INDEX IF NOT EXISTS samples_total ON samples (total DESC, t);
-CREATE TABLE IF NOT EXISTS steps (
-    id               INTEGER PRIMARY KEY,
-    rseq             INTEGER NOT NULL,
-    session          INTEGER NOT NULL,
-    t                REAL NOT NULL,
-    step             INTEGER,
-    step_time        REAL,
-    micro_steps      INTEGER,
-    batch            INTEGER,
-    seq_len          INTEGER,
-    forward_peak     INTEGER,
-    backward_peak    INTEGER,
-    optimizer_peak   INTEGER,
-    peak             INTEGER,
-    peak_phase       TEXT,
-    end_of_forward   INTEGER,
-    backward_spike   INTEGER,
-    peak_parameters  INTEGER,
-    peak_gradients   INTEGER,
-    peak_optimizer   INTEGER,
-    peak_activations INTEGER,
-    peak_other       INTEGER,
-    msg              BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS steps_t ON steps (t);
-CREATE INDEX IF NOT EXISTS steps_step ON steps (step);
-CREATE INDEX IF NOT EXISTS steps_peak ON steps (peak DESC, t);
-CREATE TABLE IF NOT EXISTS events (
-    id      INTEGER PRIMARY KEY,
-    rseq    INTEGER NOT NULL,
-    session INTEGER NOT NULL,
-    t       REAL NOT NULL,
-    type    TEXT NOT NULL,
-    eseq    INTEGER,
-    step    INTEGER,
-    phase   TEXT,
-    msg     BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_t ON events (t);
-CREATE INDEX IF NOT EXISTS events_type ON events (type);
-CREATE INDEX IF NOT EXISTS events_step ON events (step);
-CREATE TABLE IF NOT EXISTS allocator_snapshots (
-    id      INTEGER PRIMARY KEY,
-    session INTEGER NOT NULL,
-    t       REAL NOT NULL,
-    event   INTEGER,
-    step    INTEGER,
-    format  TEXT NOT NULL,
-    data    BLOB NOT NULL
-);
-"""
+
+# The row tuples of _sample_row, _step_row and _event_row follow these columns (recording_tables.TABLES).
+_INSERT_SAMPLE = insert_sql("samples")
+_INSERT_STEP = insert_sql("steps")
+_INSERT_EVENT = insert_sql("events")
+_INSERT_SNAPSHOT = insert_sql("allocator_snapshots")
+_INSERT_SESSION = insert_sql("sessions", ("pid", "rank", "start_time", "first_t", "last_t"))
 
 SEGMENTS_FORMAT = "vramtop-segments/1"  # msgpack list of segment maps, see docs/recording-format.md
 
@@ -338,9 +250,8 @@ class Recorder:
                 compat = 1 << 30
             if compat > RECORDING_SCHEMA_VERSION:
                 raise RecorderError(f"{self.path} was written by a newer vramtop (format {compat}); not appending")
-        for stmt in SCHEMA_SQL.split(";"):
-            if stmt.strip():
-                db.execute(stmt)
+        for stmt in create_statements():
+            db.execute(stmt)
         now = repr(time.time())
         defaults = {
             "format": FORMAT_NAME,
@@ -550,31 +461,21 @@ class Recorder:
                 self.unwritable += 1  # a message msgpack cannot carry: skip it, keep the batch
                 self.dropped += 1
         if samples:
-            db.executemany(
-                "INSERT INTO samples (rseq, session, t, seq, step, phase, device, parameters, gradients, optimizer,"
-                " activations, other, total, allocated, reserved, rss, msg)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", samples)
+            db.executemany(_INSERT_SAMPLE, samples)
         if steps:
-            db.executemany(
-                "INSERT INTO steps (rseq, session, t, step, step_time, micro_steps, batch, seq_len, forward_peak,"
-                " backward_peak, optimizer_peak, peak, peak_phase, end_of_forward, backward_spike, peak_parameters,"
-                " peak_gradients, peak_optimizer, peak_activations, peak_other, msg)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", steps)
+            db.executemany(_INSERT_STEP, steps)
         if events:
             if snapshots:
                 for i, row in enumerate(events):
-                    cur = db.execute("INSERT INTO events (rseq, session, t, type, eseq, step, phase, msg)"
-                                     " VALUES (?,?,?,?,?,?,?,?)", row)
+                    cur = db.execute(_INSERT_EVENT, row)
                     for idx, msg in snapshots:
                         if idx == i:
                             db.execute(
-                                "INSERT INTO allocator_snapshots (session, t, event, step, format, data)"
-                                " VALUES (?,?,?,?,?,?)",
+                                _INSERT_SNAPSHOT,
                                 (row[1], row[2], cur.lastrowid, _int(msg.get("step")), SEGMENTS_FORMAT,
                                  msg["packed"]))
             else:
-                db.executemany("INSERT INTO events (rseq, session, t, type, eseq, step, phase, msg)"
-                               " VALUES (?,?,?,?,?,?,?,?)", events)
+                db.executemany(_INSERT_EVENT, events)
         for sid, t in last_t.items():
             db.execute("UPDATE sessions SET last_t = max(coalesce(last_t, 0), ?) WHERE id = ?", (t, sid))
         return len(samples) + len(steps) + len(events)
@@ -592,7 +493,7 @@ class Recorder:
         if entry is None:
             start = _num(msg.get("start_time")) if msg.get("type") == "hello" else None
             t = _num(msg.get("t"))
-            cur = db.execute("INSERT INTO sessions (pid, rank, start_time, first_t, last_t) VALUES (?,?,?,?,?)",
+            cur = db.execute(_INSERT_SESSION,
                              (pid, rank, start, t, t))
             # [id, start_time, hello signature, created in the open transaction]
             entry = [cur.lastrowid, start, None, True]

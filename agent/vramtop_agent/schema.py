@@ -167,15 +167,18 @@ def _body(frame: bytes, max_bytes: int) -> tuple[bytes, Any]:
     topic, body = frame[:1], frame[1:]
     if topic not in (TOPIC_SAMPLE, TOPIC_EVENT):
         raise SchemaError(f"unknown topic {topic!r}")
+    return topic, unpack(body)
+
+
+def unpack(body: bytes) -> Any:
+    """The one strict msgpack decoder (frames here, recording BLOBs in vramtop.recording): str keys,
+    no extension types (their hooks are how deserialisers get tricked). Raises SchemaError."""
     try:
-        # ext types refused: msgpack extension hooks are how deserialisers get tricked.
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=True,
-                              ext_hook=_refuse_ext)
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
     except SchemaError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise SchemaError(f"not msgpack: {type(exc).__name__}") from None
-    return topic, msg
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:

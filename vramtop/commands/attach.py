@@ -21,14 +21,16 @@ import concurrent.futures
 import re
 
 from vramtop import alerts
+from vramtop.commands.common import (add_curve_keys, add_refresh, add_remote_vramtop, add_verb, check_curve_keys,
+                                     check_refresh, refuse_remote_vramtop)
 from vramtop.errors import UserError
 
 _ENDPOINT = re.compile(r"^(tcp|ipc)://")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "attach",
+    p = add_verb(
+        sub, "attach", run,
         help="open the live dashboard of a training process (or of every rank of a job)",
         description="Attach to vramtop agents. With no TARGET, find the agents running on this machine: attach to "
         "the only one, show every rank of a multi-process job, let you pick among unrelated agents, or show the "
@@ -39,27 +41,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(user@host, ssh://user@host:port, an ssh config alias)")
     p.add_argument("--hosts", metavar="FILE", help="a file of hosts, one per line (# comments)")
     p.add_argument("--all", action="store_true", help="show every agent found as one job view")
-    p.add_argument("--remote-vramtop", metavar="CMD", default=None,
-                   help="how to run vramtop on the hosts (default: vramtop, else python3 -m vramtop; "
-                   "or set VRAMTOP_REMOTE_VRAMTOP)")
+    add_remote_vramtop(p, "the hosts")
     p.add_argument("--no-inject", action="store_true",
                    help="never inject the agent into a process started without vramtop (NVML view only)")
     p.add_argument("--yes", "-y", action="store_true",
                    help="inject the agent into a process started without vramtop without asking (docs/attach.md)")
-    p.add_argument("--refresh", type=float, default=4.0, metavar="HZ", help="screen refreshes per second (default 4)")
-    p.add_argument("--server-key", metavar="FILE", default=None,
-                   help="with a PID or ENDPOINT: the agent's CURVE public key file (NAME.key), for an agent that "
-                   "encrypts its stream (watch(curve_secret_key=...)); see docs/security.md")
-    p.add_argument("--client-key", metavar="FILE", default=None,
-                   help="with --server-key: this viewer's CURVE secret key file (NAME.key_secret, mode 0600), for "
-                   "an agent that admits only listed viewers (watch(curve_client_keys=...))")
+    add_refresh(p, "screen")
+    add_curve_keys(p, server_help="with a PID or ENDPOINT: the agent's CURVE public key file (NAME.key), for an "
+                   "agent that encrypts its stream (watch(curve_secret_key=...)); see docs/security.md",
+                   client_help="with --server-key: this viewer's CURVE secret key file (NAME.key_secret, mode "
+                   "0600), for an agent that admits only listed viewers (watch(curve_client_keys=...))")
     alerts.add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.refresh <= 0 or args.refresh > 60:
-        raise UserError("--refresh must be between 0 and 60 Hz")
+    check_refresh(args)
     targets = list(args.targets or [])
     local = [t for t in targets if t.isdigit() or _ENDPOINT.match(t)]
     hosts = [t for t in targets if t not in local]
@@ -74,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("give either one PID/ENDPOINT or hosts, not both")
         return attach_hosts(hosts, all_agents=args.all, remote_vramtop=args.remote_vramtop, refresh_hz=args.refresh,
                             inject=not args.no_inject, yes=args.yes)
-    if args.remote_vramtop:
-        raise UserError("--remote-vramtop needs a HOST")
+    refuse_remote_vramtop(args)
     if len(targets) > 1:
         raise UserError("give one PID or ENDPOINT (several targets are for hosts)")
     if targets and targets[0].isdigit() and not args.no_inject and not (args.server_key or args.client_key):
@@ -96,8 +91,7 @@ def attach(target: str | None, refresh_hz: float = 4.0, server_key: str | None =
     from vramtop.sources import LiveSource
     from vramtop.tui.app import VramtopApp
 
-    if client_key and not server_key:
-        raise UserError("--client-key needs --server-key (the agent's public key)")
+    check_curve_keys(server_key, client_key)
     if server_key:
         from vramtop_agent import curve
 

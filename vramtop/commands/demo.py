@@ -8,14 +8,15 @@ import subprocess
 import sys
 import tempfile
 
+from vramtop.commands.common import add_verb
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a tiny LoRA fine-tune and watch it live",
-                       description="Starts a small Llama (random weights, PEFT LoRA on q/v, AdamW) training in a "
-                       "subprocess with the agent inside, and attaches the dashboard to it. Needs torch, "
-                       "transformers and peft.")
+    p = add_verb(sub, "demo", run, help="run a tiny LoRA fine-tune and watch it live",
+                 description="Starts a small Llama (random weights, PEFT LoRA on q/v, AdamW) training in a "
+                 "subprocess with the agent inside, and attaches the dashboard to it. Needs torch, "
+                 "transformers and peft.")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (default: until you quit)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -25,7 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tui", action="store_true", help="only run the job and print its progress")
     p.add_argument("--screenshot", metavar="SVG", help="save the dashboard as SVG after --after seconds, then quit")
     p.add_argument("--after", type=float, default=12.0, help="seconds before --screenshot is taken")
-    p.set_defaults(func=run)
 
 
 def _check_deps() -> None:

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 
+from vramtop.commands.common import add_verb
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "detach",
+    p = add_verb(
+        sub, "detach", run,
         help="stop an agent that `vramtop attach PID` injected, removing its hooks",
         description="Stop the vramtop agent injected into process PID by `vramtop attach PID` or "
         "`vramtop record PID`: its hooks are removed and its socket closed; the job runs on as before.",
     )
     p.add_argument("pid", type=int, help="the process id of the job")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

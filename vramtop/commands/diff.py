@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 
+from vramtop.commands.common import add_verb
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "diff",
+    p = add_verb(
+        sub, "diff", run,
         help="compare two recordings: per block and phase, peak and steady state, with the likely cause",
         description="Compare two recordings (or two sessions of one: run.vramtop#2): each block at the step's "
         "peak, each phase's peak and the step peak, as peak and steady state (median after warm-up), the "
@@ -19,7 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("a", metavar="A", help="a recording, optionally FILE#SESSION")
     p.add_argument("b", metavar="B", help="the recording to compare with A")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON (bytes)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 
 from vramtop import budget
+from vramtop.commands.common import add_verb
 from vramtop.errors import UserError
 
 # Seed 001's Llama-2-7B table (batch 1, gradient checkpointing on), in GB as the article prints them.
@@ -20,8 +20,8 @@ ARTICLE_LLAMA2_7B = [
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "estimate",
+    p = add_verb(
+        sub, "estimate", run,
         help="predict a training run's memory (parameters, gradients, optimizer, activations, peak)",
         description="Predict the GPU memory of one training step, block by block, and what nvidia-smi will show. "
                     "Any model transformers can build is run on a 'meta' device (shapes only, no memory, no download) "
@@ -31,6 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="a preset (llama-2-7b, llama-3-8b, llama-3-70b, qwen2.5-7b, mistral-7b, gpt2), a config.json "
                         "or model directory, or a Hugging Face id (org/name) whose config.json is in the local cache")
+    _add_method_options(p)
+    _add_step_options(p)
+    _add_parallel_options(p)
+    _add_output_options(p)
+    budget.add_arguments(p)
+    # "--gpu -5GiB" should reach the size parser (and get a reason), not be taken for an option.
+    p._negative_number_matcher = re.compile(r"^-\d")
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """LoRA / QLoRA and the weights' dtypes."""
     p.add_argument("--method", choices=("full", "lora", "qlora"), default="full",
                    help="full fine-tuning, LoRA adapters on a 16-bit model, or LoRA on a 4-bit model (QLoRA)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
@@ -54,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     mw.add_argument("--master-weights", dest="master_weights", action="store_const", const=True, default=None,
                     help="keep an fp32 copy of 16-bit weights for the optimizer (default for full 16-bit training)")
     mw.add_argument("--no-master-weights", dest="master_weights", action="store_const", const=False)
+
+
+def _add_step_options(p: argparse.ArgumentParser) -> None:
+    """The optimizer and one step's shape: batch, sequence, accumulation, checkpointing, attention."""
     p.add_argument("--optim", default="adamw", help="adamw, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, "
                                                      "sgd-momentum, adafactor")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size")
@@ -64,6 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attn", choices=("eager", "sdpa", "flash"), default="sdpa",
                    help="attention implementation (sdpa: PyTorch's fused kernels; eager: plain matmul + softmax)")
     p.add_argument("--logits-dtype", default="fp32", help="dtype of the logits the loss reads (default fp32)")
+
+
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    """Several GPUs, sharding and mixture-of-experts routing."""
     p.add_argument("--world-size", type=int, default=1, help="number of GPUs training together")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
                    help="split training state across the --world-size GPUs: 1 the optimizer states, 2 also the "
@@ -72,6 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--routing", choices=("balanced", "worst"), default="balanced",
                    help="mixture-of-experts models: tokens spread evenly over the experts (balanced) or "
                         "all on the top-k experts (worst)")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """How to estimate, for which card, and what to print."""
     p.add_argument("--engine", choices=("auto", "execute", "formula"), default="auto",
                    help="execute the model on the meta device, or use the built-in formula (auto: execute "
                         "when torch, transformers and peft are installed)")
@@ -82,10 +105,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vs-article", action="store_true",
                    help="Llama-2-7B only: print the estimate beside a published table of measured totals "
                         "(batch 1, checkpointing on)")
-    budget.add_arguments(p)
-    # "--gpu -5GiB" should reach the size parser (and get a reason), not be taken for an option.
-    p._negative_number_matcher = re.compile(r"^-\d")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,13 +18,14 @@ import json
 import sys
 from typing import IO
 
+from vramtop.commands.common import add_session, add_verb
 from vramtop.errors import UserError
-from vramtop_agent.schema import BLOCK_KEYS, PHASES
+from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
+    p = add_verb(
+        sub, "export", run,
         help="export a recording as CSV, JSON or a Perfetto / Chrome trace",
         description="Convert a recording for pandas, spreadsheets or ui.perfetto.dev.",
     )
@@ -32,8 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", "-f", choices=("csv", "json", "perfetto"), default="csv")
     p.add_argument("-o", "--output", default="-", help="output file (default: standard output)")
     p.add_argument("--what", choices=("samples", "steps"), default="samples", help="csv: which table (default samples)")
-    p.add_argument("--session", type=int, default=None, help="only this session")
-    p.set_defaults(func=run)
+    add_session(p, "only this session")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,19 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vramtop.commands.common import add_verb
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inject",
+    p = add_verb(
+        sub, "inject", run,
         help="start the agent inside a running PyTorch job started without vramtop (no dashboard)",
         description="Inject the vramtop agent into process PID (CPython 3.10+ with torch loaded) and print its "
         "endpoint; `vramtop attach PID` or `vramtop record PID` then reach it, `vramtop detach PID` stops it.",
     )
     p.add_argument("pid", type=int, help="the process id of the job")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask first")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

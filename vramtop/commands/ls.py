@@ -7,12 +7,13 @@ import json
 import sys
 import time
 
+from vramtop.commands.common import add_remote_vramtop, add_verb, refuse_remote_vramtop
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "ls",
+    p = add_verb(
+        sub, "ls", run,
         help="list the vramtop agents on this machine (or on HOST over ssh)",
         description="List the running vramtop agents: pid, rank, local rank, node, GPU, endpoint, age, command. "
         "With HOST (user@host, ssh://user@host:port or an ssh config alias) run `vramtop ls --json` there "
@@ -23,10 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plain", action="store_true",
                    help="list this machine's PyTorch processes that run no agent (what `vramtop attach` can "
                    "inject into; docs/attach.md)")
-    p.add_argument("--remote-vramtop", metavar="CMD", default=None,
-                   help="how to run vramtop on HOST (default: vramtop, else python3 -m vramtop; "
-                   "or set VRAMTOP_REMOTE_VRAMTOP)")
-    p.set_defaults(func=run)
+    add_remote_vramtop(p, "HOST")
 
 
 def local_agents() -> list[dict]:
@@ -99,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
         agents = remote_ls(host, args.remote_vramtop)
         where = str(host)
     else:
-        if args.remote_vramtop:
-            raise UserError("--remote-vramtop needs a HOST")
+        refuse_remote_vramtop(args)
         agents = local_agents()
         where = "this machine"
     if args.json:

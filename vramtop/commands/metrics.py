@@ -8,12 +8,13 @@ import sys
 import threading
 import time
 
+from vramtop.commands.common import add_verb
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "metrics",
+    p = add_verb(
+        sub, "metrics", run,
         help="serve the agents of this node as Prometheus metrics",
         description="Follow every vramtop agent on this machine (agents that start later too) and serve their "
         "blocks, phase peaks and allocator/fragmentation numbers per rank at http://BIND:PORT/metrics in "
@@ -26,7 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true",
                    help="print the metrics once (after --wait seconds of listening) instead of serving them")
     p.add_argument("--wait", type=float, default=2.0, metavar="S", help="with --once: seconds to listen first")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

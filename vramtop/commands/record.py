@@ -15,12 +15,13 @@ import sys
 import time
 
 from vramtop import alerts
+from vramtop.commands.common import add_curve_keys, add_verb, check_curve_keys
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "record",
+    p = add_verb(
+        sub, "record", run,
         help="record a training process's memory stream to a file",
         description="Subscribe to a vramtop agent and write everything it sends to a recording "
         "(SQLite, see docs/recording-format.md). With no TARGET, record the only agent running on this machine. "
@@ -37,12 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="never inject the agent into a process started without vramtop: wait for one instead")
     p.add_argument("--yes", "-y", action="store_true",
                    help="inject the agent into a process started without vramtop without asking (docs/attach.md)")
-    p.add_argument("--server-key", metavar="FILE", default=None,
-                   help="the agent's CURVE public key, when it encrypts its stream (see docs/security.md)")
-    p.add_argument("--client-key", metavar="FILE", default=None,
-                   help="with --server-key: this recorder's CURVE secret key file, for an agent that lists its viewers")
+    add_curve_keys(p, server_help="the agent's CURVE public key, when it encrypts its stream (see docs/security.md)",
+                   client_help="with --server-key: this recorder's CURVE secret key file, for an agent that lists "
+                   "its viewers")
     alerts.add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def StreamReader(endpoint: str, **curve):
@@ -116,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     output = args.output or default_name(pid)
-    if args.client_key and not args.server_key:
-        raise UserError("--client-key needs --server-key (the agent's public key)")
+    check_curve_keys(args.server_key, args.client_key)
     curve = {"curve_server_key": args.server_key, "curve_client_key": args.client_key}
     monitor = alerts.from_args(args)
     return record(endpoint, output, pid=pid, duration=args.duration, stop_at_bye=not args.keep_going, say=say,
@@ -137,91 +135,128 @@ def record(endpoint: str, output: str, *, pid: int | None = None, duration: floa
         raise UserError(f"cannot record to {output}: {exc}") from None
     reader = StreamReader(endpoint, **(curve or {}))
     stop = {"why": None}
-
-    def _stop(signum, frame):
-        if stop["why"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting
-        stop["why"] = "interrupted" if signum == signal.SIGINT else "terminated"
-
-    # Signals set a flag instead of raising in the middle of a write: the loop ends within 200 ms.
-    old_handlers = {}
-    if install_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old_handlers[sig] = signal.signal(sig, _stop)
-            except ValueError:  # not the main thread
-                pass
-    counts = {"sample": 0, "step": 0, "event": 0}
+    old_handlers = _stop_on_signals(stop) if install_signals else {}
+    writer = _Writer(rec, say, monitor)
     started = time.monotonic()
     last_flush = started
     last_progress = 0.0
-    warned = False
-    pids_seen: set = set()
-    if monitor is not None:  # --on-alert: the viewer's model of the stream, for the thresholds
-        from vramtop.state import SessionState
-
-        state = SessionState()
     say(f"vramtop record: {endpoint} -> {output} (Ctrl-C to stop)")
     try:
         while stop["why"] is None:
             msgs = reader.poll(200)
-            for msg in msgs:
-                kind = msg.get("type")
-                counts["sample" if kind == "sample" else "step" if kind == "step" else "event"] += 1
-                pids_seen.add(msg.get("pid"))
-                try:
-                    rec.send(msg)
-                except RecorderError as exc:
-                    if not warned:
-                        say(f"vramtop record: {exc}")
-                        warned = True
-                if kind == "bye" and stop_at_bye:
-                    stop["why"] = f"agent said goodbye ({msg.get('reason')})"
-                if monitor is not None:
-                    try:
-                        state.apply(msg)
-                    except Exception:  # noqa: BLE001 - alerts are a bonus; the recording goes on
-                        pass
-            if monitor is not None and msgs:
-                monitor.update(state)
+            byes = writer.write(msgs)
+            if byes and stop_at_bye:
+                stop["why"] = f"agent said goodbye ({byes[-1].get('reason')})"
             if rec.disabled:
                 raise UserError(rec.last_failure or "recording failed")
             now = time.monotonic()
             if now - last_flush >= 0.25:
-                try:
-                    rec.flush()
-                except RecorderError as exc:
-                    if not warned:
-                        say(f"vramtop record: {exc}")
-                        warned = True
+                writer.flush()
                 last_flush = now
             if duration is not None and now - started >= duration:
                 stop["why"] = "duration reached"
             if pid is not None and not msgs and not pid_alive(pid):
                 stop["why"] = f"process {pid} exited"
             if now - last_progress >= 5.0 and sys.stderr.isatty():
-                say(f"vramtop record: {counts['sample']} samples, {counts['step']} steps")
+                say(f"vramtop record: {writer.counts['sample']} samples, {writer.counts['step']} steps")
                 last_progress = now
     except KeyboardInterrupt:
         stop["why"] = "interrupted"
     finally:
-        # Frames already queued in the socket belong in the file too.
-        try:
-            for msg in reader.poll(0):
-                rec.send(msg)
-        except Exception:
-            pass
+        _drain(reader, rec)
         reader.close()
         rec.close()
         if monitor is not None:
             monitor.wait()
-        for sig, handler in old_handlers.items():
-            try:
-                signal.signal(sig, handler)
-            except ValueError:
-                pass
+        _restore_signals(old_handlers)
+    counts = writer.counts
     say(f"vramtop record: {stop['why']}; wrote {counts['sample']} samples, {counts['step']} steps, "
         f"{counts['event']} events to {output}")
     if reader.rejected:
         say(f"vramtop record: {reader.rejected} frames rejected (last: {reader.last_rejection})")
     return 0
+
+
+class _Writer:
+    """What the record loop keeps between polls: the counts, the one warning about a failing
+    write, and (with --on-alert) the viewer's model of the stream for the alert thresholds."""
+
+    def __init__(self, rec, say, monitor=None):
+        self.rec, self.say, self.monitor = rec, say, monitor
+        self.counts = {"sample": 0, "step": 0, "event": 0}
+        self.warned = False
+        if monitor is not None:
+            from vramtop.state import SessionState
+
+            self.state = SessionState()
+
+    def write(self, msgs: list[dict]) -> list[dict]:
+        """Record msgs; returns the agents' goodbyes among them."""
+        from vramtop_agent.recorder import RecorderError
+
+        byes = []
+        for msg in msgs:
+            kind = msg.get("type")
+            self.counts["sample" if kind == "sample" else "step" if kind == "step" else "event"] += 1
+            try:
+                self.rec.send(msg)
+            except RecorderError as exc:
+                self._warn_once(exc)
+            if kind == "bye":
+                byes.append(msg)
+            if self.monitor is not None:
+                try:
+                    self.state.apply(msg)
+                except Exception:  # noqa: BLE001 - alerts are a bonus; the recording goes on
+                    pass
+        if self.monitor is not None and msgs:
+            self.monitor.update(self.state)
+        return byes
+
+    def flush(self) -> None:
+        from vramtop_agent.recorder import RecorderError
+
+        try:
+            self.rec.flush()
+        except RecorderError as exc:
+            self._warn_once(exc)
+
+    def _warn_once(self, exc: Exception) -> None:
+        if not self.warned:
+            self.say(f"vramtop record: {exc}")
+            self.warned = True
+
+
+def _stop_on_signals(stop: dict) -> dict:
+    """SIGINT/SIGTERM set stop["why"] instead of raising in the middle of a write: the loop ends
+    within 200 ms. A second Ctrl-C stops waiting. Returns the handlers to restore."""
+
+    def _stop(signum, frame):
+        if stop["why"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["why"] = "interrupted" if signum == signal.SIGINT else "terminated"
+
+    old_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[sig] = signal.signal(sig, _stop)
+        except ValueError:  # not the main thread
+            pass
+    return old_handlers
+
+
+def _restore_signals(old_handlers: dict) -> None:
+    for sig, handler in old_handlers.items():
+        try:
+            signal.signal(sig, handler)
+        except ValueError:
+            pass
+
+
+def _drain(reader, rec) -> None:
+    """Frames already queued in the socket belong in the file too."""
+    try:
+        for msg in reader.poll(0):
+            rec.send(msg)
+    except Exception:
+        pass

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vramtop.commands.common import add_session, add_verb
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "replay",
+    p = add_verb(
+        sub, "replay", run,
         help="replay a recording in the dashboard",
         description="Play a recording (vramtop record, or VRAMTOP_RECORD in the job) back in the live dashboard. "
         "Keys: space play/pause, +/- speed, left/right 10 s, [/] previous/next step, p peak, o OOM, g go to.",
@@ -19,9 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="playback speed (default 1x)")
     p.add_argument("--start", default=None, metavar="POS",
                    help="where to start: a step (120), a time from the start (+90s, 1:30), peak or oom")
-    p.add_argument("--session", type=int, default=None, help="which session of the file (default: the newest)")
+    add_session(p, "which session of the file (default: the newest)")
     p.add_argument("--paused", action="store_true", help="start paused")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

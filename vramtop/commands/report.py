@@ -8,12 +8,13 @@ import os
 import sys
 
 from vramtop import budget
+from vramtop.commands.common import add_session, add_verb
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
+    p = add_verb(
+        sub, "report", run,
         help="postmortem of a recording: the peak, an OOM, advice",
         description="Where and when the peak was, which block, what grew before an OOM, and what to do; "
         "--html also writes a page with plots (no script, no external resources).",
@@ -21,10 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recording", help="a .vramtop file (may still be being written)")
     p.add_argument("--html", metavar="FILE", help="also write an HTML report with plots")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON instead of text")
-    p.add_argument("--session", type=int, default=None, help="which session of the file (default: the one with "
-                   "an OOM, else the newest)")
+    add_session(p, "which session of the file (default: the one with an OOM, else the newest)")
     budget.add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

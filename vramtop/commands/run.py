@@ -34,12 +34,13 @@ import sys
 import tempfile
 
 from vramtop import alerts, budget
+from vramtop.commands.common import add_refresh, add_verb, check_refresh
 from vramtop.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run",
+    p = add_verb(
+        sub, "run", run,
         help="run a training command with the agent injected, and watch it",
         description="Run CMD with the vramtop agent injected (no code change: the model and optimizer are found "
         "automatically) and open the dashboard on it. The exit status is CMD's.",
@@ -51,11 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--append", action="store_true", help="with --record: add this run to an existing recording "
                    "(as `vramtop record --append`) instead of refusing")
     p.add_argument("--no-tui", action="store_true", help="do not open the dashboard (attach later with `vramtop attach`)")
-    p.add_argument("--refresh", type=float, default=4.0, metavar="HZ", help="dashboard refreshes per second (default 4)")
+    add_refresh(p, "dashboard")
     budget.add_arguments(p)
     alerts.add_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
-    p.set_defaults(func=run)
 
 
 def boot_dir() -> str:
@@ -115,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, record: str | None) -> int:
     cmd = _command(args)
-    if args.refresh <= 0 or args.refresh > 60:
-        raise UserError("--refresh must be between 0 and 60 Hz")
+    check_refresh(args)
     if args.record:
         from vramtop.run_record import check_target
 
@@ -217,20 +216,16 @@ def _run_with_dashboard(child: subprocess.Popen, log_path: str, refresh_hz: floa
         except KeyboardInterrupt:  # from the terminal the job got it too; else pass it on. See how it ends.
             return _wait(child, out, interrupts=_on_interrupt(child, 0))
         if info is not None and child.poll() is None:
+            from vramtop.commands.attach import attach_pid
+
+            out.skip()  # what the job printed under the dashboard stays in the log
             try:
-                from vramtop.commands.attach import attach_pid
-            except ImportError:
-                attach_pid = None
-                print("vramtop: the dashboard is not available in this install", file=sys.stderr)
-            if attach_pid is not None:
-                out.skip()  # what the job printed under the dashboard stays in the log
-                try:
-                    attach_pid(int(info["pid"]), refresh_hz=refresh_hz, monitor=monitor)
-                except UserError as exc:  # e.g. the job ended meanwhile
-                    print(f"vramtop: {exc}", file=sys.stderr)
-                if child.poll() is None:
-                    print(f"vramtop: dashboard closed; pid {child.pid} keeps running, its output follows "
-                          "(Ctrl-C interrupts it)", file=sys.stderr)
+                attach_pid(int(info["pid"]), refresh_hz=refresh_hz, monitor=monitor)
+            except UserError as exc:  # e.g. the job ended meanwhile
+                print(f"vramtop: {exc}", file=sys.stderr)
+            if child.poll() is None:
+                print(f"vramtop: dashboard closed; pid {child.pid} keeps running, its output follows "
+                      "(Ctrl-C interrupts it)", file=sys.stderr)
         return _wait(child, out)
     finally:
         out.pump()
