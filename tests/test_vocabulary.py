@@ -9,7 +9,7 @@ from vramtop_agent.vocabulary import BLOCK_KEYS, BLOCKS, COLOURS, LABELS, fmt_by
 @pytest.mark.parametrize("n, text", [
     (0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (150 * 2**20, "150 MiB"), (12.34 * 2**20, "12.3 MiB"),
     (1023.999 * 2**20, "1.00 GiB"), (5 * 2**40, "5.00 TiB"), (-3 * 2**30, "-3.00 GiB"), (99.96 * 2**20, "100 MiB"),
-    (None, "-"), (float("nan"), "-"), (float("inf"), "-"), (True, "-"), ("12", "-"),
+    (None, "-"), (float("nan"), "-"), (float("inf"), "-"), (True, "-"), ("12", "-"), (10**400, "-"),
 ])
 def test_one_byte_formatter_three_significant_digits(n, text):
     assert fmt_bytes(n) == text

@@ -72,7 +72,10 @@ def fmt_bytes(n: object) -> str:
     """
     if not is_number(n):
         return "-"
-    value = float(n)  # type: ignore[arg-type]
+    try:
+        value = float(n)  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond any float: not a size anyone has
+        return "-"
     sign = "-" if value < 0 else ""
     value = abs(value)
     for unit in _UNITS:
