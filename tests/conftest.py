@@ -1,8 +1,8 @@
 import os
-import socket
 import sys
 
 import pytest
+from helpers import free_port
 
 # Quiet and deterministic: one thread keeps timings sane on the 2-core CI box.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,11 +20,7 @@ def runtime_dir(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def free_tcp_endpoint():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"tcp://127.0.0.1:{port}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 class ListSink:
