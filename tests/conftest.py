@@ -23,6 +23,18 @@ def free_tcp_endpoint():
     return f"tcp://127.0.0.1:{free_port()}"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: two threads on a shared 2-core box are 30x slower than one
+    (contention), not faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ListSink:
     """A real sink that keeps what the agent sends (the agent's other sinks are sockets and files)."""
 
