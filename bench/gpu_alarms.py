@@ -42,11 +42,8 @@ def value(stdout: str, key: str) -> int:
 def creep_events(path: str) -> list[dict]:
     from vramtop.recording import Recording
 
-    rec = Recording.open(path)
-    try:
+    with Recording.open(path) as rec:
         return rec.events(("creep",))
-    finally:
-        rec.close()
 
 
 def main() -> int:

@@ -20,9 +20,9 @@ import os
 import pstats
 import statistics
 import tempfile
-import time
 
 import torch
+from gpu_validate import timed_steps  # bench/ is the script's directory: on sys.path
 
 import vramtop_agent
 from vramtop.tiny import add_lora, build_model
@@ -47,19 +47,6 @@ def build(device: str):
     return model, opt, {"input_ids": ids, "labels": ids}
 
 
-def steps(model, opt, batch, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=15)
@@ -67,7 +54,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     model, opt, batch = build("cuda")
-    steps(model, opt, batch, 5)
+    timed_steps(model, opt, batch, 5)
     times: dict[str, list[float]] = {"bare": []}
     import random
 
@@ -77,12 +64,12 @@ def main() -> None:
         rng.shuffle(order)  # no configuration always runs first or last in a round
         for name in order:
             if name == "bare":
-                times["bare"] += steps(model, opt, batch, args.steps)
+                times["bare"] += timed_steps(model, opt, batch, args.steps)
                 continue
             opts = CONFIGS[name]
             agent = vramtop_agent.watch(model, opt, **opts)
-            steps(model, opt, batch, 3)  # the estimate, the first hello and the first (tracked) steps settle
-            times.setdefault(name, []).extend(steps(model, opt, batch, args.steps))
+            timed_steps(model, opt, batch, 3)  # the estimate, the first hello and the first (tracked) steps settle
+            times.setdefault(name, []).extend(timed_steps(model, opt, batch, args.steps))
             agent.stop()
     bare = statistics.median(times["bare"])
     print(f"bare step (median of {len(times['bare'])}): {bare * 1000:.2f} ms")
@@ -91,10 +78,10 @@ def main() -> None:
         print(f"RATIO {name:<28} {med / bare:.3f}x  ({med * 1000:.2f} ms)")
     if args.profile:
         agent = vramtop_agent.watch(model, opt)
-        steps(model, opt, batch, 2)
+        timed_steps(model, opt, batch, 2)
         prof = cProfile.Profile()
         prof.enable()
-        steps(model, opt, batch, 10)
+        timed_steps(model, opt, batch, 10)
         prof.disable()
         agent.stop()
         st = pstats.Stats(prof)

@@ -579,21 +579,32 @@ def derived_checks(config: str, model, opt, batch, report: Report, steps: int = 
                  bool(samples) and edge >= 0.9 * len(samples), f"{edge} of {len(samples)} are edge samples")
 
 
+def timed_steps(model, opt, batch, n: int) -> list[float]:
+    """Wall time of n training steps, each between two CUDA synchronisations (its GPU work counted in it).
+
+    Also bench/gpu_overhead.py's timer.
+    """
+    import torch
+
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def measure_overhead(config: str, model, opt, batch, args, report: Report) -> None:
     import torch
 
     import vramtop_agent
 
     def steps(n: int) -> list[float]:
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return ts[1:]  # the first step of a block pays the mode's start-up
+        return timed_steps(model, opt, batch, n)[1:]  # the first step of a block pays the mode's start-up
 
     def run(mode: str) -> list[float]:
         n = args.overhead_steps + 1

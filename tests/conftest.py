@@ -1,8 +1,8 @@
 import os
-import socket
 import sys
 
 import pytest
+from helpers import free_port
 
 # Quiet and deterministic: one thread keeps timings sane on the 2-core CI box.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,11 +20,19 @@ def runtime_dir(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def free_tcp_endpoint():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"tcp://127.0.0.1:{port}"
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: two threads on a shared 2-core box are 30x slower than one
+    (contention), not faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class ListSink:

@@ -348,16 +348,5 @@ def assert_invariant(tmp_path: Path, script: str, args=(), modes=WATCHED_MODES, 
     return runs
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
-    """Poll until predicate() is truthy; returns its value (AssertionError on timeout)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("timed out waiting")
-
-
 __all__ = ["MODES", "WATCHED_MODES", "PRELUDE", "RECORDING_NAME", "RunResult", "Launched", "write_script", "job_env",
-           "command", "launch", "run_script", "leftovers", "compare", "assert_invariant", "wait_for", "signal"]
+           "command", "launch", "run_script", "leftovers", "compare", "assert_invariant", "signal"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -36,14 +37,6 @@ def require_sshd() -> None:
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
         pytest.fail(msg + " (CI must install it: see .ci/run)")
     pytest.skip(msg)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @dataclass

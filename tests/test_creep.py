@@ -73,11 +73,8 @@ def test_detect_needs_enough_points():
 
 
 def _creep_events(path: str) -> list[dict]:
-    rec = Recording.open(path)
-    try:
+    with Recording.open(path) as rec:
         return rec.events(("creep",))
-    finally:
-        rec.close()
 
 
 @pytest.fixture(scope="module")

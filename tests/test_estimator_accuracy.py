@@ -48,13 +48,7 @@ SEQS = (64, 256)
 TOLERANCE = 0.10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core box are 30x slower than one (contention), not faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: why one thread
 
 
 # ------------------------------------------------------------------ measuring

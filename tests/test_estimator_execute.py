@@ -42,12 +42,7 @@ LORA_TARGETS = {"gpt_neox": ("query_key_value", "dense"), "phi3": ("qkv_proj", "
 BATCH, SEQ = 2, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: why one thread
 
 
 def _real_model(cfg: dict, method: str, tmpdir: str):

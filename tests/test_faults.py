@@ -17,7 +17,6 @@ import queue
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+from helpers import TcpForwarder, free_port, screen_text, until
 
 from vramtop.sources import LiveSource
 from vramtop.state import SessionState
@@ -125,8 +125,8 @@ def assert_not_slower(times, baseline, what):
     assert m <= SLOWDOWN * b + SLACK_S, f"{what}: median step {m * 1e3:.2f} ms vs {b * 1e3:.2f} ms without it"
 
 
-def pump(sub_or_source, state: SessionState, until, timeout: float = 20.0, every=None):
-    """Fold frames into `state` until `until(state)` holds."""
+def pump(sub_or_source, state: SessionState, done, timeout: float = 20.0, every=None):
+    """Fold frames into `state` until `done(state)` holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         poll = sub_or_source.poll
@@ -137,7 +137,7 @@ def pump(sub_or_source, state: SessionState, until, timeout: float = 20.0, every
             state.rejected_frames = sub_or_source.rejected
         if every is not None:
             every()
-        if until(state):
+        if done(state):
             return state
         if not isinstance(sub_or_source, Subscriber):
             time.sleep(0.02)
@@ -212,32 +212,16 @@ def test_viewer_sigkilled_mid_stream_leaves_the_job_alone(jobs, runtime_dir, vie
 # ---------------------------------------------------------------------- the job dies
 
 
-async def _until(pilot, cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        await pilot.pause(0.1)
-        if cond():
-            return
-    raise AssertionError("condition not met in time")
-
-
-def _screen(app) -> str:
-    import re
-
-    text = re.sub(r"<[^>]+>", "", app.export_screenshot()).replace("&#160;", " ").replace("&amp;", "&")
-    return re.sub(r"[ \t]+", " ", text)
-
-
 async def test_agent_sigkilled_the_dashboard_says_gone(jobs):
     job = jobs({"watch": {"sample_hz": 20}})
     job.send("run 100000")  # trains until killed
     app = VramtopApp(LiveSource(str(job.pid)), refresh_hz=10)
     async with app.run_test(size=(160, 50)) as pilot:
-        await _until(pilot, lambda: app.state.sample is not None and app.state.connection() == "live")
+        await until(pilot, lambda: app.state.sample is not None and app.state.connection() == "live")
         job.kill()
-        await _until(pilot, lambda: app.state.connection() == "gone")
+        await until(pilot, lambda: app.state.connection() == "gone")
         await pilot.pause(0.3)
-        assert "process exited" in _screen(app)
+        assert "process exited" in screen_text(app)
         await pilot.pause(0.5)  # keeps polling a dead endpoint without trouble
         assert app.is_running
         await pilot.press("q")
@@ -381,10 +365,10 @@ async def test_hook_errors_are_on_the_dashboard(jobs):
     job.send("run 100000")
     app = VramtopApp(LiveSource(str(job.pid)), refresh_hz=10)
     async with app.run_test(size=(180, 50)) as pilot:
-        await _until(pilot, lambda: app.state.sample is not None and app.state.sample["errors"] > 0
+        await until(pilot, lambda: app.state.sample is not None and app.state.sample["errors"] > 0
                      and app.state.errors)
         await pilot.pause(0.3)
-        text = _screen(app)
+        text = screen_text(app)
         assert "agent errors" in text and "injected fault" in text
         await pilot.press("q")
     assert job.proc.poll() is None  # still training
@@ -456,73 +440,11 @@ def test_recorder_failure_the_job_goes_on_and_the_stream_says_why(jobs, tmp_path
 # ---------------------------------------------------------------------- the network goes away
 
 
-class Forwarder:
-    """A TCP forwarder standing in for a tunnel or a network path; stop() cuts every connection."""
-
-    def __init__(self, port: int, target_port: int):
-        self.port, self.target_port = port, target_port
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", port))
-        self.listener.listen(8)
-        self.socks: list[socket.socket] = []
-        self.stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.stopped:
-            try:
-                a, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                b = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                a.close()
-                continue
-            self.socks += [a, b]
-            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(b, a), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def stop(self):
-        self.stopped = True
-        for s in [self.listener, *self.socks]:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_network_cut_the_viewer_goes_stale_then_live_again(jobs):
-    agent_port, tunnel_port = _free_port(), _free_port()
+    agent_port, tunnel_port = free_port(), free_port()
     job = jobs({"watch": {"sample_hz": 20, "endpoint": f"tcp://127.0.0.1:{agent_port}"}})
     job.send("run 100000")
-    fwd = Forwarder(tunnel_port, agent_port)
+    fwd = TcpForwarder(agent_port, port=tunnel_port)
     sub = Subscriber(f"tcp://127.0.0.1:{tunnel_port}")
     state = SessionState()
     try:
@@ -530,7 +452,7 @@ def test_network_cut_the_viewer_goes_stale_then_live_again(jobs):
         fwd.stop()  # the tunnel is gone
         pump(sub, state, lambda s: s.connection() == "stale", timeout=10)
         assert "stale: no data for" in render.header(state).plain
-        fwd = Forwarder(tunnel_port, agent_port)  # and back
+        fwd = TcpForwarder(agent_port, port=tunnel_port)  # and back
         last_seq = state.sample["seq"]
         pump(sub, state, lambda s: s.connection() == "live" and s.sample["seq"] > last_seq + 5, timeout=20)
         assert state.sample["pid"] == job.pid

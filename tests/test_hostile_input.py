@@ -31,6 +31,8 @@ import torch
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from conftest import ListSink
+from helpers import screen_text
 from rich.console import Console
 
 import vramtop_agent
@@ -50,24 +52,13 @@ GIB = 1024 ** 3
 # ---------------------------------------------------------------------- seeds: real frames
 
 
-class _Sink:
-    def __init__(self):
-        self.messages = []
-
-    def send(self, msg):
-        self.messages.append(msg)
-
-    def close(self):
-        pass
-
-
 def _real_messages() -> list[dict]:
     if "_msgs" in _real_messages.__dict__:
         return _real_messages._msgs
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
     opt = torch.optim.AdamW(model.parameters())
-    sink = _Sink()
+    sink = ListSink()
     agent = vramtop_agent.watch(model, opt, publish=False, sinks=[sink], sample_hz=200)
     x = torch.randn(8, 32)
     for _ in range(3):
@@ -192,19 +183,51 @@ def _pack(msg: dict, topic: bytes) -> bytes:
 # ---------------------------------------------------------------------- decode + apply + render
 
 
-@FUZZ
-@given(data=st.data())
-def test_mutated_real_messages_never_crash_the_view(data):
-    msgs = _real_messages()
+def _feed_drawn(data, draw_frame) -> tuple[SessionState, int]:
+    """1-6 frames from draw_frame(data) through decode, apply and every render: the state, and how many were refused."""
     state = SessionState()
     rejected = 0
     for _ in range(data.draw(st.integers(1, 6), label="frames")):
-        seed = data.draw(st.sampled_from(msgs), label="seed")
-        msg = _mutate(data, seed) if data.draw(st.booleans(), label="mutate") else seed
-        topic = data.draw(st.sampled_from([b"S" if msg.get("type") == "sample" else b"E", b"S", b"E"]),
-                          label="topic")
-        rejected += not feed(state, _pack(msg, topic))
+        rejected += not feed(state, draw_frame(data))
         render_all(state)
+    return state, rejected
+
+
+def _mutated_message(data) -> bytes:
+    """A real message, mutated at the value level half the time, under a topic that may not match it."""
+    seed = data.draw(st.sampled_from(_real_messages()), label="seed")
+    msg = _mutate(data, seed) if data.draw(st.booleans(), label="mutate") else seed
+    topic = data.draw(st.sampled_from([b"S" if msg.get("type") == "sample" else b"E", b"S", b"E"]), label="topic")
+    return _pack(msg, topic)
+
+
+def _mutated_frame(data, frames: list[bytes]) -> bytes:
+    """One of the real frames truncated, bit-flipped, with bytes inserted or deleted, or spliced with another."""
+    frame = bytearray(data.draw(st.sampled_from(frames), label="seed"))
+    how = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete", "splice"]), label="how")
+    if how == "truncate":
+        frame = frame[:data.draw(st.integers(0, max(len(frame) - 1, 0)), label="cut")]
+    elif how == "flip":
+        for _ in range(data.draw(st.integers(1, 8), label="flips")):
+            i = data.draw(st.integers(0, len(frame) - 1), label="at")
+            frame[i] = data.draw(st.integers(0, 255), label="byte")
+    elif how == "insert":
+        i = data.draw(st.integers(0, len(frame)), label="at")
+        frame[i:i] = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
+    elif how == "delete":
+        i = data.draw(st.integers(0, len(frame) - 1), label="at")
+        del frame[i:i + data.draw(st.integers(1, 16), label="n")]
+    else:
+        other = data.draw(st.sampled_from(frames), label="other")
+        frame = frame[:data.draw(st.integers(0, len(frame)), label="cut")] + other[
+            data.draw(st.integers(0, len(other)), label="from"):]
+    return bytes(frame)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_real_messages_never_crash_the_view(data):
+    state, rejected = _feed_drawn(data, _mutated_message)
     assert state.rejected_frames == rejected
     assert (f"rejected {rejected}" in render.header(state).plain) == (rejected > 0)
 
@@ -213,29 +236,7 @@ def test_mutated_real_messages_never_crash_the_view(data):
 @given(data=st.data())
 def test_byte_level_mutations_and_truncations_of_real_frames(data):
     frames = _real_frames()
-    state = SessionState()
-    rejected = 0
-    for _ in range(data.draw(st.integers(1, 6), label="frames")):
-        frame = bytearray(data.draw(st.sampled_from(frames), label="seed"))
-        how = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete", "splice"]), label="how")
-        if how == "truncate":
-            frame = frame[:data.draw(st.integers(0, max(len(frame) - 1, 0)), label="cut")]
-        elif how == "flip":
-            for _ in range(data.draw(st.integers(1, 8), label="flips")):
-                i = data.draw(st.integers(0, len(frame) - 1), label="at")
-                frame[i] = data.draw(st.integers(0, 255), label="byte")
-        elif how == "insert":
-            i = data.draw(st.integers(0, len(frame)), label="at")
-            frame[i:i] = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
-        elif how == "delete":
-            i = data.draw(st.integers(0, len(frame) - 1), label="at")
-            del frame[i:i + data.draw(st.integers(1, 16), label="n")]
-        else:
-            other = data.draw(st.sampled_from(frames), label="other")
-            frame = frame[:data.draw(st.integers(0, len(frame)), label="cut")] + other[
-                data.draw(st.integers(0, len(other)), label="from"):]
-        rejected += not feed(state, bytes(frame))
-        render_all(state)
+    state, rejected = _feed_drawn(data, lambda d: _mutated_frame(d, frames))
     assert state.rejected_frames == rejected
 
 
@@ -352,89 +353,89 @@ def _sync(pub, sub, state, marker, timeout=20.0):
     raise AssertionError("the subscriber never received a marker")
 
 
-def test_fuzzed_frames_over_a_real_socket_are_counted_and_the_stream_goes_on(hostile_pub):
+@pytest.fixture
+def viewer(hostile_pub):
+    """A viewer Subscriber on the hostile PUB, its state and the marker, once a marker got through."""
     pub, endpoint = hostile_pub
     sub = Subscriber(endpoint)
     state = SessionState()
     marker = Marker()
     try:
         _sync(pub, sub, state, marker)
-        import random
-
-        rnd = random.Random(7)
-        frames = _real_frames()
-        bad = []
-        for i in range(300):
-            f = bytearray(rnd.choice(frames))
-            if i % 3 == 0:
-                f = f[:rnd.randrange(1, len(f))]
-            elif i % 3 == 1:
-                for _ in range(rnd.randint(1, 6)):
-                    f[rnd.randrange(1, len(f))] = rnd.randrange(256)
-            else:
-                f = bytearray(rnd.randbytes(rnd.randint(1, 300)))
-            f[0:1] = b"E"  # the events socket keeps every frame: the count must be exact
-            try:
-                decode(bytes(f))
-            except SchemaError:
-                bad.append(bytes(f))
-        bad += [b"E" + msgpack.packb({"v": 1, "type": "[/bold][@click=app.quit]x", "t": 1.0, "pid": 1, "rank": 0}),
-                b"E" + msgpack.packb(msgpack.ExtType(42, b"payload")), b"E", b"E\xc1"]
-        for f in bad:
-            pub.send(f)
-        last = marker.eseq + 1
-        pub.send(marker.frame())
-        deadline = time.monotonic() + 20
-        seen = set()
-        while last not in seen and time.monotonic() < deadline:
-            for m in sub.poll(50):
-                state.apply(m)
-                if m.get("where") == "marker":
-                    seen.add(int(m["message"]))
-        assert last in seen
-        assert sub.rejected == len(bad)
-        state.rejected_frames, state.last_rejection = sub.rejected, sub.last_rejection
-        assert f"rejected {len(bad)}" in render.header(state).plain
-        assert state.missed_events == 0  # nothing good was lost among the bad
+        yield pub, sub, state, marker
     finally:
         sub.close()
 
 
-def test_an_oversized_frame_is_refused_and_the_viewer_keeps_receiving(hostile_pub):
-    pub, endpoint = hostile_pub
-    sub = Subscriber(endpoint)
-    state = SessionState()
-    marker = Marker()
-    try:
-        _sync(pub, sub, state, marker)
-        # Events socket: refused by libzmq before it is allocated; the viewer reconnects.
-        pub.send(b"E" + b"\x00" * (MAX_FRAME_BYTES + 1))
-        before = marker.eseq
-        assert _sync(pub, sub, state, marker, timeout=10) > before
-        # Samples socket (conflated): the same, and samples flow again.
-        pub.send(b"S" + b"\x00" * (MAX_FRAME_BYTES + 1))
-        sample = next(m for m in _real_messages() if m["type"] == "sample")
-        deadline = time.monotonic() + 10
-        got = []
-        while not got and time.monotonic() < deadline:
-            pub.send(encode(dict(sample, pid=4242, t=time.time())))
-            got = [m for m in sub.poll(30) if m["type"] == "sample"]
-        assert got, "no sample after an oversized sample frame"
-        assert sub.reconnects >= 2
-        # What was lost while reconnecting shows as missed events ("dropped" in the header); nothing raised.
-        assert "dropped" in render.header(state).plain
-        # Just under the cap is still a frame (refused as a bad message, counted).
-        pub.send(b"E" + b"\x00" * (MAX_FRAME_BYTES - 1))
-        n = sub.rejected
-        deadline = time.monotonic() + 10
-        while sub.rejected == n and time.monotonic() < deadline:
-            sub.poll(50)
-        assert sub.rejected == n + 1
-        # The cap is also decode()'s own, for frames that do not come through ZeroMQ (recordings, tools).
-        with pytest.raises(SchemaError, match="exceeds"):
-            decode(b"E" + msgpack.packb({"x": "y" * MAX_FRAME_BYTES}))
-    finally:
-        sub.close()
+def test_fuzzed_frames_over_a_real_socket_are_counted_and_the_stream_goes_on(viewer):
+    pub, sub, state, marker = viewer
+    import random
+
+    rnd = random.Random(7)
+    frames = _real_frames()
+    bad = []
+    for i in range(300):
+        f = bytearray(rnd.choice(frames))
+        if i % 3 == 0:
+            f = f[:rnd.randrange(1, len(f))]
+        elif i % 3 == 1:
+            for _ in range(rnd.randint(1, 6)):
+                f[rnd.randrange(1, len(f))] = rnd.randrange(256)
+        else:
+            f = bytearray(rnd.randbytes(rnd.randint(1, 300)))
+        f[0:1] = b"E"  # the events socket keeps every frame: the count must be exact
+        try:
+            decode(bytes(f))
+        except SchemaError:
+            bad.append(bytes(f))
+    bad += [b"E" + msgpack.packb({"v": 1, "type": "[/bold][@click=app.quit]x", "t": 1.0, "pid": 1, "rank": 0}),
+            b"E" + msgpack.packb(msgpack.ExtType(42, b"payload")), b"E", b"E\xc1"]
+    for f in bad:
+        pub.send(f)
+    last = marker.eseq + 1
+    pub.send(marker.frame())
+    deadline = time.monotonic() + 20
+    seen = set()
+    while last not in seen and time.monotonic() < deadline:
+        for m in sub.poll(50):
+            state.apply(m)
+            if m.get("where") == "marker":
+                seen.add(int(m["message"]))
+    assert last in seen
+    assert sub.rejected == len(bad)
+    state.rejected_frames, state.last_rejection = sub.rejected, sub.last_rejection
+    assert f"rejected {len(bad)}" in render.header(state).plain
+    assert state.missed_events == 0  # nothing good was lost among the bad
+
+
+def test_an_oversized_frame_is_refused_and_the_viewer_keeps_receiving(viewer):
+    pub, sub, state, marker = viewer
+    # Events socket: refused by libzmq before it is allocated; the viewer reconnects.
+    pub.send(b"E" + b"\x00" * (MAX_FRAME_BYTES + 1))
+    before = marker.eseq
+    assert _sync(pub, sub, state, marker, timeout=10) > before
+    # Samples socket (conflated): the same, and samples flow again.
+    pub.send(b"S" + b"\x00" * (MAX_FRAME_BYTES + 1))
+    sample = next(m for m in _real_messages() if m["type"] == "sample")
+    deadline = time.monotonic() + 10
+    got = []
+    while not got and time.monotonic() < deadline:
+        pub.send(encode(dict(sample, pid=4242, t=time.time())))
+        got = [m for m in sub.poll(30) if m["type"] == "sample"]
+    assert got, "no sample after an oversized sample frame"
+    assert sub.reconnects >= 2
+    # What was lost while reconnecting shows as missed events ("dropped" in the header); nothing raised.
+    assert "dropped" in render.header(state).plain
+    # Just under the cap is still a frame (refused as a bad message, counted).
+    pub.send(b"E" + b"\x00" * (MAX_FRAME_BYTES - 1))
+    n = sub.rejected
+    deadline = time.monotonic() + 10
+    while sub.rejected == n and time.monotonic() < deadline:
+        sub.poll(50)
+    assert sub.rejected == n + 1
+    # The cap is also decode()'s own, for frames that do not come through ZeroMQ (recordings, tools).
+    with pytest.raises(SchemaError, match="exceeds"):
+        decode(b"E" + msgpack.packb({"x": "y" * MAX_FRAME_BYTES}))
 
 
 async def test_the_dashboard_shows_rejections_as_text_not_markup(hostile_pub):
@@ -451,7 +452,7 @@ async def test_the_dashboard_shows_rejections_as_text_not_markup(hostile_pub):
         assert app.state.rejected_frames >= 3
         await pilot.pause(0.3)
         app._refresh_view()
-        text = _screen(app)
+        text = screen_text(app)
         assert "rejected" in text and "[/bold][@click=app.quit]boom" in text
         assert app.is_running
         await pilot.press("q")
@@ -474,17 +475,10 @@ async def test_a_panel_that_cannot_render_a_frame_costs_that_panel_not_the_dashb
         assert app.state.hello["estimate"] == {"blocks": 5, "setup": None}
         await pilot.pause(0.3)
         app._refresh_view()
-        text = _screen(app)
+        text = screen_text(app)
         assert "gap: cannot show this data" in text
         assert "pid 4243" in text and app.is_running
         await pilot.press("q")
-
-
-def _screen(app) -> str:
-    import re
-
-    text = re.sub(r"<[^>]+>", "", app.export_screenshot()).replace("&#160;", " ").replace("&amp;", "&")
-    return re.sub(r"[ \t]+", " ", text)
 
 
 # ---------------------------------------------------------------------- atheris (optional)

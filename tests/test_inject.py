@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
+import helpers
+from helpers import agent_of, job_env
 
 from vramtop import inject
 from vramtop.errors import UserError
@@ -60,19 +62,13 @@ def _needs_ptrace():
         pytest.skip(why)
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMTOP") or k == "VRAMTOP_RUNTIME_DIR"}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
 class PlainJob:
     """tests/inject_job.py in a subprocess: no vramtop in it until we inject."""
 
     def __init__(self, out: Path, code: int = 0, steps: int | None = None, pause: float = 0.02):
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
-        env = _env(STEP_PAUSE=str(pause), **({"STEPS": str(steps)} if steps else {}))
+        env = job_env(STEP_PAUSE=str(pause), **({"STEPS": str(steps)} if steps else {}))
         self.proc = subprocess.Popen([sys.executable, str(JOB), str(out), str(code)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.pid = self.proc.pid
@@ -122,7 +118,7 @@ def bare_losses(tmp_path: Path, steps: int) -> list[float]:
 
 def vramtop(*args, timeout: float = 120.0, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vramtop", *args], capture_output=True, text=True,
-                          timeout=timeout, env=_env(**env), stdin=subprocess.DEVNULL)
+                          timeout=timeout, env=job_env(**env), stdin=subprocess.DEVNULL)
 
 
 class Pty:
@@ -133,7 +129,7 @@ class Pty:
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
         self.proc = subprocess.Popen([sys.executable, "-m", "vramtop", *args], stdin=slave, stdout=slave,
-                                     stderr=slave, env=_env(TERM="xterm-256color", COLUMNS="160", LINES="50", **env),
+                                     stderr=slave, env=job_env(TERM="xterm-256color", COLUMNS="160", LINES="50", **env),
                                      start_new_session=True, close_fds=True)
         os.close(slave)
         self.seen = b""
@@ -189,28 +185,13 @@ class Pty:
             pass
 
 
-def agent_of(pid: int, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for info in discovery.list_agents():
-            if info["pid"] == pid:
-                return info
-        time.sleep(0.05)
-    raise AssertionError(f"no agent in pid {pid}")
-
-
 def collect(endpoint: str, until, timeout: float = 120.0) -> list[dict]:
+    """Every message (every sample too) from the agent at `endpoint` until until(messages) holds."""
     sub = Subscriber(endpoint, every_sample=True)
-    got: list[dict] = []
-    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
-            got += sub.poll(100)
-            if until(got):
-                return got
+        return helpers.collect(sub, until, timeout, strict=True)
     finally:
         sub.close()
-    raise AssertionError(f"condition not met; got {len(got)} messages: {[m['type'] for m in got][-20:]}")
 
 
 def _optimizer_starts(msgs):
@@ -320,7 +301,7 @@ def test_torchrun_ranks_are_offered_and_injected(tmp_path):
     script.write_text(DDP_JOB)
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                  "2", str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=_env())
+                                text=True, env=job_env())
     view = None
     try:
         deadline = time.monotonic() + 180
@@ -391,7 +372,7 @@ def test_refuses_what_is_not_a_pytorch_job_and_leaves_it_alone(kind, tmp_path):
 
 
 def test_missing_dependency_in_the_job_is_named(tmp_path):
-    target = subprocess.Popen([sys.executable, "-c", COUNTING], env=_env())
+    target = subprocess.Popen([sys.executable, "-c", COUNTING], env=job_env())
     try:
         deadline = time.monotonic() + 120
         while not any("libtorch" in line for line in open(f"/proc/{target.pid}/maps")):
@@ -531,7 +512,7 @@ HIDE_VRAMTOP = textwrap.dedent("""
 
 
 def test_agent_directory_is_added_when_the_job_cannot_import_it(tmp_path):
-    target = subprocess.Popen([sys.executable, "-c", HIDE_VRAMTOP], stdout=subprocess.PIPE, text=True, env=_env())
+    target = subprocess.Popen([sys.executable, "-c", HIDE_VRAMTOP], stdout=subprocess.PIPE, text=True, env=job_env())
     try:
         assert target.stdout.readline().strip() == "not importable"
         deadline = time.monotonic() + 120
@@ -630,7 +611,7 @@ def test_attach_over_ssh_offers_the_plain_job_and_injects_there(tmp_path, tmp_pa
     job = PlainJob(tmp_path / "job")
     job.proc.kill()  # restarted below with the remote's runtime dir, where `vramtop ls` there looks
     job.proc.communicate()
-    env = _env(STEP_PAUSE="0.02", VRAMTOP_RUNTIME_DIR=str(sshd.remote_runtime_dir))
+    env = job_env(STEP_PAUSE="0.02", VRAMTOP_RUNTIME_DIR=str(sshd.remote_runtime_dir))
     job.proc = subprocess.Popen([sys.executable, str(JOB), str(job.out), "0"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env)
     job.pid = job.proc.pid
@@ -667,7 +648,7 @@ def test_a_job_that_starts_its_own_agent_is_waited_for_not_injected(tmp_path):
     out = tmp_path / "job"
     out.mkdir()
     job = subprocess.Popen([sys.executable, str(JOB), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, env={**_env(), "VRAMTOP": "1"})
+                           text=True, env={**job_env(), "VRAMTOP": "1"})
     try:
         rec = vramtop("record", str(job.pid), "--yes", "-o", str(tmp_path / "r.vramtop"), "--duration", "1")
         assert rec.returncode == 0, rec.stderr

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import vramtop_agent
-from invariance import (RECORDING_NAME, assert_invariant, compare, launch, run_script, wait_for,
-                        write_script)
+from helpers import wait_for
+from invariance import RECORDING_NAME, assert_invariant, compare, launch, run_script, write_script
 from vramtop_agent import discovery
 
 # A tiny deterministic job. Steps come from argv[1]; the rest of argv is only carried along.

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sshd_server import free_port
+from helpers import free_port, screen_text, until
 
 from vramtop.commands.attach import pick_job
 from vramtop.job_source import JobSource
@@ -129,21 +129,6 @@ dist.destroy_process_group()
 '''
 
 
-def _screen_text(app) -> str:
-    svg = app.export_screenshot()
-    text = re.sub(r"<[^>]+>", "", svg).replace("&#160;", " ").replace("&amp;", "&")
-    return re.sub(r"[ \t]+", " ", text)
-
-
-async def _until(pilot, cond, timeout=60.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        await pilot.pause(0.2)
-        if cond():
-            return
-    raise AssertionError(f"{what}: not met in {timeout:.0f} s")
-
-
 @pytest.fixture
 def torchrun_job(tmp_path, runtime_dir):
     script = tmp_path / "ddp_train.py"
@@ -186,13 +171,13 @@ async def test_torchrun_job_in_one_view_matches_each_ranks_accounting(torchrun_j
     app = JobApp(JobSource(job_agents, match=match), refresh_hz=10)
     async with app.run_test(size=(200, 50)) as pilot:
         job = app.job
-        await _until(pilot, lambda: len(job.members) == 2 and all(len(st.steps) >= 3 and st.sample and st.hello
-                                                                  for st in job.members.values()),
-                     what="three steps from both ranks")
+        await until(pilot, lambda: len(job.members) == 2 and all(len(st.steps) >= 3 and st.sample and st.hello
+                                                                 for st in job.members.values()),
+                    timeout=60, what="three steps from both ranks")
         assert isinstance(app.screen, OverviewScreen)
         app.screen.refresh_rows()
         await pilot.pause(0.1)
-        text = _screen_text(app)
+        text = screen_text(app)
         assert "2 ranks of world size 2" in text
         for rank in (0, 1):
             assert re.search(rf"(^|\s){rank}/2 \S+ {pids[rank]} ", text, re.M), rank
@@ -209,7 +194,7 @@ async def test_torchrun_job_in_one_view_matches_each_ranks_accounting(torchrun_j
         assert not isinstance(app.screen, OverviewScreen)
         assert app.state is job.members[app.current] and job.rank(app.current) == 1
         app._refresh_view()
-        text = _screen_text(app)
+        text = screen_text(app)
         assert f"pid {pids[1]}" in text and "rank 1/2" in text and "Esc: all ranks" in text
         assert f"parameters {render.fmt_bytes(app.state.sample['blocks']['parameters'])}" in text
         await pilot.press("escape")
@@ -224,7 +209,7 @@ async def test_torchrun_job_in_one_view_matches_each_ranks_accounting(torchrun_j
         assert isinstance(app.screen, OverviewScreen)
 
         stop.touch()
-        await _until(pilot, lambda: child.poll() is not None, what="the job to finish")
+        await until(pilot, lambda: child.poll() is not None, timeout=60, what="the job to finish")
         await pilot.pause(0.5)  # the ranks' last frames
         await pilot.press("q")
 
@@ -261,7 +246,7 @@ async def test_bare_vramtop_shows_the_gpus_until_an_agent_starts():
     app = VramtopApp(NodeSource(), refresh_hz=10)
     async with app.run_test(size=(160, 40)) as pilot:
         await pilot.pause(0.5)
-        text = _screen_text(app)
+        text = screen_text(app)
         if report.error:  # this machine: no NVIDIA driver
             assert "no NVIDIA driver on this machine" in text or "NVML" in text
             assert "showing vramtop agents as they start" in text
@@ -270,9 +255,9 @@ async def test_bare_vramtop_shows_the_gpus_until_an_agent_starts():
         assert "no vramtop agent on this machine yet" in text
         agent = vramtop_agent.watch(build_model(vocab_size=512), sample_hz=20)
         try:
-            await _until(pilot, lambda: app.state.sample is not None, timeout=20, what="the agent's first sample")
+            await until(pilot, lambda: app.state.sample is not None, timeout=20, what="the agent's first sample")
             app._refresh_view()
-            text = _screen_text(app)
+            text = screen_text(app)
             assert f"pid {os.getpid()}" in text and "parameters" in text
             assert "showing vramtop agents as they start" not in text
         finally:

@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import pytest
+from helpers import wait_for
 from recording_helpers import PEAK_STEP, STEPS, fake_msg, real_recording
 
 import vramtop_agent
@@ -239,18 +240,6 @@ JOB = textwrap.dedent("""
 """)
 
 
-def _wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except UserError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sigkilled_job_loses_at_most_a_second_and_record_cli_flushes_on_ctrl_c(tmp_path, free_tcp_endpoint):
     inproc = str(tmp_path / "inproc.vramtop")
     outside = str(tmp_path / "outside.vramtop")
@@ -269,12 +258,13 @@ def test_sigkilled_job_loses_at_most_a_second_and_record_cli_flushes_on_ctrl_c(t
             with Recording.open(path) as r:
                 return r.counts()["steps"] >= n
 
-        _wait_for(lambda: steps_in(inproc, 5), 60, "5 recorded steps")
+        wait_for(lambda: steps_in(inproc, 5), 60, "5 recorded steps", interval=0.1, ignore=(UserError,))
         live = Recording.open(inproc)
         from vramtop.report import analyze
 
         assert analyze(live)["steps"]["count"] >= 5
-        _wait_for(lambda: os.path.exists(outside) and steps_in(outside, 5), 60, "vramtop record to record 5 steps")
+        wait_for(lambda: os.path.exists(outside) and steps_in(outside, 5), 60, "vramtop record to record 5 steps",
+                 interval=0.1, ignore=(UserError,))
         live_before = live.counts()["samples"]
 
         # Ctrl-C on `vramtop record`: a clean end, everything flushed.

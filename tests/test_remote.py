@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import free_port, screen_text, until
 from sshd_server import start_sshd
 
 from vramtop.cli import main
@@ -92,7 +92,7 @@ def test_ls_over_ssh_json_table_and_url_forms(ssh_env, remote_job, capsys):
 
 
 def test_unreachable_host_or_missing_vramtop_is_one_clear_line(ssh_env, capsys):
-    closed = f"ssh://{ssh_env.user}@127.0.0.1:{_closed_port()}"
+    closed = f"ssh://{ssh_env.user}@127.0.0.1:{free_port()}"
     for argv in (["ls", closed], ["attach", closed]):
         code, out, err = _run_cli(capsys, *argv)
         assert code != 0 and out == ""
@@ -107,27 +107,6 @@ def test_unreachable_host_or_missing_vramtop_is_one_clear_line(ssh_env, capsys):
         parse_host("-oProxyCommand=touch /tmp/x")
 
 
-def _closed_port() -> int:
-    from sshd_server import free_port
-
-    return free_port()
-
-
-def _screen_text(app) -> str:
-    svg = app.export_screenshot()
-    text = re.sub(r"<[^>]+>", "", svg).replace("&#160;", " ").replace("&amp;", "&")
-    return re.sub(r"[ \t]+", " ", text)
-
-
-async def _until(pilot, cond, timeout=30.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        await pilot.pause(0.1)
-        if cond():
-            return
-    raise AssertionError(f"{what}: not met in {timeout:.0f} s")
-
-
 @pytest.mark.asyncio
 async def test_attach_through_the_tunnel_survives_a_killed_ssh(ssh_env, remote_job):
     agents = remote_ls(ssh_env.alias, VRAMTOP)
@@ -138,7 +117,7 @@ async def test_attach_through_the_tunnel_survives_a_killed_ssh(ssh_env, remote_j
     direct_state = SessionState()
     try:
         async with app.run_test(size=(180, 50)) as pilot:
-            await _until(pilot, lambda: app.state.sample is not None and app.state.hello is not None,
+            await until(pilot, lambda: app.state.sample is not None and app.state.hello is not None,
                          what="first sample through the tunnel")
             for m in direct.poll(1000):
                 direct_state.apply(m)
@@ -146,7 +125,7 @@ async def test_attach_through_the_tunnel_survives_a_killed_ssh(ssh_env, remote_j
             assert s["pid"] == remote_job.pid
             assert s["blocks"]["parameters"] == (direct_state.sample or s)["blocks"]["parameters"] > 0
             app._refresh_view()
-            text = _screen_text(app)
+            text = screen_text(app)
             assert f"pid {remote_job.pid}" in text and "via ssh vt-remote" in text and "tunnel up" in text
             assert "[live]" in text
 
@@ -162,13 +141,13 @@ async def test_attach_through_the_tunnel_survives_a_killed_ssh(ssh_env, remote_j
             first_ssh = tunnel.proc.pid
             seq_before = s["seq"]
             os.kill(first_ssh, signal.SIGKILL)
-            await _until(pilot, lambda: tunnel.proc is not None and tunnel.proc.pid != first_ssh and tunnel.up,
+            await until(pilot, lambda: tunnel.proc is not None and tunnel.proc.pid != first_ssh and tunnel.up,
                          what="tunnel re-established")
-            await _until(pilot, lambda: app.state.sample["seq"] > seq_before + 5, what="samples resumed")
+            await until(pilot, lambda: app.state.sample["seq"] > seq_before + 5, what="samples resumed")
             assert tunnel.restarts == 1
             assert app.state.connection() == "live" and app.state.sample["pid"] == remote_job.pid
             app._refresh_view()
-            assert "re-established 1x" in _screen_text(app)
+            assert "re-established 1x" in screen_text(app)
             second_ssh = tunnel.proc.pid
             await pilot.press("q")
     finally:

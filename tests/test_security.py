@@ -9,18 +9,17 @@ import json
 import os
 import pickle
 import re
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import zmq
+from helpers import TcpForwarder, collect, types_of
 
 import vramtop_agent
 from vramtop.cli import main as cli_main
@@ -50,20 +49,6 @@ class SecretiveModel(torch.nn.Module):
 
 def _mode(path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
-
-
-def _collect(sub, until, timeout=10.0):
-    got = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got += sub.poll(50)
-        if until(got):
-            break
-    return got
-
-
-def _types(msgs):
-    return {m["type"] for m in msgs}
 
 
 # ---------------------------------------------------------------------- where the agent listens
@@ -177,59 +162,14 @@ def test_key_files_are_zeromq_certificates_and_the_secret_one_is_private(keys, t
     assert r.returncode == 1 and "not overwriting" in r.stderr
 
 
-class Tap:
-    """A TCP forwarder that keeps a copy of every byte the agent sends: what a network observer sees."""
-
-    def __init__(self, target_port: int):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.target_port = target_port
-        self.seen = bytearray()
-        self.socks = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                a, _ = self.listener.accept()
-            except OSError:
-                return
-            b = socket.create_connection(("127.0.0.1", self.target_port))
-            self.socks += [a, b]
-            threading.Thread(target=self._pipe, args=(a, b, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(b, a, True), daemon=True).start()
-
-    def _pipe(self, src, dst, keep):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    return
-                if keep:
-                    self.seen += data
-                dst.sendall(data)
-        except OSError:
-            return
-
-    def close(self):
-        for s in [self.listener, *self.socks]:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
 def _stream_through_tap(agent, **sub_kwargs):
-    tap = Tap(int(agent.endpoint.rsplit(":", 1)[1]))
+    tap = TcpForwarder(int(agent.endpoint.rsplit(":", 1)[1]), keep=True)  # what a network observer sees
     sub = Subscriber(f"tcp://127.0.0.1:{tap.port}", **sub_kwargs)
     try:
-        got = _collect(sub, lambda g: {"hello", "sample"} <= _types(g))
+        got = collect(sub, lambda g: {"hello", "sample"} <= types_of(g))
     finally:
         sub.close()
-        tap.close()
+        tap.stop()
     return got, bytes(tap.seen)
 
 
@@ -238,7 +178,7 @@ def test_curve_end_to_end_encrypts_and_a_viewer_without_the_key_gets_nothing(key
                                 curve_secret_key=str(keys["agent_sec"]))
     try:
         got, wire = _stream_through_tap(agent, curve_server_key=str(keys["agent_pub"]))
-        assert {"hello", "sample"} <= _types(got)
+        assert {"hello", "sample"} <= types_of(got)
         assert next(m for m in got if m["type"] == "hello")["model"]["class"] == "SecretiveModel"
         assert len(wire) > 1000 and b"SecretiveModel" not in wire  # encrypted on the wire
         assert discovery.list_agents()[0].get("curve") is True  # a local viewer is told it needs the key
@@ -246,7 +186,7 @@ def test_curve_end_to_end_encrypts_and_a_viewer_without_the_key_gets_nothing(key
         for kwargs in ({}, {"curve_server_key": zmq.curve_keypair()[0]}):
             sub = Subscriber(agent.endpoint, **kwargs)
             try:
-                assert _collect(sub, lambda g: bool(g), timeout=1.5) == []
+                assert collect(sub, lambda g: bool(g), timeout=1.5) == []
             finally:
                 sub.close()
     finally:
@@ -269,8 +209,8 @@ def test_curve_client_keys_admit_only_the_listed_viewers(keys):
                             curve_client_key=str(keys["viewer_sec"]))
         stranger = Subscriber(agent.endpoint, curve_server_key=str(keys["agent_pub"]))  # right server key, unlisted
         try:
-            assert {"hello", "sample"} <= _types(_collect(listed, lambda g: {"hello", "sample"} <= _types(g)))
-            assert _collect(stranger, lambda g: bool(g), timeout=1.5) == []
+            assert {"hello", "sample"} <= types_of(collect(listed, lambda g: {"hello", "sample"} <= types_of(g)))
+            assert collect(stranger, lambda g: bool(g), timeout=1.5) == []
         finally:
             listed.close()
             stranger.close()
@@ -287,7 +227,7 @@ def test_remote_bind_with_curve_says_it_is_encrypted(keys, capfd):
         port = agent.endpoint.rsplit(":", 1)[1]
         sub = Subscriber(f"tcp://127.0.0.1:{port}", curve_server_key=str(keys["agent_pub"]))
         try:
-            assert "hello" in _types(_collect(sub, lambda g: "hello" in _types(g)))
+            assert "hello" in types_of(collect(sub, lambda g: "hello" in types_of(g)))
         finally:
             sub.close()
     finally:
@@ -370,9 +310,9 @@ def test_a_pickle_payload_is_rejected_and_never_loaded(tmp_path, pickle_tripwire
         for frame in (payload, b"E" + payload, b"S" + payload):
             pub.send(frame)
         pub.send(encode(dict(hello, eseq=3)))
-        got = _collect(sub, lambda g: any(m.get("eseq") == 3 for m in g))
+        got = collect(sub, lambda g: any(m.get("eseq") == 3 for m in g))
         assert any(m.get("eseq") == 3 for m in got)
-        _collect(sub, lambda g: sub.rejected >= 2, timeout=5)  # the samples socket is a connection of its own
+        collect(sub, lambda g: sub.rejected >= 2, timeout=5)  # the samples socket is a connection of its own
         assert sub.rejected == 2  # the frame without a topic byte is not even subscribed to
         assert "not msgpack" in (sub.last_rejection or "") or "not a map" in (sub.last_rejection or "")
     finally:

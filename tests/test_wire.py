@@ -11,6 +11,7 @@ import pytest
 import torch
 import zmq
 from conftest import train_steps
+from helpers import collect, types_of
 
 import vramtop_agent
 from vramtop.errors import UserError
@@ -20,20 +21,6 @@ from vramtop.subscriber import Subscriber, check_endpoint
 from vramtop_agent import discovery
 from vramtop_agent.schema import BLOCK_KEYS, SchemaError, decode, decode_many, encode
 from vramtop.tiny import add_lora, build_model, make_batch
-
-
-def _collect(sub, until, timeout=20.0):
-    got = []
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got += sub.poll(50)
-        if until(got):
-            return got
-    raise AssertionError(f"timed out; got {[m['type'] for m in got][-20:]}")
-
-
-def _types(msgs):
-    return {m["type"] for m in msgs}
 
 
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
@@ -51,9 +38,10 @@ def test_round_trip_carries_valid_messages(transport, free_tcp_endpoint):
         for _ in range(20):
             train_steps(model, opt, b, 1)
             got += sub.poll(20)
-            if {"hello", "sample", "step", "phase"} <= _types(got):
+            if {"hello", "sample", "step", "phase"} <= types_of(got):
                 break
-        got += _collect(sub, lambda g: {"hello", "sample", "step", "phase"} <= _types(got + g))
+        got += collect(sub, lambda g: {"hello", "sample", "step", "phase"} <= types_of(got + g), timeout=20.0,
+                       strict=True)
     finally:
         agent.stop()
         sub.close()
@@ -100,10 +88,10 @@ def test_viewer_reconnects_after_disconnect(free_tcp_endpoint):
     agent = vramtop_agent.watch(build_model(vocab_size=512), endpoint=free_tcp_endpoint, sample_hz=50)
     try:
         sub = Subscriber(agent.endpoint)
-        _collect(sub, lambda g: "sample" in _types(g))
+        collect(sub, lambda g: "sample" in types_of(g), timeout=20.0, strict=True)
         sub.close()
         sub = Subscriber(agent.endpoint)  # a new viewer on the same agent
-        _collect(sub, lambda g: {"sample", "hello"} <= _types(g))
+        collect(sub, lambda g: {"sample", "hello"} <= types_of(g), timeout=20.0, strict=True)
         sub.close()
     finally:
         agent.stop()

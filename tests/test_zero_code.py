@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from helpers import agent_of, job_env
 
 import vramtop_agent
 from vramtop.recording import open_recording
@@ -95,34 +96,13 @@ def train_py(tmp_path):
     return path
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env.pop("VRAMTOP", None)
-    env.pop("VRAMTOP_RECORD", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def _wait_agent(pid, proc, timeout=60.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for info in discovery.list_agents():
-            if info["pid"] == pid:
-                return info
-        if proc.poll() is not None:
-            raise AssertionError(f"job ended before its agent appeared: {proc.communicate()}")
-        time.sleep(0.05)
-    raise AssertionError("no agent appeared")
-
-
 def test_python_m_vramtop_agent_publishes_real_steps(train_py, tmp_path):
     stop = tmp_path / "stop"
     proc = subprocess.Popen([sys.executable, "-m", "vramtop_agent", str(train_py), "3", "5", "--flag"],
-                            cwd=tmp_path, env=_env(STOP_FILE=str(stop)), stdout=subprocess.PIPE,
+                            cwd=tmp_path, env=job_env(STOP_FILE=str(stop)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        info = _wait_agent(proc.pid, proc)
+        info = agent_of(proc.pid, timeout=60.0, proc=proc)
         assert info["rank"] == 0 and info["endpoint"].startswith("ipc://")
         sub = Subscriber(info["endpoint"])
         got, deadline = [], time.time() + 30
@@ -173,14 +153,14 @@ def test_exceptions_and_exit_status_are_the_scripts(tmp_path):
     boom = tmp_path / "boom.py"
     boom.write_text("import sys\nprint('argv', sys.argv[1:])\ndef f():\n    raise KeyError('nope')\nf()\n")
     bare = subprocess.run([sys.executable, str(boom), "a"], capture_output=True, text=True, cwd=tmp_path,
-                          env=_env())
+                          env=job_env())
     watched = subprocess.run([sys.executable, "-m", "vramtop_agent", str(boom), "a"], capture_output=True,
-                             text=True, cwd=tmp_path, env=_env())
+                             text=True, cwd=tmp_path, env=job_env())
     assert watched.returncode == bare.returncode == 1
     assert watched.stdout == bare.stdout
     assert watched.stderr == bare.stderr  # same traceback, starting at the script
     missing = subprocess.run([sys.executable, "-m", "vramtop_agent", str(tmp_path / "nope.py")],
-                             capture_output=True, text=True, env=_env())
+                             capture_output=True, text=True, env=job_env())
     assert missing.returncode == 2 and "can't open file" in missing.stderr
 
 
@@ -188,7 +168,7 @@ def test_vramtop_run_records_the_job_and_returns_its_status(train_py, tmp_path):
     rec = tmp_path / "run.vramtop"
     res = subprocess.run([sys.executable, "-m", "vramtop", "run", "--record", str(rec), "--",
                           sys.executable, str(train_py), "3", "7"],
-                         capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120)
+                         capture_output=True, text=True, cwd=tmp_path, env=job_env(), timeout=120)
     assert res.returncode == 7, res.stderr
     assert "vramtop: agent not started" not in res.stderr
     with open_recording(str(rec)) as r:
@@ -203,10 +183,10 @@ def test_vramtop_run_records_the_job_and_returns_its_status(train_py, tmp_path):
 
 def test_vramtop_run_propagates_signals_as_exit_status(tmp_path):
     res = subprocess.run([sys.executable, "-m", "vramtop", "run", "--no-tui", "--", "sh", "-c", "kill -TERM $$"],
-                         capture_output=True, text=True, env=_env(), timeout=60)
+                         capture_output=True, text=True, env=job_env(), timeout=60)
     assert res.returncode == 128 + 15
     res = subprocess.run([sys.executable, "-m", "vramtop", "run", "--", "no-such-command-vramtop"],
-                         capture_output=True, text=True, env=_env(), timeout=60)
+                         capture_output=True, text=True, env=job_env(), timeout=60)
     assert res.returncode == 127 and res.stderr.strip() == "vramtop: command not found: no-such-command-vramtop"
 
 
@@ -216,7 +196,7 @@ def test_env_record_with_torchrun_gives_each_rank_its_stream(tmp_path):
     pattern = str(tmp_path / "r-{rank}.vramtop")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script)], capture_output=True, text=True, cwd=tmp_path,
-                         env=_env(VRAMTOP_RECORD=pattern, OMP_NUM_THREADS="1"), timeout=120)
+                         env=job_env(VRAMTOP_RECORD=pattern), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "vramtop: agent not started" not in res.stderr
     files = sorted(p.name for p in tmp_path.glob("r-*.vramtop"))
@@ -241,7 +221,7 @@ def test_fsdp_roots_are_found_and_described(tmp_path):
     script.write_text(FSDP_TRAIN)
     rec = tmp_path / "fsdp.vramtop"
     res = subprocess.run([sys.executable, str(script), str(tmp_path / "rdzv")], capture_output=True, text=True,
-                         cwd=tmp_path, env=_env(VRAMTOP_RECORD=str(rec), OMP_NUM_THREADS="1"), timeout=120)
+                         cwd=tmp_path, env=job_env(VRAMTOP_RECORD=str(rec)), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     # FSDP1 (a wrapper module): strategy (NO_SHARD: world size 1) and the wrapper named.
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {
@@ -259,11 +239,11 @@ def test_pth_is_installed_and_costs_nothing_when_off(tmp_path):
     assert any(os.path.exists(p) for p in pths), "vramtop-autostart.pth is not installed: pip install -e ."
     probe = ("import sys; print('vramtop_agent' in sys.modules, 'vramtop_agent._autostart' in sys.modules, "
              "'torch' in sys.modules, [type(f).__name__ for f in sys.meta_path][0])")
-    off = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env())
+    off = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=job_env())
     assert off.stdout.split()[:3] == ["False", "False", "False"], off
-    off0 = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(VRAMTOP="0"))
+    off0 = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=job_env(VRAMTOP="0"))
     assert off0.stdout.split()[:2] == ["False", "False"]
-    on = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(VRAMTOP="1"))
+    on = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=job_env(VRAMTOP="1"))
     # On: a watcher for `import torch`, and nothing heavy imported (no torch, no agent).
     assert on.stdout.split() == ["True", "True", "False", "_TorchImportWatcher"], on
     assert on.stderr == ""
@@ -275,7 +255,7 @@ def test_sitecustomize_bootstrap_loads_the_agent_and_chains(tmp_path):
     user = tmp_path / "user"
     user.mkdir()
     (user / "sitecustomize.py").write_text("import os\nos.environ['USER_SITECUSTOMIZE'] = 'ran'\n")
-    env = child_env(_env(PYTHONPATH=str(user)))
+    env = child_env(job_env(PYTHONPATH=str(user)))
     assert env["PYTHONPATH"].split(os.pathsep) == [boot_dir(), str(user)]
     assert env["VRAMTOP"] == "1"
     # -S: no site-packages, no .pth; the bootstrap alone must find vramtop_agent (VRAMTOP_AGENT_PATH).
@@ -293,7 +273,7 @@ def test_bootstrap_failure_is_one_line_and_the_job_runs(train_py, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")  # the agent's runtime dir cannot be created: it cannot publish
     res = subprocess.run([sys.executable, str(train_py), "2", "0"], capture_output=True, text=True, cwd=tmp_path,
-                         env=_env(VRAMTOP="1", VRAMTOP_RUNTIME_DIR=str(blocker / "rt")), timeout=120)
+                         env=job_env(VRAMTOP="1", VRAMTOP_RUNTIME_DIR=str(blocker / "rt")), timeout=120)
     assert res.returncode == 0
     assert "argv=" in res.stdout
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
