@@ -95,7 +95,7 @@ def missing_dependencies() -> list[str]:
 
 def injected_agent():
     agent = _injected["agent"]
-    return agent if agent is not None and not getattr(agent, "_closed", False) else None
+    return agent if agent is not None and not agent.closed else None
 
 
 def existing_agent() -> dict | None:
@@ -105,7 +105,7 @@ def existing_agent() -> dict | None:
     agent = _autostart.current_agent()
     if agent is not None:
         return {"ok": True, "already": True, "endpoint": agent.endpoint, "injected": False}
-    if _autostart._state.get("started"):  # zero-code start waiting for the first training forward
+    if _autostart.started():  # zero-code start waiting for the first training forward
         return {"ok": True, "already": True, "endpoint": None, "injected": False}
     try:
         mine = [a for a in discovery.list_agents(clean=False) if a.get("pid") == os.getpid()]
@@ -135,11 +135,10 @@ def start() -> dict:
     import vramtop_agent
     from vramtop_agent import _autostart
 
-    agent = vramtop_agent.watch(None, None, **_autostart._agent_options())
+    agent = vramtop_agent.watch(None, None, **_autostart.agent_options())
     _outermost_root_only(agent)
     # The viewer shows steps before the first hooked one as unknown, never as zero (wire schema: hello.injected).
-    agent.injected = {"at": time.time()}
-    agent._queue_hello()
+    agent.mark_injected(time.time())
     _injected["agent"] = agent
     import atexit
 
@@ -168,7 +167,7 @@ def _outermost_root_only(agent) -> None:
     found at the next forward that starts with no module call running, and
     the first step reported is a whole one.
     """
-    from vramtop_agent.autodetect import RootDetector
+    from vramtop_agent.autodetect import RootDetector, swap_root_detector
 
     class OutermostRootDetector(RootDetector):
         def _pre(self, module, args):
@@ -177,12 +176,7 @@ def _outermost_root_only(agent) -> None:
             self._local.depth = 0  # outermost by the stack, whatever the counter saw
             return super()._pre(module, args)
 
-    for handle in list(agent._hooks):
-        if isinstance(handle, RootDetector):
-            agent._hooks.remove(handle)
-            found, on_error = handle._on_found, handle._on_error
-            handle.remove()
-            agent._hooks.append(OutermostRootDetector(found, on_error=on_error).install())
+    swap_root_detector(agent, OutermostRootDetector)
 
 
 def stop() -> dict:
