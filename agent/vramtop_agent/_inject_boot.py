@@ -41,11 +41,7 @@ def run(action: str, status_path: str) -> None:
         result = stop() if action == "stop" else start()
     except BaseException as exc:  # noqa: BLE001 - nothing may reach the job
         result = {"ok": False, "reason": f"agent not started: {type(exc).__name__}: {exc}"[:400]}
-    result.setdefault("pid", os.getpid())
-    try:
-        write_status(status_path, result)
-    except BaseException:
-        pass
+    _report(status_path, result)
 
 
 def _in_thread(work, status_path: str) -> None:
@@ -57,11 +53,7 @@ def _in_thread(work, status_path: str) -> None:
             result = work()
         except BaseException as exc:  # noqa: BLE001
             result = {"ok": False, "reason": f"agent not loaded: {type(exc).__name__}: {exc}"[:400]}
-        result.setdefault("pid", os.getpid())
-        try:
-            write_status(status_path, result)
-        except BaseException:
-            pass
+        _report(status_path, result)
 
     threading.Thread(target=body, name="vramtop-inject-preload", daemon=True).start()
 
@@ -79,6 +71,15 @@ def prepare() -> dict:
 def _missing(missing: list[str]) -> dict:
     return {"ok": False, "reason": f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
             f"installed in the job's environment ({sys.executable}): `pip install {' '.join(missing)}` there"}
+
+
+def _report(status_path: str, result: dict) -> None:
+    """Write the status the viewer waits for (with this pid); a failure to write never reaches the job."""
+    result.setdefault("pid", os.getpid())
+    try:
+        write_status(status_path, result)
+    except BaseException:  # noqa: BLE001 - nothing may reach the job
+        pass
 
 
 def write_status(path: str, result: dict) -> None:

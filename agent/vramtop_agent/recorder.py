@@ -56,7 +56,7 @@ COMPATIBLE_VERSION = 1
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
-SCHEMA_SQL = """
+_SCHEMA_SQL_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -78,70 +78,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_t           REAL,
     hello            BLOB
 );
-CREATE TABLE IF NOT EXISTS samples (
-    id          INTEGER PRIMARY KEY,
-    rseq        INTEGER NOT NULL,
-    session     INTEGER NOT NULL,
-    t           REAL NOT NULL,
-    seq         INTEGER,
-    step        INTEGER,
-    phase       TEXT,
-    device      TEXT,
-    parameters  INTEGER,
-    gradients   INTEGER,
-    optimizer   INTEGER,
-    activations INTEGER,
-    other       INTEGER,
-    total       INTEGER,
-    allocated   INTEGER,
-    reserved    INTEGER,
-    rss         INTEGER,
-    msg         BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS samples_t ON samples (t);
-CREATE INDEX IF NOT EXISTS samples_step ON samples (step);
-CREATE INDEX IF NOT EXISTS samples_total ON samples (total DESC, t);
-CREATE TABLE IF NOT EXISTS steps (
-    id               INTEGER PRIMARY KEY,
-    rseq             INTEGER NOT NULL,
-    session          INTEGER NOT NULL,
-    t                REAL NOT NULL,
-    step             INTEGER,
-    step_time        REAL,
-    micro_steps      INTEGER,
-    batch            INTEGER,
-    seq_len          INTEGER,
-    forward_peak     INTEGER,
-    backward_peak    INTEGER,
-    optimizer_peak   INTEGER,
-    peak             INTEGER,
-    peak_phase       TEXT,
-    end_of_forward   INTEGER,
-    backward_spike   INTEGER,
-    peak_parameters  INTEGER,
-    peak_gradients   INTEGER,
-    peak_optimizer   INTEGER,
-    peak_activations INTEGER,
-    peak_other       INTEGER,
-    msg              BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS steps_t ON steps (t);
-CREATE INDEX IF NOT EXISTS steps_step ON steps (step);
-CREATE INDEX IF NOT EXISTS steps_peak ON steps (peak DESC, t);
-CREATE TABLE IF NOT EXISTS events (
-    id      INTEGER PRIMARY KEY,
-    rseq    INTEGER NOT NULL,
-    session INTEGER NOT NULL,
-    t       REAL NOT NULL,
-    type    TEXT NOT NULL,
-    eseq    INTEGER,
-    step    INTEGER,
-    phase   TEXT,
-    msg     BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_t ON events (t);
-CREATE INDEX IF NOT EXISTS events_type ON events (type);
-CREATE INDEX IF NOT EXISTS events_step ON events (step);
+{row_tables}
 CREATE TABLE IF NOT EXISTS allocator_snapshots (
     id      INTEGER PRIMARY KEY,
     session INTEGER NOT NULL,
@@ -152,6 +89,53 @@ CREATE TABLE IF NOT EXISTS allocator_snapshots (
     data    BLOB NOT NULL
 );
 """
+
+# The row tables, column by column: the DDL and the INSERTs are built from these lists. Every row begins
+# with ROW_HEAD and ends with the whole message (`msg`), so a reader needs no column to get it back.
+ROW_HEAD = (("rseq", "INTEGER NOT NULL"), ("session", "INTEGER NOT NULL"), ("t", "REAL NOT NULL"))
+ROW_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "samples": (
+        ("seq", "INTEGER"), ("step", "INTEGER"), ("phase", "TEXT"), ("device", "TEXT"),
+        ("parameters", "INTEGER"), ("gradients", "INTEGER"), ("optimizer", "INTEGER"), ("activations", "INTEGER"),
+        ("other", "INTEGER"), ("total", "INTEGER"), ("allocated", "INTEGER"), ("reserved", "INTEGER"),
+        ("rss", "INTEGER"),
+    ),
+    "steps": (
+        ("step", "INTEGER"), ("step_time", "REAL"), ("micro_steps", "INTEGER"), ("batch", "INTEGER"),
+        ("seq_len", "INTEGER"), ("forward_peak", "INTEGER"), ("backward_peak", "INTEGER"),
+        ("optimizer_peak", "INTEGER"), ("peak", "INTEGER"), ("peak_phase", "TEXT"), ("end_of_forward", "INTEGER"),
+        ("backward_spike", "INTEGER"), ("peak_parameters", "INTEGER"), ("peak_gradients", "INTEGER"),
+        ("peak_optimizer", "INTEGER"), ("peak_activations", "INTEGER"), ("peak_other", "INTEGER"),
+    ),
+    "events": (("type", "TEXT NOT NULL"), ("eseq", "INTEGER"), ("step", "INTEGER"), ("phase", "TEXT")),
+}
+# Indexes of the row tables: (name suffix, columns).
+_ROW_INDEXES = {
+    "samples": (("t", "t"), ("step", "step"), ("total", "total DESC, t")),
+    "steps": (("t", "t"), ("step", "step"), ("peak", "peak DESC, t")),
+    "events": (("t", "t"), ("type", "type"), ("step", "step")),
+}
+
+
+def _row_columns(table: str) -> list[tuple[str, str]]:
+    return [*ROW_HEAD, *ROW_COLUMNS[table], ("msg", "BLOB NOT NULL")]
+
+
+def _create_row_table(table: str) -> str:
+    columns = ",\n".join(f"    {name} {kind}" for name, kind in
+                          [("id", "INTEGER PRIMARY KEY"), *_row_columns(table)])
+    indexes = "".join(f"CREATE INDEX IF NOT EXISTS {table}_{suffix} ON {table} ({cols});\n"
+                      for suffix, cols in _ROW_INDEXES[table])
+    return f"CREATE TABLE IF NOT EXISTS {table} (\n{columns}\n);\n{indexes}"
+
+
+def _insert_row_sql(table: str) -> str:
+    names = [name for name, _ in _row_columns(table)]
+    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
+
+
+SCHEMA_SQL = _SCHEMA_SQL_TEMPLATE.format(row_tables="".join(map(_create_row_table, ROW_COLUMNS)))
+_INSERT_SAMPLE, _INSERT_STEP, _INSERT_EVENT = map(_insert_row_sql, ("samples", "steps", "events"))
 
 SEGMENTS_FORMAT = "vramtop-segments/1"  # msgpack list of segment maps, see docs/recording-format.md
 
@@ -555,21 +539,13 @@ class Recorder:
                 self.unwritable += 1  # a message msgpack cannot carry: skip it, keep the batch
                 self.dropped += 1
         if samples:
-            db.executemany(
-                "INSERT INTO samples (rseq, session, t, seq, step, phase, device, parameters, gradients, optimizer,"
-                " activations, other, total, allocated, reserved, rss, msg)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", samples)
+            db.executemany(_INSERT_SAMPLE, samples)
         if steps:
-            db.executemany(
-                "INSERT INTO steps (rseq, session, t, step, step_time, micro_steps, batch, seq_len, forward_peak,"
-                " backward_peak, optimizer_peak, peak, peak_phase, end_of_forward, backward_spike, peak_parameters,"
-                " peak_gradients, peak_optimizer, peak_activations, peak_other, msg)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", steps)
+            db.executemany(_INSERT_STEP, steps)
         if events:
             if snapshots:
                 for i, row in enumerate(events):
-                    cur = db.execute("INSERT INTO events (rseq, session, t, type, eseq, step, phase, msg)"
-                                     " VALUES (?,?,?,?,?,?,?,?)", row)
+                    cur = db.execute(_INSERT_EVENT, row)
                     for idx, msg in snapshots:
                         if idx == i:
                             db.execute(
@@ -578,8 +554,7 @@ class Recorder:
                                 (row[1], row[2], cur.lastrowid, _int(msg.get("step")), SEGMENTS_FORMAT,
                                  msg["packed"]))
             else:
-                db.executemany("INSERT INTO events (rseq, session, t, type, eseq, step, phase, msg)"
-                               " VALUES (?,?,?,?,?,?,?,?)", events)
+                db.executemany(_INSERT_EVENT, events)
         for sid, t in last_t.items():
             db.execute("UPDATE sessions SET last_t = max(coalesce(last_t, 0), ?) WHERE id = ?", (t, sid))
         return len(samples) + len(steps) + len(events)
