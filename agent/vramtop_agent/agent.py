@@ -235,6 +235,7 @@ class Agent:
     # rebuilds them gets their memory back.
     @property
     def model(self):
+        """The watched root module (None before one is attached or found, or after it was collected)."""
         return self.acct.model
 
     @property
@@ -454,7 +455,7 @@ class Agent:
         self.emit_event(hello)
 
     def hello_fields(self) -> dict:
-        import sys
+        """The fields of this agent's hello message: who it is, the model, optimizer, estimate, training."""
 
         model_info = None
         if self.model is not None:
@@ -500,6 +501,7 @@ class Agent:
     # ------------------------------------------------------------------ measuring
 
     def breakdown(self) -> Breakdown:
+        """The memory blocks per device now (re-read off the I/O thread; its caches on it)."""
         return self.acct.breakdown(fresh=threading.current_thread() is not self._thread)
 
     def _on_training_thread(self) -> bool:

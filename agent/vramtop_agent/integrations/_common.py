@@ -39,11 +39,6 @@ def attach_optimizer(agent, optimizer) -> None:
         agent.attach_optimizer(core)
 
 
-def set_training(agent, training: dict) -> None:
-    """Put `training` in the hello message (re-sent at once)."""
-    agent.set_training_info(training)
-
-
 def plain(value: Any) -> Any:
     """A value msgpack and every logger can carry (enums, dtypes and the like become strings)."""
     if value is None or type(value) in (bool, int, float, str):

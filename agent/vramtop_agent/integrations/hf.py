@@ -141,7 +141,7 @@ class VramtopCallback(_Base):
                 self.agent.attach_model(model)
             _common.attach_optimizer(self.agent, optimizer)
             self._sync_step(state)
-            _common.set_training(self.agent, training_from_args(args, state))
+            self.agent.set_training_info(training_from_args(args, state))
         except Exception as exc:  # never stop the training
             self._fail("hf-train-begin", exc)
 

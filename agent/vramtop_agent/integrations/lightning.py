@@ -97,7 +97,7 @@ def make_callback(base):
                 if optimizers:
                     _common.attach_optimizer(self.agent, optimizers[0])
                 self.agent.set_step(int(getattr(trainer, "global_step", 0) or 0))
-                _common.set_training(self.agent, _training_info(trainer, pl_module))
+                self.agent.set_training_info(_training_info(trainer, pl_module))
             except Exception as exc:
                 self._fail("lightning-train-start", exc)
 
