@@ -66,7 +66,7 @@ def _real_messages() -> list[dict]:
         opt.step()
         opt.zero_grad()
         agent._flush(agent.snapshot())
-    agent._error("fuzz-seed", RuntimeError("a caught hook error"))
+    agent.report_error("fuzz-seed", RuntimeError("a caught hook error"))
     oom.record(agent, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "top")
     agent.stop()
     msgs = [m for m in sink.messages]

@@ -1,126 +1,20 @@
-"""The GPUs of this machine and their processes, from NVML: what `vramtop` shows before any agent runs.
+"""The GPUs of this machine and their processes: what `vramtop` shows before any agent runs.
 
-NVML (pynvml, from nvidia-ml-py) knows, per GPU, the memory in use, the
-utilisation, and the compute/graphics processes with the memory each holds.
-No agent is needed, so a user who types `vramtop` on a node always sees
-something. Without an NVIDIA driver `list_gpus()` returns a report whose
-`error` says so in one line, and the view shows just that line (and the
-agents as they appear).
+The data comes from the agent's NVML layer (vramtop_agent.nvml: `list_gpus()`,
+re-exported here with its report types); this module draws it. No agent is
+needed, so a user who types `vramtop` on a node always sees something.
+Without an NVIDIA driver the report's `error` says so in one line, and the
+view shows just that line (and the agents as they appear).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from vramtop.sources import LiveSource
+from vramtop_agent.nvml import Gpu, GpuProcess, GpuReport, list_gpus, pid_gpus
 
-
-@dataclass
-class GpuProcess:
-    pid: int
-    used: int | None  # bytes; None when the driver does not tell (some containers, MIG)
-    name: str = ""
-    kind: str = "compute"
-
-
-@dataclass
-class Gpu:
-    index: int
-    name: str
-    uuid: str | None
-    total: int
-    used: int
-    util_gpu: int | None = None  # percent
-    util_mem: int | None = None
-    processes: list[GpuProcess] = field(default_factory=list)
-
-
-@dataclass
-class GpuReport:
-    gpus: list[Gpu]
-    error: str | None = None  # one line: why there is nothing to show
-    driver: str | None = None
-    taken_at: float = 0.0
-
-
-def _s(v) -> str:
-    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
-
-
-def _proc_name(pid: int) -> str:
-    try:
-        import psutil
-
-        p = psutil.Process(pid)
-        cmd = p.cmdline()
-        return " ".join(cmd) if cmd else p.name()
-    except Exception:
-        return "?"  # another container's pid namespace, or already gone
-
-
-def list_gpus() -> GpuReport:
-    """Every GPU NVML sees, with its processes. Never raises."""
-    now = time.time()
-    try:
-        import pynvml
-    except ImportError:
-        return GpuReport([], "NVML is not available here (pip install nvidia-ml-py)", taken_at=now)
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return GpuReport([], f"no NVIDIA driver on this machine (NVML: {exc})", taken_at=now)
-    try:
-        try:
-            driver = _s(pynvml.nvmlSystemGetDriverVersion())
-        except Exception:
-            driver = None
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            try:
-                uuid = _s(pynvml.nvmlDeviceGetUUID(h))
-            except Exception:
-                uuid = None
-            gpu = Gpu(i, _s(pynvml.nvmlDeviceGetName(h)), uuid, int(mem.total), int(mem.used))
-            try:
-                util = pynvml.nvmlDeviceGetUtilizationRates(h)
-                gpu.util_gpu, gpu.util_mem = int(util.gpu), int(util.memory)
-            except Exception:
-                pass  # not supported (MIG, some vGPUs): absent, not zero
-            seen: dict[int, GpuProcess] = {}
-            for kind, fn in (("compute", "nvmlDeviceGetComputeRunningProcesses"),
-                             ("graphics", "nvmlDeviceGetGraphicsRunningProcesses")):
-                try:
-                    procs = getattr(pynvml, fn)(h)
-                except Exception:
-                    continue
-                for p in procs:
-                    used = getattr(p, "usedGpuMemory", None)
-                    used = int(used) if isinstance(used, int) and used >= 0 else None
-                    if p.pid in seen:
-                        continue
-                    seen[p.pid] = GpuProcess(int(p.pid), used, _proc_name(int(p.pid)), kind)
-            gpu.processes = sorted(seen.values(), key=lambda p: -(p.used or 0))
-            gpus.append(gpu)
-        return GpuReport(gpus, None if gpus else "NVML sees no GPU on this machine", driver, now)
-    except Exception as exc:
-        return GpuReport([], f"NVML failed: {exc}", taken_at=now)
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-
-
-def pid_gpus(report: GpuReport) -> dict[int, list[int]]:
-    """pid -> the indices of the GPUs it holds memory on."""
-    out: dict[int, list[int]] = {}
-    for g in report.gpus:
-        for p in g.processes:
-            out.setdefault(p.pid, []).append(g.index)
-    return out
+__all__ = ["Gpu", "GpuProcess", "GpuReport", "NodeSource", "list_gpus", "pid_gpus", "render_gpus"]
 
 
 def render_gpus(report: GpuReport, agents: list[dict] | None = None):

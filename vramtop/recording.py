@@ -29,7 +29,7 @@ from vramtop.errors import UserError
 from vramtop_agent.recorder import FORMAT_NAME, RECORDING_SCHEMA_VERSION, SQLITE_MAGIC
 from vramtop_agent import recording_tables
 from vramtop_agent.recording_tables import column_types, columns
-from vramtop_agent.schema import SCHEMA_VERSION, SchemaError, unpack, validate
+from vramtop_agent.schema import SCHEMA_VERSION, SchemaError, unpack_strict, validate
 from vramtop_agent.vocabulary import BLOCK_KEYS, is_number
 
 MAX_BLOB_BYTES = 64 * 1024 * 1024
@@ -71,7 +71,7 @@ def unpack_blob(blob: Any) -> Any:
     if blob[:1] == b"\x80" and len(blob) > 2 and blob[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise ValueError("a pickle, not msgpack (refused)")
     try:
-        return unpack(blob)
+        return unpack_strict(blob)
     except SchemaError as exc:
         raise ValueError(str(exc)) from None
 

@@ -49,7 +49,7 @@ def watch(model=None, optimizer=None, **options):
     if running is not None:
         if model is not None and running.model is None:
             running.attach_model(model)
-        return running._rejoin(optimizer, options.get("record"))
+        return running.rejoin(optimizer, options.get("record"))
     from vramtop_agent.agent import Agent
 
     return Agent(model, optimizer, **options)

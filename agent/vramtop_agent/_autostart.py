@@ -52,9 +52,14 @@ def warn(what: str, exc: BaseException | None = None) -> None:
 def current_agent():
     """The agent this module started in this process, if any."""
     agent = _state["agent"]
-    if agent is not None and getattr(agent, "_closed", False):
+    if agent is not None and agent.closed:
         return None
     return agent
+
+
+def started() -> bool:
+    """True once start() ran here: an agent runs, or waits for the first training forward."""
+    return _state["started"]
 
 
 def start_from_env() -> None:
@@ -143,7 +148,7 @@ def _found(module, args, kwargs) -> None:
 
     if _state["agent"] is not None or watched_by_agent(module) or lifecycle.reusable(module) is not None:
         return  # an explicit vramtop_agent.watch(model) or an integration callback already watches it
-    options = _agent_options()
+    options = agent_options()
     import vramtop_agent
 
     agent = vramtop_agent.watch(module, **options)
@@ -152,10 +157,11 @@ def _found(module, args, kwargs) -> None:
 
     atexit.register(_stop_at_exit)
     # watch() attached the model inside this call's global pre hook: replay the agent's own pre hook.
-    agent._on_forward_pre(module, args, kwargs)
+    agent.mark_forward_start(module, args, kwargs)
 
 
-def _agent_options() -> dict:
+def agent_options() -> dict:
+    """watch() options of a zero-code agent: start()'s, then VRAMTOP_ENDPOINT (per rank) and VRAMTOP_SAMPLE_HZ."""
     opts = dict(_state["options"])
     env = os.environ
     if "endpoint" not in opts and env.get("VRAMTOP_ENDPOINT"):

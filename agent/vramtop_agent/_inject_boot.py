@@ -41,11 +41,7 @@ def run(action: str, status_path: str) -> None:
         result = stop() if action == "stop" else start()
     except BaseException as exc:  # noqa: BLE001 - nothing may reach the job
         result = {"ok": False, "reason": f"agent not started: {type(exc).__name__}: {exc}"[:400]}
-    result.setdefault("pid", os.getpid())
-    try:
-        write_status(status_path, result)
-    except BaseException:
-        pass
+    _report(status_path, result)
 
 
 def _in_thread(work, status_path: str) -> None:
@@ -57,11 +53,7 @@ def _in_thread(work, status_path: str) -> None:
             result = work()
         except BaseException as exc:  # noqa: BLE001
             result = {"ok": False, "reason": f"agent not loaded: {type(exc).__name__}: {exc}"[:400]}
-        result.setdefault("pid", os.getpid())
-        try:
-            write_status(status_path, result)
-        except BaseException:
-            pass
+        _report(status_path, result)
 
     threading.Thread(target=body, name="vramtop-inject-preload", daemon=True).start()
 
@@ -81,6 +73,15 @@ def _missing(missing: list[str]) -> dict:
             f"installed in the job's environment ({sys.executable}): `pip install {' '.join(missing)}` there"}
 
 
+def _report(status_path: str, result: dict) -> None:
+    """Write the status the viewer waits for (with this pid); a failure to write never reaches the job."""
+    result.setdefault("pid", os.getpid())
+    try:
+        write_status(status_path, result)
+    except BaseException:  # noqa: BLE001 - nothing may reach the job
+        pass
+
+
 def write_status(path: str, result: dict) -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -95,7 +96,7 @@ def missing_dependencies() -> list[str]:
 
 def injected_agent():
     agent = _injected["agent"]
-    return agent if agent is not None and not getattr(agent, "_closed", False) else None
+    return agent if agent is not None and not agent.closed else None
 
 
 def existing_agent() -> dict | None:
@@ -105,7 +106,7 @@ def existing_agent() -> dict | None:
     agent = _autostart.current_agent()
     if agent is not None:
         return {"ok": True, "already": True, "endpoint": agent.endpoint, "injected": False}
-    if _autostart._state.get("started"):  # zero-code start waiting for the first training forward
+    if _autostart.started():  # zero-code start waiting for the first training forward
         return {"ok": True, "already": True, "endpoint": None, "injected": False}
     try:
         mine = [a for a in discovery.list_agents(clean=False) if a.get("pid") == os.getpid()]
@@ -135,11 +136,10 @@ def start() -> dict:
     import vramtop_agent
     from vramtop_agent import _autostart
 
-    agent = vramtop_agent.watch(None, None, **_autostart._agent_options())
+    agent = vramtop_agent.watch(None, None, **_autostart.agent_options())
     _outermost_root_only(agent)
     # The viewer shows steps before the first hooked one as unknown, never as zero (wire schema: hello.injected).
-    agent.injected = {"at": time.time()}
-    agent._queue_hello()
+    agent.mark_injected(time.time())
     _injected["agent"] = agent
     import atexit
 
@@ -168,7 +168,7 @@ def _outermost_root_only(agent) -> None:
     found at the next forward that starts with no module call running, and
     the first step reported is a whole one.
     """
-    from vramtop_agent.autodetect import RootDetector
+    from vramtop_agent.autodetect import RootDetector, swap_root_detector
 
     class OutermostRootDetector(RootDetector):
         def _pre(self, module, args):
@@ -177,12 +177,7 @@ def _outermost_root_only(agent) -> None:
             self._local.depth = 0  # outermost by the stack, whatever the counter saw
             return super()._pre(module, args)
 
-    for handle in list(agent._hooks):
-        if isinstance(handle, RootDetector):
-            agent._hooks.remove(handle)
-            found, on_error = handle._on_found, handle._on_error
-            handle.remove()
-            agent._hooks.append(OutermostRootDetector(found, on_error=on_error).install())
+    swap_root_detector(agent, OutermostRootDetector)
 
 
 def stop() -> dict:

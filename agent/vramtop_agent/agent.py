@@ -26,7 +26,9 @@ reported in the stream and swallowed; the training job never sees it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import sys
 import threading
 import time
 import traceback
@@ -38,10 +40,12 @@ from vramtop_agent.accounting import Accountant, Breakdown
 from vramtop_agent.attribution import Attribution
 from vramtop_agent.autodetect import defer_to_closure, watch_root
 from vramtop_agent.compile_guard import skip_our_frames
-from vramtop_agent.saved import SavedTensorTracker
-from vramtop_agent.tracking import TrackingPolicy
-from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
 from vramtop_agent.hooks import remove_hooks
+from vramtop_agent.saved import SavedTensorTracker
+from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
+from vramtop_agent.sinks import MessageSink, Sink, as_sink, sink_name
+from vramtop_agent.step_state import StepState
+from vramtop_agent.tracking import TrackingPolicy
 
 AGENT_VERSION = "0.1.0"
 OUTBOX_LIMIT = 10_000
@@ -72,9 +76,16 @@ def _env_int(name: str, default: int) -> int:
 
 
 class Agent:
-    """Watches one training process. Create it with `vramtop_agent.watch()`."""
+    """Watches one training process. Create it with `vramtop_agent.watch()`.
 
-    injected: dict | None = None  # set when `vramtop attach PID` started this agent in a running job (hello field)
+    Integrations (integrations/), the OOM postmortem (oom.py), autodetection
+    (autodetect.py) and `vramtop attach` (_inject_boot.py) drive it through its
+    public methods only: `mark_forward_start`/`mark_forward_end`/`abandon_forward`,
+    `end_step`, `set_step`, `set_training_info`, `mark_injected`, `read_level`,
+    `report_error`, `run_guarded`, `emit_event`, `adopt_hook`/`take_hooks`,
+    `drain`, and the read-only `closed`, `in_forward`, `backward_done`,
+    `cuda_index`, `recorder`.
+    """
 
     def __init__(
         self,
@@ -91,7 +102,7 @@ class Agent:
         track_activations: bool = True,
         reset_peaks: bool = True,
         record: str | None = None,
-        sinks: list | None = None,
+        sinks: list[MessageSink] | None = None,
         track_every: int | None = None,
     ):
         self.pid = os.getpid()
@@ -135,16 +146,7 @@ class Agent:
         self._fwd_depth = 0
         self._step_started: float | None = None
         self._last_step_end: float | None = None
-        self._micro_steps = 0
-        self._backward_done = False
-        self._phase_peak: dict[str, int] = {}
-        self._phase_start_level = 0
-        self._eof_level = 0
-        self._eof_blocks: dict | None = None
-        self._eof_by_module: dict | None = None
-        self._best_level = -1
-        self._best_blocks: dict | None = None
-        self._best_phase = "forward"
+        self._this_step = StepState()  # replaced by a fresh one when the step ends
         self.steps: collections.deque = collections.deque(maxlen=10_000)  # step summaries, newest last
 
         self._eseq = 0
@@ -154,10 +156,13 @@ class Agent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_at = time.time()
-        self._sinks: list = list(sinks or [])
+        self._sinks: list[Sink] = [as_sink(s) for s in sinks or []]
         self._closed = False
         self.endpoint: str | None = None
+        self._info: dict = {}  # this agent's discovery file (publishing agents)
         self._info_written = False
+        self.injected: dict | None = None  # `vramtop attach PID` started this agent in a running job (hello)
+        self._training_info: dict | None = None  # an integration's framework settings (hello `training`)
         self.estimate: dict | None = None  # the estimator's prediction for this run (sent in hello)
         self._estimated_for: tuple | None = None
 
@@ -168,7 +173,7 @@ class Agent:
             self._start_recorder(record)
 
         lifecycle.register(self)  # stopped at exit if nobody stops it; inert in a forked child
-        if lifecycle.records(self):
+        if self.recorder is not None:
             lifecycle.stop_on_polite_signals(self)  # SIGTERM/SIGHUP: the recording still gets its goodbye
 
         self._install_optimizer_hooks()
@@ -178,7 +183,7 @@ class Agent:
         if model is not None:
             self.attach_model(model)
         else:  # zero-code use: the first training forward names the root module (autodetect.py)
-            self._guard("autodetect", watch_root, self)
+            self.run_guarded("autodetect", watch_root, self)
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         if self._sinks:
@@ -219,20 +224,18 @@ class Agent:
                                f"({type(exc).__name__}: {exc})")
 
     def _start_recorder(self, path: str) -> None:
-        try:
-            from vramtop_agent.recorder import Recorder  # added by the recordings work
-        except ImportError:
-            self._error("recorder", RuntimeError("recording is not available in this vramtop_agent"))
-            return
+        from vramtop_agent.recorder import Recorder
+
         try:
             self._sinks.append(Recorder(path))
         except Exception as exc:  # a bad path must not stop the job
-            self._error("recorder", exc)
+            self.report_error("recorder", exc)
 
     # The model and the optimizers are held weakly (by the Accountant): a job that drops or
     # rebuilds them gets their memory back.
     @property
     def model(self):
+        """The watched root module (None before one is attached or found, or after it was collected)."""
         return self.acct.model
 
     @property
@@ -244,15 +247,14 @@ class Agent:
         """Watch this module as the root: its forward marks the forward phase."""
         if self.model is model:
             return
-        for h in self._hooks_model():
-            h.remove()
+        remove_hooks(self.take_hooks(_is_model_hook))
         self.acct.model = model
         self.attribution.set_model(model)
         self.tracking.changed()
         self.device = self._primary_device(model)
         self._cuda_index = int(self.device.split(":")[1]) if self.device.startswith("cuda") else None
         if self._info_written:  # `vramtop ls` shows the device (one small file write, once per model)
-            self._guard("discovery", self._write_device_info)
+            self.run_guarded("discovery", self._write_device_info)
         _bind_is_compiling()
         if getattr(model, "_compiled_call_impl", None) is not None:
             # Compiled in place (`model.compile()`): its own hooks run inside the compiled region, where
@@ -286,12 +288,17 @@ class Agent:
             self.tracking.changed()
             self._queue_hello()
 
-    def _hooks_model(self):
-        keep, drop = [], []
+    def take_hooks(self, which: Callable[[Any], bool]) -> list:
+        """Hand over the hook handles `which` selects: the agent forgets them, the caller removes or replaces them."""
+        keep, taken = [], []
         for h in self._hooks:
-            (drop if getattr(h, "_vramtop_model", False) else keep).append(h)
+            (taken if which(h) else keep).append(h)
         self._hooks = keep
-        return drop
+        return taken
+
+    def adopt_hook(self, handle) -> None:
+        """Hold a hook handle (anything with `remove()`) that stop() removes with the agent's own."""
+        self._hooks.append(handle)
 
     def _install_optimizer_hooks(self) -> None:
         # Global hooks: catch whichever optimizer steps, even when none was passed.
@@ -312,14 +319,16 @@ class Agent:
 
     # ------------------------------------------------------------------ guard
 
-    def _guard(self, where: str, fn: Callable, *args):
+    def run_guarded(self, where: str, fn: Callable, *args):
+        """fn(*args); an exception is reported as an agent error at `where` and None returned instead."""
         try:
             return fn(*args)
         except Exception as exc:
-            self._error(where, exc)
+            self.report_error(where, exc)
             return None
 
-    def _error(self, where: str, exc: BaseException) -> None:
+    def report_error(self, where: str, exc: BaseException) -> None:
+        """Count an exception caught inside vramtop (every sample says how many) and send an "error" event."""
         try:
             self.errors += 1
             self._error_counts[where] += 1
@@ -328,18 +337,103 @@ class Agent:
             self.last_error = f"{where}: {text}"
             # Report the first few of a kind, then one in a hundred: a hook that fails every op must not flood.
             if n <= 5 or n % 100 == 0:
-                self._emit({"type": "error", "where": where, "message": text, "count": n,
+                self.emit_event({"type": "error", "where": where, "message": text, "count": n,
                             "trace": "".join(traceback.format_exception(exc))[-2000:]})
         except Exception:
             pass
+
+    # ------------------------------------------------------------------ what integrations, OOM and autodetect use
+
+    @property
+    def closed(self) -> bool:
+        """True once stop() ran (or a forked child disowned the parent's agent)."""
+        return self._closed
+
+    @property
+    def in_forward(self) -> bool:
+        """True between a training forward's start and its end."""
+        return self._fwd_depth > 0
+
+    @property
+    def backward_done(self) -> bool:
+        """True when a backward ended in the current step (its optimizer phase may start)."""
+        return self._this_step.backward_done
+
+    @property
+    def cuda_index(self) -> int | None:
+        """The CUDA index of the watched model's primary device; None off CUDA."""
+        return self._cuda_index
+
+    @property
+    def recorder(self):
+        """The Recorder among the sinks, or None when this agent does not record."""
+        module = sys.modules.get("vramtop_agent.recorder")  # never imported: no sink can be a Recorder
+        if module is None:
+            return None
+        return next((s for s in self._sinks if isinstance(s, module.Recorder)), None)
+
+    def read_level(self) -> tuple[int, dict]:
+        """(bytes in use on the primary device now, the blocks that make them up), from the caches."""
+        return self._level()
+
+    def mark_forward_start(self, module, args: tuple = (), kwargs: dict | None = None) -> None:
+        """A training forward of `module` starts with these inputs (what the root module's pre hook does):
+        for a framework whose training step is not a module call, or a root found inside its own call."""
+        self._on_forward_pre(module, args, kwargs or {})
+
+    def mark_forward_end(self, module, output) -> None:
+        """The training forward ended with `output`: its first gradient will start the backward phase."""
+        self._on_forward_post(module, (), output)
+
+    def abandon_forward(self, where: str) -> None:
+        """The forward ends with no backward to follow (it raised, or returned no loss): unwind, go idle."""
+        self.run_guarded(where, self._forward_post, None)
+        self.phase = "idle"
+
+    def mark_optimizer_start(self, optimizer) -> None:
+        """`optimizer`'s update starts now (a `step(closure)` whose closure has just run forward and backward)."""
+        self.run_guarded("optimizer-pre", self._opt_pre, optimizer)
+
+    def end_step(self, where: str) -> None:
+        """End the current step now: the framework saw an optimizer step the agent's hooks did not (skipped
+        by the fp16 grad scaler, a DeepSpeed engine step). An exception is reported at `where`."""
+        self.run_guarded(where, self._finish_step)
+
+    def set_step(self, step: int) -> None:
+        """Number the current step `step` (a framework's global step: resumed runs go on counting)."""
+        self.step = int(step)
+
+    def set_training_info(self, training: dict) -> None:
+        """The framework's training settings (batch, grad_accum, precision, ...; None values left out):
+        the hello's `training` map, re-sent at once."""
+        self._training_info = {k: v for k, v in training.items() if v is not None}
+        self.run_guarded("training-info", self._queue_hello)
+
+    def mark_injected(self, at: float) -> None:
+        """`vramtop attach PID` started this agent at `at` in a running job: the hello says so, and the
+        steps before the first whole one are unknown, never zero."""
+        self.injected = {"at": at}
+        self._queue_hello()
+
+    def drain(self, timeout: float = 1.0) -> None:
+        """Wait (at most `timeout` s) until the I/O thread has handed the queued messages to the sinks,
+        then flush the sinks (a recording commits): the process is about to die."""
+        deadline = time.monotonic() + timeout
+        thread = self._thread
+        while self._outbox and thread is not None and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for sink in list(self._sinks):
+            with contextlib.suppress(Exception):
+                sink.flush(timeout=max(deadline - time.monotonic(), 0.05))
 
     # ------------------------------------------------------------------ messages
 
     def _base(self, kind: str) -> dict:
         return {"v": SCHEMA_VERSION, "type": kind, "t": time.time(), "pid": self.pid, "rank": self.rank}
 
-    def _emit(self, fields: dict) -> dict | None:
-        """Queue an event for the sampler thread. Never blocks, never grows without bound."""
+    def emit_event(self, fields: dict) -> dict | None:
+        """Queue an event (a map with its `type`) for the sinks; returns the message as queued, or None when
+        nothing was queued (no sinks, or the queue full). Never blocks, never grows without bound."""
         if not self._sinks:
             return
         if len(self._outbox) >= OUTBOX_LIMIT:
@@ -358,19 +452,19 @@ class Agent:
         hello = self.hello_fields()
         self._last_hello = hello
         self._hello_built_at = time.monotonic()
-        self._emit(hello)
+        self.emit_event(hello)
 
     def hello_fields(self) -> dict:
-        import sys
+        """The fields of this agent's hello message: who it is, the model, optimizer, estimate, training."""
 
         model_info = None
         if self.model is not None:
-            model_info = self._guard("describe-model", self._describe_model)
+            model_info = self.run_guarded("describe-model", self._describe_model)
         opt_info = None
         if self.optimizer is not None:
             from vramtop_agent.introspect import describe_optimizer
 
-            opt_info = self._guard("describe-optimizer", describe_optimizer, self.optimizer)
+            opt_info = self.run_guarded("describe-optimizer", describe_optimizer, self.optimizer)
         try:
             import torch
 
@@ -379,8 +473,8 @@ class Agent:
             torch_version = None
         return {
             "type": "hello",
-            "host": getattr(self, "_info", {}).get("host") or __import__("socket").gethostname(),
-            "node": getattr(self, "_info", {}).get("node") or __import__("socket").gethostname(),
+            "host": self._info.get("host") or __import__("socket").gethostname(),
+            "node": self._info.get("node") or __import__("socket").gethostname(),
             "cmdline": _safe_argv(),
             "start_time": self._started_at,
             "local_rank": self.local_rank,
@@ -395,7 +489,7 @@ class Agent:
             "sample_hz": self.sample_hz,
             "estimate": self.estimate,
             "endpoint": self.endpoint,
-            **({"training": self.training_info} if getattr(self, "training_info", None) else {}),  # integrations/
+            **({"training": self._training_info} if self._training_info else {}),  # integrations/
             **({"injected": dict(self.injected)} if self.injected else {}),  # _inject_boot.py
         }
 
@@ -407,6 +501,7 @@ class Agent:
     # ------------------------------------------------------------------ measuring
 
     def breakdown(self) -> Breakdown:
+        """The memory blocks per device now (re-read off the I/O thread; its caches on it)."""
         return self.acct.breakdown(fresh=threading.current_thread() is not self._thread)
 
     def _on_training_thread(self) -> bool:
@@ -516,7 +611,8 @@ class Agent:
             allocated, peak = devices.allocated_and_peak(devices.raw_cuda_stats(self._cuda_index))
             if edge == "end" or phase == "backward":
                 ended = "forward" if (phase == "backward" and edge == "start") else phase
-                self._phase_peak[ended] = max(self._phase_peak.get(ended, 0), peak)
+                peaks = self._this_step.phase_peak
+                peaks[ended] = max(peaks.get(ended, 0), peak)
             if edge == "start" and self.reset_peaks:
                 torch.cuda.reset_peak_memory_stats(self._cuda_index)
         # Gradients change under zero_grad (before forward), optimizer states in step(): bring the
@@ -533,14 +629,15 @@ class Agent:
         bd = acct.assemble()
         level, blocks = self._level(bd, allocated=allocated, edge=(phase, edge))
         if phase == "backward" and edge == "start":
-            self._eof_level = max(self._eof_level, level)
-            self._eof_blocks = blocks
-            self._eof_by_module = self.attribution.live() if self.tracking.tracked else None
+            this = self._this_step
+            this.forward_end_level = max(this.forward_end_level, level)
+            this.forward_end_blocks = blocks
+            this.forward_end_by_module = self.attribution.live() if self.tracking.tracked else None
             self._note_level(level, blocks, "forward")
             self._note_level(level, blocks, "backward")  # backward starts from the forward's level
         else:
             self._note_level(level, blocks, phase)
-        event = self._emit({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level,
+        event = self.emit_event({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level,
                             "blocks": dict(blocks)})  # the job view compares ranks block by block at the edges
         if self._sample_due() and (phase, edge) != ("optimizer", "end"):  # that one: after the step ends
             sample = self._sample(bd, "edge", (level, blocks))
@@ -549,11 +646,12 @@ class Agent:
             self._offer_sample(sample)
 
     def _note_level(self, level: int, blocks: dict, phase: str) -> None:
+        this = self._this_step
         if self._cuda_index is None:
-            if level > self._phase_peak.get(phase, -1):
-                self._phase_peak[phase] = level
-        if level > self._best_level:
-            self._best_level, self._best_blocks, self._best_phase = level, blocks, phase
+            if level > this.phase_peak.get(phase, -1):
+                this.phase_peak[phase] = level
+        if level > this.best_level:
+            this.best_level, this.best_blocks = level, blocks
 
     def _on_grad(self, param) -> None:
         if _is_compiling():
@@ -564,12 +662,12 @@ class Agent:
                 # Inside a long backward: the next hook we pass takes the sample (caches only).
                 self._offer_sample(self._sample(self.acct.assemble(), "edge"))
         except Exception as exc:
-            self._error("grad-hook", exc)
+            self.report_error("grad-hook", exc)
 
     def _on_forward_pre(self, module, args, kwargs):
         if _is_compiling():
             return
-        self._guard("forward-pre", self._forward_pre, module, args, kwargs)
+        self.run_guarded("forward-pre", self._forward_pre, module, args, kwargs)
 
     def _forward_pre(self, module, args, kwargs) -> None:
         import torch
@@ -581,7 +679,7 @@ class Agent:
             return
         self._train_thread = threading.get_ident()
         self._in_opt = None
-        if self._backward_done and not self.acct.optimizers():
+        if self._this_step.backward_done and not self.acct.optimizers():
             self._finish_step()  # no optimizer in sight: one forward+backward is a step
         if self._step_started is None:
             self._step_started = time.time()
@@ -591,7 +689,7 @@ class Agent:
         key = estimate_key(self.model, self.optimizer, self.batch)
         if key != self._estimated_for:  # model, optimizer or input shape became known or changed
             self._estimated_for = key
-            self._guard("estimate", self._update_estimate)
+            self.run_guarded("estimate", self._update_estimate)
         tracked = self.tracking.begin_forward(self.step, self.batch, self.saved.enabled)
         if tracked:
             skip_our_frames(self.saved.hot_functions() + self.attribution.hot_functions())
@@ -615,7 +713,7 @@ class Agent:
     def _on_forward_post(self, module, args, output):
         if _is_compiling():
             return
-        self._guard("forward-post", self._forward_post, output)
+        self.run_guarded("forward-post", self._forward_post, output)
 
     def _forward_post(self, output) -> None:
         if self._fwd_depth == 0:
@@ -633,7 +731,7 @@ class Agent:
                 t.register_hook(self._on_backward_first)
 
     def _on_backward_first(self, grad):
-        self._guard("backward-start", self._backward_start)
+        self.run_guarded("backward-start", self._backward_start)
         return None
 
     def _backward_start(self) -> None:
@@ -642,18 +740,18 @@ class Agent:
         self._bwd_started = True
         import torch
 
-        self._micro_steps += 1  # a forward is a micro-step once its backward runs (eval forwards never do)
+        self._this_step.micro_steps += 1  # a forward is a micro-step once its backward runs (eval forwards never do)
         self.phase = "backward"
         self._edge("backward", "start")
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_backward_end(self):
-        self._guard("backward-end", self._backward_end)
+        self.run_guarded("backward-end", self._backward_end)
 
     def _backward_end(self) -> None:
         self._edge("backward", "end")
         self.phase = "idle"
-        self._backward_done = True
+        self._this_step.backward_done = True
 
     def _on_opt_pre(self, optimizer, args, kwargs):
         if _is_compiling():
@@ -661,7 +759,7 @@ class Agent:
         deferred = defer_to_closure(self, optimizer, args, kwargs)  # step(closure): Lightning, LBFGS
         if deferred is not None:
             return deferred
-        self._guard("optimizer-pre", self._opt_pre, optimizer)
+        self.run_guarded("optimizer-pre", self._opt_pre, optimizer)
 
     def _adopt(self, optimizer) -> bool:
         """Follow an optimizer that steps the watched model's parameters (and only such a one)."""
@@ -680,7 +778,7 @@ class Agent:
             # Injected: this step began before we knew the optimizer: it and earlier ones are unknown.
             self.injected = {**self.injected, "first_step": self.step + 1}
             self._queue_hello()  # the cached hello would otherwise go on saying nothing is known yet
-        if not self._backward_done or self._in_opt is not None:
+        if not self._this_step.backward_done or self._in_opt is not None:
             return  # a second optimizer of the same step: counted at its end, no new phase
         self._in_opt = optimizer
         self.phase = "optimizer"
@@ -689,7 +787,7 @@ class Agent:
     def _on_opt_post(self, optimizer, args, kwargs):
         if _is_compiling():
             return
-        self._guard("optimizer-post", self._opt_post, optimizer)
+        self.run_guarded("optimizer-post", self._opt_post, optimizer)
 
     def _opt_post(self, optimizer) -> None:
         if optimizer is not self._in_opt:
@@ -704,11 +802,12 @@ class Agent:
 
     def _finish_step(self) -> None:
         now = time.time()
+        this = self._this_step
         start = self._last_step_end or self._step_started or now
-        peaks = {p: int(self._phase_peak.get(p, 0)) for p in PHASES}
+        peaks = {p: int(this.phase_peak.get(p, 0)) for p in PHASES}
         peak_phase = max(PHASES, key=lambda p: peaks[p])
         peak = peaks[peak_phase]
-        blocks = dict(self._best_blocks or dict.fromkeys(BLOCK_KEYS, 0))
+        blocks = dict(this.best_blocks or dict.fromkeys(BLOCK_KEYS, 0))
         if self._cuda_index is not None:
             # The allocator knows the peak, not its make-up: the blocks come from the
             # highest edge we measured; the rest of the peak is transient ("other").
@@ -718,37 +817,31 @@ class Agent:
             "type": "step",
             "step": self.step,
             "step_time": now - start if (self._last_step_end or self._step_started) else None,
-            "micro_steps": self._micro_steps,
+            "micro_steps": this.micro_steps,
             "batch": list(self.batch) if self.batch else None,
             "peaks": peaks,
-            "end_of_forward": int(self._eof_level),
-            "backward_spike": max(peaks["backward"] - int(self._eof_level), 0),
+            "end_of_forward": int(this.forward_end_level),
+            "backward_spike": max(peaks["backward"] - int(this.forward_end_level), 0),
             "peak": peak,
             "peak_phase": peak_phase,
             "peak_blocks": blocks,
-            "eof_blocks": dict(self._eof_blocks or dict.fromkeys(BLOCK_KEYS, 0)),
+            "eof_blocks": dict(this.forward_end_blocks or dict.fromkeys(BLOCK_KEYS, 0)),
             "activations_source": "tracked" if self.tracking.step_tracked else "derived",
         }
-        if self._eof_by_module:
-            summary["eof_activations_by_module"] = self._eof_by_module
+        if this.forward_end_by_module:
+            summary["eof_activations_by_module"] = this.forward_end_by_module
         check = self.tracking.take_check()
         if check is not None:
             summary["derived_check"] = check  # the derivation, checked against this tracked step
         if not self.injected or self.step >= self.injected.get("first_step", 1 << 62):
-            self._emit(summary)
+            self.emit_event(summary)
             full = self._base("step")
             full.update(summary)
             self.steps.append(full)
         self.step += 1
         self.phase = "idle"
         self._last_step_end = now
-        self._micro_steps = 0
-        self._backward_done = False
-        self._phase_peak = {}
-        self._eof_level = 0
-        self._eof_blocks = None
-        self._eof_by_module = None
-        self._best_level, self._best_blocks = -1, None
+        self._this_step = StepState()
         self.tracking.end_step()
 
     # ------------------------------------------------------------------ I/O thread
@@ -768,12 +861,12 @@ class Agent:
                 if sample is None and self.sample_hz > 0 and \
                         time.monotonic() - self._last_sample_at >= max(FALLBACK_TICK_S, interval):
                     # The training thread is stuck in one op (or not training): show it is alive.
-                    sample = self._guard("sampler", self._tick_sample)
+                    sample = self.run_guarded("sampler", self._tick_sample)
                 if self.injected and "first_step" not in self.injected:
                     sample = None  # injected: no sample until the optimizer is known (its states would read 0)
                 self._flush(sample)  # events first, then the sample: one batch per tick
             except Exception as exc:  # the thread must outlive any bug
-                self._error("sampler", exc)
+                self.report_error("sampler", exc)
             self._stop.wait(interval)
         self._flush(self._pending_sample)
 
@@ -789,14 +882,10 @@ class Agent:
             return
         msg = dict(last)
         msg.pop("eseq", None)
-        self._emit(msg)
+        self.emit_event(msg)
 
     def _flush(self, sample: dict | None = None) -> None:
-        """Hand the queued events (and this tick's sample) to every sink in one go.
-
-        A sink with `send_many` (the publisher) turns the tick's events into one
-        frame: fewer sends, fewer GIL hand-offs with the training thread.
-        """
+        """Hand the queued events (and this tick's sample) to every sink in one go (sinks.py)."""
         batch = []
         while self._outbox:
             try:
@@ -808,18 +897,10 @@ class Agent:
         if not batch:
             return
         for sink in self._sinks:
-            many = getattr(sink, "send_many", None)
-            if many is not None:
-                try:
-                    many(batch)
-                except Exception as exc:
-                    self._error(f"sink-{type(sink).__name__}", exc)
-                continue
-            for msg in batch:
-                try:
-                    sink.send(msg)
-                except Exception as exc:
-                    self._error(f"sink-{type(sink).__name__}", exc)
+            try:
+                sink.send_many(batch)
+            except Exception as exc:
+                self.report_error(f"sink-{sink_name(sink)}", exc)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -835,14 +916,14 @@ class Agent:
             self._holds -= 1
             return
         if os.getpid() != self.pid:  # a forked child: the files, socket and recording are the parent's
-            self._disown_after_fork()
+            self.disown_after_fork()
             return
         self._closed = True
         self.saved.exit()
         self.attribution.exit()
         remove_hooks(self._hooks)
         self._hooks = []
-        self._emit({"type": "bye", "reason": reason})
+        self.emit_event({"type": "bye", "reason": reason})
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
@@ -860,23 +941,23 @@ class Agent:
 
     close = stop
 
-    def _rejoin(self, optimizer=None, record: str | None = None) -> "Agent":
+    def rejoin(self, optimizer=None, record: str | None = None) -> "Agent":
         """watch() of a model this agent already watches: the same agent, held once more (lifecycle.py)."""
         self._holds += 1
         if optimizer is not None and self.optimizer is None:
             self.attach_optimizer(optimizer)
         from vramtop_agent import lifecycle
 
-        if record and not lifecycle.records(self):
+        if record and self.recorder is None:
             self._start_recorder(record)
-            if lifecycle.records(self):
+            if self.recorder is not None:
                 lifecycle.stop_on_polite_signals(self)
             if self._sinks and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="vramtop-agent", daemon=True)
                 self._thread.start()
         return self
 
-    def _disown_after_fork(self) -> None:
+    def disown_after_fork(self) -> None:
         """In a forked child: drop the parent's sinks and files unclosed and untouched, unhook the child's copy."""
         if self.pid == os.getpid():
             return
@@ -899,6 +980,11 @@ class Agent:
 
             oom.on_exception(self, exc)  # an OOM on its way out is recorded before the stop
         self.stop("exception" if exc_type else "finished")
+
+
+def _is_model_hook(handle) -> bool:
+    """A hook handle on the watched model (marked when registered): it goes when another model is attached."""
+    return getattr(handle, "_vramtop_model", False)
 
 
 def _safe_argv() -> list[str]:

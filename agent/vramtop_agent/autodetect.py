@@ -195,15 +195,22 @@ def watch_root(agent) -> RootDetector:
     """Attach the first training forward's root module to `agent` (an Agent created without a model)."""
 
     def found(module, args, kwargs):
-        if getattr(agent, "_closed", False) or agent.model is not None:
+        if agent.closed or agent.model is not None:
             return  # stopped, or someone attached a model explicitly meanwhile
         agent.attach_model(module)
         # The hooks attach_model just registered miss this call's pre hooks: replay the agent's.
-        agent._on_forward_pre(module, args, kwargs)
+        agent.mark_forward_start(module, args, kwargs)
 
-    det = RootDetector(found, on_error=lambda exc: agent._error("autodetect", exc)).install()
-    agent._hooks.append(det)  # Agent.stop() removes it like any hook handle
+    det = RootDetector(found, on_error=lambda exc: agent.report_error("autodetect", exc)).install()
+    agent.adopt_hook(det)  # Agent.stop() removes it like any hook handle
     return det
+
+
+def swap_root_detector(agent, detector_class: type[RootDetector]) -> None:
+    """Replace the agent's RootDetector (watch_root) by a `detector_class` one with the same callbacks."""
+    for old in agent.take_hooks(lambda handle: isinstance(handle, RootDetector)):
+        old.remove()
+        agent.adopt_hook(detector_class(old._on_found, on_error=old._on_error).install())
 
 
 def watched_by_agent(module) -> bool:
@@ -214,7 +221,7 @@ def watched_by_agent(module) -> bool:
                 for h in hooks.values():
                     owner = getattr(h, "__self__", None)
                     if owner is not None and type(owner).__name__ == "Agent" \
-                            and type(owner).__module__ == "vramtop_agent.agent" and not owner._closed:
+                            and type(owner).__module__ == "vramtop_agent.agent" and not owner.closed:
                         return True
     except Exception:
         return False
@@ -241,7 +248,7 @@ def defer_to_closure(agent, optimizer, args, kwargs):
             result = closure(*a, **k)
             if first[0]:
                 first[0] = False
-                agent._guard("optimizer-pre", agent._opt_pre, optimizer)
+                agent.mark_optimizer_start(optimizer)
             return result
 
         if in_kwargs:
@@ -251,5 +258,5 @@ def defer_to_closure(agent, optimizer, args, kwargs):
             args = (closure_then_update, *tuple(args)[1:])
         return tuple(args), kwargs
     except Exception as exc:
-        agent._error("optimizer-pre", exc)
+        agent.report_error("optimizer-pre", exc)
         return None

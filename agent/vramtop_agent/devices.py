@@ -10,8 +10,7 @@ from __future__ import annotations
 import functools
 import os
 
-_NVML_FAILED = False
-_NVML_HANDLES: dict = {}
+from vramtop_agent import nvml
 
 
 def raw_cuda_stats(device_index: int) -> dict:
@@ -27,7 +26,7 @@ def raw_cuda_stats(device_index: int) -> dict:
     return torch.cuda.memory_stats_as_nested_dict(device_index)
 
 
-def _get(raw: dict, *path, default=0) -> int:
+def _stat(raw: dict, *path, default=0) -> int:
     node = raw
     for key in path:
         if not isinstance(node, dict) or key not in node:
@@ -37,7 +36,7 @@ def _get(raw: dict, *path, default=0) -> int:
 
 
 def allocated_and_peak(raw: dict) -> tuple[int, int]:
-    return _get(raw, "allocated_bytes", "all", "current"), _get(raw, "allocated_bytes", "all", "peak")
+    return _stat(raw, "allocated_bytes", "all", "current"), _stat(raw, "allocated_bytes", "all", "peak")
 
 
 def cuda_stats(device_index: int, raw: dict | None = None) -> dict | None:
@@ -48,41 +47,15 @@ def cuda_stats(device_index: int, raw: dict | None = None) -> dict | None:
         return None
     raw = raw if raw is not None else raw_cuda_stats(device_index)
     return {
-        "allocated": _get(raw, "allocated_bytes", "all", "current"),
-        "reserved": _get(raw, "reserved_bytes", "all", "current"),
-        "active": _get(raw, "active_bytes", "all", "current"),
-        "inactive_split": _get(raw, "inactive_split_bytes", "all", "current"),
-        "alloc_retries": _get(raw, "num_alloc_retries"),
-        "ooms": _get(raw, "num_ooms"),
-        "peak_allocated": _get(raw, "allocated_bytes", "all", "peak"),
-        "peak_reserved": _get(raw, "reserved_bytes", "all", "peak"),
+        "allocated": _stat(raw, "allocated_bytes", "all", "current"),
+        "reserved": _stat(raw, "reserved_bytes", "all", "current"),
+        "active": _stat(raw, "active_bytes", "all", "current"),
+        "inactive_split": _stat(raw, "inactive_split_bytes", "all", "current"),
+        "alloc_retries": _stat(raw, "num_alloc_retries"),
+        "ooms": _stat(raw, "num_ooms"),
+        "peak_allocated": _stat(raw, "allocated_bytes", "all", "peak"),
+        "peak_reserved": _stat(raw, "reserved_bytes", "all", "peak"),
     }
-
-
-def _nvml_handle(device_index: int):
-    """NVML handle of the CUDA device torch calls `device_index` (respecting CUDA_VISIBLE_DEVICES)."""
-    global _NVML_FAILED
-    if _NVML_FAILED:
-        return None
-    if device_index in _NVML_HANDLES:
-        return _NVML_HANDLES[device_index]
-    try:
-        import pynvml
-        import torch
-
-        pynvml.nvmlInit()
-        # Map through the UUID: torch's index i is not NVML's index i under CUDA_VISIBLE_DEVICES.
-        handle = None
-        try:
-            uuid = str(torch.cuda.get_device_properties(device_index).uuid)
-            handle = pynvml.nvmlDeviceGetHandleByUUID(("GPU-" + uuid) if not uuid.startswith("GPU-") else uuid)
-        except Exception:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        _NVML_HANDLES[device_index] = handle
-        return handle
-    except Exception:
-        _NVML_FAILED = True
-        return None
 
 
 SLOW_STATS_TTL = 1.0  # NVML and /proc are read at most once a second: each read hands the GIL around
@@ -107,23 +80,19 @@ def nvml_stats(device_index: int, pid: int | None = None) -> dict | None:
 
 
 def _nvml_stats(device_index: int, pid: int | None = None) -> dict | None:
-    handle = _nvml_handle(device_index)
+    handle = nvml.handle_for_torch_index(device_index)
     if handle is None:
         return None
-    import pynvml
-
     pid = os.getpid() if pid is None else pid
-    out: dict = {}
     try:
-        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        out["total"] = int(mem.total)
-        out["used"] = int(mem.used)
+        total, used = nvml.memory(handle)
     except Exception:
         return None
+    out: dict = {"total": total, "used": used}
     try:
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                out["process_used"] = int(proc.usedGpuMemory)
+        for _, proc_pid, proc_used in nvml.processes(handle, ("compute",)):
+            if proc_pid == pid and proc_used is not None:
+                out["process_used"] = proc_used
     except Exception:
         pass  # containers often hide other pids; device numbers still stand
     return out

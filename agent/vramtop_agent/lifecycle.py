@@ -84,13 +84,13 @@ def register(agent) -> None:
 def live_agents() -> list:
     """Running agents created by this process (not a parent's before a fork)."""
     pid = os.getpid()
-    return [a for a in list(_agents) if not getattr(a, "_closed", True) and getattr(a, "pid", None) == pid]
+    return [a for a in list(_agents) if not a.closed and a.pid == pid]
 
 
 def reusable(model):
     """The running agent a watch(model) should join, or None (see the module docstring)."""
     for agent in live_agents():
-        watched = getattr(agent, "model", None)
+        watched = agent.model
         if model is None or watched is None or watched is model or _contains(watched, model) \
                 or _contains(model, watched):
             return agent
@@ -106,7 +106,7 @@ def _contains(outer, inner) -> bool:
 
 def next_slot(rank: int) -> int:
     """0 for the process's first agent of this rank, then 1, 2, ...: distinct socket and discovery names."""
-    used = {getattr(a, "slot", 0) for a in live_agents() if getattr(a, "rank", None) == rank}
+    used = {a.slot for a in live_agents() if a.rank == rank}
     slot = 0
     while slot in used:
         slot += 1
@@ -151,7 +151,7 @@ def _after_fork_in_child() -> None:
     # Runs in the child only. Nothing here may touch a socket, file or lock of the parent's agents.
     for agent in list(_agents):
         try:
-            agent._disown_after_fork()
+            agent.disown_after_fork()
         except Exception:
             pass
     _installed["pid"] = os.getpid()
@@ -197,7 +197,7 @@ def release_polite_signals() -> None:
 
 
 def records(agent) -> bool:
-    return any(type(s).__name__ == "Recorder" for s in getattr(agent, "_sinks", ()))
+    return agent.recorder is not None
 
 
 def _on_polite_signal(signum, frame) -> None:

@@ -128,11 +128,10 @@ def model_hooks(agent, model) -> list:
             if oom is not None:
                 record(a, oom, "forward")
                 # forward will not reach the agent's post hook: unwind its bookkeeping.
-                a._guard("oom-unwind", a._forward_post, None)
-                a.phase = "idle"
+                a.abandon_forward("oom-unwind")
         except Exception as err:  # pragma: no cover - never disturb the job
             try:
-                a._error("oom", err)
+                a.report_error("oom", err)
             except Exception:
                 pass
         return None
@@ -150,7 +149,7 @@ def on_exception(agent, exc: BaseException | None) -> None:
             record(agent, oom, "exit")
     except Exception as err:
         try:
-            agent._error("oom", err)
+            agent.report_error("oom", err)
         except Exception:
             pass
 
@@ -181,7 +180,7 @@ def _at_top(exc: BaseException | None, main_thread: bool) -> None:
     """An exception reached the top of a thread: record an OOM and get everything to disk."""
     oom = find_oom(exc)
     for agent in list(_AGENTS):
-        if getattr(agent, "_closed", True):
+        if agent.closed:
             continue
         if oom is not None:
             record(agent, oom, "top")
@@ -190,22 +189,7 @@ def _at_top(exc: BaseException | None, main_thread: bool) -> None:
             reason = "oom" if oom is not None else f"exception: {type(exc).__name__}"
             agent.stop(reason)
         elif oom is not None:
-            drain(agent)
-
-
-def drain(agent, timeout: float = 1.0) -> None:
-    """Wait until the sampler thread has handed the queued messages to the sinks, then commit recordings."""
-    deadline = time.monotonic() + timeout
-    thread = getattr(agent, "_thread", None)
-    while agent._outbox and thread is not None and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for sink in list(agent._sinks):
-        flush = getattr(sink, "flush", None)
-        if flush is not None:
-            try:
-                flush(timeout=max(deadline - time.monotonic(), 0.05))
-            except Exception:
-                pass
+            agent.drain()
 
 
 # ---------------------------------------------------------------------- recording
@@ -213,7 +197,7 @@ def drain(agent, timeout: float = 1.0) -> None:
 
 def record(agent, exc: BaseException, where: str) -> bool:
     """Queue the "oom" event for this exception (once per agent). Returns True when queued."""
-    if getattr(agent, "_closed", False):
+    if agent.closed:
         return False
     marks = getattr(exc, "_vramtop_oom_recorded", ())
     if id(agent) in marks:
@@ -222,16 +206,16 @@ def record(agent, exc: BaseException, where: str) -> bool:
         exc._vramtop_oom_recorded = (*marks, id(agent))
     except Exception:
         pass
-    fields = agent._guard("oom", build_event, agent, exc, where)
+    fields = agent.run_guarded("oom", build_event, agent, exc, where)
     if fields is None:
         return False
-    agent._emit(fields)
+    agent.emit_event(fields)
     return True
 
 
 def build_event(agent, exc: BaseException, where: str) -> dict:
     message = str(exc)
-    level_blocks = agent._guard("oom-blocks", agent._level)
+    level_blocks = agent.run_guarded("oom-blocks", agent.read_level)
     blocks = dict(level_blocks[1]) if level_blocks else dict.fromkeys(BLOCK_KEYS, 0)
     fields: dict[str, Any] = {
         "type": "oom",
@@ -246,20 +230,20 @@ def build_event(agent, exc: BaseException, where: str) -> dict:
     }
     if agent.batch:
         fields["batch"] = list(agent.batch)
-    idx = agent._cuda_index
+    idx = agent.cuda_index
     if idx is not None:
         from vramtop_agent import devices
 
-        stats = agent._guard("oom-cuda", devices.cuda_stats, idx)
+        stats = agent.run_guarded("oom-cuda", devices.cuda_stats, idx)
         if stats:
             fields["cuda"] = stats
-        full = agent._guard("oom-memory-stats", _memory_stats, idx)
+        full = agent.run_guarded("oom-memory-stats", _memory_stats, idx)
         if full:
             fields["memory_stats"] = full
-        segs = agent._guard("oom-segments", segments, idx)
+        segs = agent.run_guarded("oom-segments", segments, idx)
         if segs is not None:
             fields["segments"] = segs
-        path = agent._guard("oom-memory-viz", _dump_memory_viz, agent)
+        path = agent.run_guarded("oom-memory-viz", _dump_memory_viz, agent)
         if path:
             fields["memory_viz"] = path
     return fields
@@ -372,8 +356,8 @@ def _dump_memory_viz(agent) -> str | None:
     """PyTorch's own snapshot (a pickle, for memory_viz) beside the recording. Written, never read."""
     import torch
 
-    rec = next((s for s in agent._sinks if type(s).__name__ == "Recorder" and getattr(s, "path", None)), None)
-    if rec is None or not torch.cuda.is_available():
+    rec = agent.recorder
+    if rec is None or not rec.path or not torch.cuda.is_available():
         return None
     path = f"{rec.path}.oom-step{int(agent.step)}.memory_viz.pickle"
     torch.cuda.memory._dump_snapshot(path)

@@ -10,6 +10,7 @@ sequence numbers so the viewer can count what it missed.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import sys
@@ -132,16 +133,13 @@ class Publisher:
         self.endpoint = endpoint
         self.curve = secret is not None
         self._sock = sock
-        self.sent = 0
-        self.failed = 0
 
     def send(self, msg: dict) -> bool:
+        """One frame; False when the socket's queue is full (a slow viewer: the frame is dropped)."""
         try:
             self._sock.send(encode(msg), flags=self._zmq.NOBLOCK)
-            self.sent += 1
             return True
         except self._zmq.Again:
-            self.failed += 1
             return False
 
     def send_many(self, msgs: list[dict]) -> None:
@@ -153,16 +151,16 @@ class Publisher:
         events = [m for m in msgs if m.get("type") != "sample"]
         refused: list[str] = []
         for frame in encode_events(events, refused):
-            try:
+            with contextlib.suppress(self._zmq.Again):  # a slow viewer: dropped, as in send()
                 self._sock.send(frame, flags=self._zmq.NOBLOCK)
-                self.sent += 1
-            except self._zmq.Again:
-                self.failed += 1
         for msg in msgs:
             if msg.get("type") == "sample":
                 self.send(msg)
         if refused:  # the rest went out; the agent counts and reports this one
             raise ValueError(f"{len(refused)} event(s) not sent: {refused[0]}")
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Nothing to do: every send went to the socket at once (Sink interface)."""
 
     def close(self) -> None:
         try:

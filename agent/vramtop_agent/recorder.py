@@ -43,6 +43,7 @@ import msgpack
 from vramtop_agent.creep import CreepWatch
 from vramtop_agent.recording_tables import create_statements, insert_sql
 from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION
+from vramtop_agent.sinks import send_each
 
 FORMAT_NAME = "vramtop-recording"
 # Bump RECORDING_SCHEMA_VERSION on every change of the tables. Bump
@@ -293,6 +294,10 @@ class Recorder:
                 self._pending.append(("creep", event))
             if time.monotonic() - self._last_commit >= self.commit_interval:
                 self._commit_locked()
+
+    def send_many(self, msgs: list[dict]) -> None:
+        """Queue every message; a failed commit is raised once the rest are queued (Sink interface)."""
+        send_each(self.send, msgs)
 
     def _creep_events(self, msg: dict) -> list[dict]:
         key = (msg.get("pid"), msg.get("rank"))

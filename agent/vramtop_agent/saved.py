@@ -209,11 +209,3 @@ class SavedTensorTracker:
                 continue
         return []
 
-    def resync(self) -> None:
-        """Rebuild the totals from the live entries (drops drift from racing releases; cheap when empty)."""
-        dev: dict = {}
-        units: dict = {}
-        for e in list(self._live.values()):
-            dev[e[2]] = dev.get(e[2], 0) + e[1]
-            units[e[3]] = units.get(e[3], 0) + e[1]
-        self._device_bytes, self._unit_bytes = dev, units

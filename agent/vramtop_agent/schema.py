@@ -44,10 +44,6 @@ TOPIC_EVENT = b"E"
 # A frame larger than this is refused by the viewer (and by ZMQ_MAXMSGSIZE).
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 
-# "creep" is never published by the agent: its recorder and the viewer compute it (vramtop_agent.creep).
-EVENT_TYPES = ("hello", "phase", "step", "error", "oom", "bye", "creep")
-
-
 class SchemaError(ValueError):
     """A frame that is not a valid vramtop message."""
 
@@ -167,12 +163,15 @@ def _body(frame: bytes, max_bytes: int) -> tuple[bytes, Any]:
     topic, body = frame[:1], frame[1:]
     if topic not in (TOPIC_SAMPLE, TOPIC_EVENT):
         raise SchemaError(f"unknown topic {topic!r}")
-    return topic, unpack(body)
+    return topic, unpack_strict(body)
 
 
-def unpack(body: bytes) -> Any:
-    """The one strict msgpack decoder (frames here, recording BLOBs in vramtop.recording): str keys,
-    no extension types (their hooks are how deserialisers get tricked). Raises SchemaError."""
+def unpack_strict(body: bytes) -> Any:
+    """msgpack bytes -> the object, refusing extension types and non-string map keys; raises SchemaError.
+
+    The one decoder for bytes from outside this process (frames, recorded rows): msgpack extension
+    hooks are how deserialisers get tricked, so none is honoured.
+    """
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
     except SchemaError:
@@ -261,12 +260,17 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "peak": (_INT, True),
         "peak_phase": (_STR, True),
         "peak_blocks": (_MAP, True),     # BLOCK_KEYS at the step's peak
+        "eof_blocks": (_MAP, False),     # BLOCK_KEYS when the forward ended (end_of_forward)
+        "eof_activations_by_module": (_MAP, False),  # top-level module -> activation bytes then (tracked steps)
+        "activations_source": (_STR, False),  # tracked | derived, as in samples
+        "derived_check": (_MAP, False),  # tracked vs derived activations, on a tracked step that checked them
     },
     "error": {
         "eseq": (_INT, True),
         "where": (_STR, True),
         "message": (_STR, True),
         "count": (_INT, True),
+        "trace": (_STR, False),          # the end of the Python traceback
     },
     "oom": {
         "eseq": (_INT, True),
@@ -277,6 +281,12 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "blocks": (_MAP, True),
         "cuda": (_MAP, False),
         "segments": (_LIST, False),
+        "exception": (_STR, False),      # the exception's class name
+        "where": (_STR, False),          # forward | exit | top: which of the agent's hooks saw it
+        "device": (_STR, False),
+        "batch": (_OPT_LIST, False),
+        "memory_stats": (_MAP, False),   # torch.cuda.memory_stats, numbers only
+        "memory_viz": (_STR, False),     # path of PyTorch's memory_viz snapshot beside the recording
     },
     "bye": {
         "eseq": (_INT, True),
@@ -352,6 +362,8 @@ def validate(msg: Any) -> dict[str, Any]:
             _check_blocks(msg["blocks"], "phase.blocks")
     elif kind == "step":
         _check_blocks(msg["peak_blocks"], "step.peak_blocks")
+        if "eof_blocks" in msg:
+            _check_blocks(msg["eof_blocks"], "step.eof_blocks")
         _check_sizes(msg["peaks"], "step.peaks")
     elif kind == "oom":
         _check_blocks(msg["blocks"], "oom.blocks")

@@ -39,12 +39,6 @@ def attach_optimizer(agent, optimizer) -> None:
         agent.attach_optimizer(core)
 
 
-def set_training(agent, training: dict) -> None:
-    """Put `training` in the hello message (re-sent at once)."""
-    agent.training_info = {k: v for k, v in training.items() if v is not None}
-    agent._guard("training-info", agent._queue_hello)
-
-
 def plain(value: Any) -> Any:
     """A value msgpack and every logger can carry (enums, dtypes and the like become strings)."""
     if value is None or type(value) in (bool, int, float, str):
@@ -84,7 +78,7 @@ def log_metrics(agent, window: StepWindow) -> dict[str, float]:
     """In MiB: vramtop/<block>_mib and total_mib now; over the steps since the last call,
     vramtop/peak_<phase>_mib, peak_mib, backward_spike_mib and at_peak_<block>_mib (the blocks at that peak)."""
     out: dict[str, float] = {}
-    level, blocks = agent._level()
+    level, blocks = agent.read_level()
     for key in BLOCK_KEYS:
         out[f"{PREFIX}{key}_mib"] = blocks.get(key, 0) / MIB
     out[f"{PREFIX}total_mib"] = level / MIB
@@ -97,11 +91,11 @@ def log_metrics(agent, window: StepWindow) -> dict[str, float]:
         for key in BLOCK_KEYS:
             if key in peaks["peak_blocks"]:
                 out[f"{PREFIX}at_peak_{key}_mib"] = peaks["peak_blocks"][key] / MIB
-    if agent._cuda_index is not None:
+    if agent.cuda_index is not None:
         try:
             import torch
 
-            out[f"{PREFIX}reserved_mib"] = torch.cuda.memory_reserved(agent._cuda_index) / MIB
+            out[f"{PREFIX}reserved_mib"] = torch.cuda.memory_reserved(agent.cuda_index) / MIB
         except Exception:
             pass
     return out
@@ -114,8 +108,4 @@ def forward_start(agent, module, batch=None) -> None:
     kwargs = batch if isinstance(batch, dict) else {}
     if not args and not kwargs and isinstance(batch, (list, tuple)) and batch and hasattr(batch[0], "shape"):
         args = (batch[0],)
-    agent._on_forward_pre(module, args, kwargs)
-
-
-def forward_end(agent, module, output) -> None:
-    agent._on_forward_post(module, (), output)
+    agent.mark_forward_start(module, args, kwargs)

@@ -134,14 +134,14 @@ class VramtopCallback(_Base):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._promote()
         try:
-            if self.agent is None or getattr(self.agent, "_closed", False):
+            if self.agent is None or self.agent.closed:
                 self.agent, self._owns_agent = _common.start_agent(model, None, **self.watch_options)
                 self._window = _common.StepWindow()
             elif model is not None and self.agent.model is not model:
                 self.agent.attach_model(model)
             _common.attach_optimizer(self.agent, optimizer)
             self._sync_step(state)
-            _common.set_training(self.agent, training_from_args(args, state))
+            self.agent.set_training_info(training_from_args(args, state))
         except Exception as exc:  # never stop the training
             self._fail("hf-train-begin", exc)
 
@@ -162,8 +162,8 @@ class VramtopCallback(_Base):
         if agent is None:
             return
         try:
-            if self._step_at_begin is not None and agent.step == self._step_at_begin and agent._backward_done:
-                agent._guard("hf-step-end", agent._finish_step)  # the agent saw no optimizer step
+            if self._step_at_begin is not None and agent.step == self._step_at_begin and agent.backward_done:
+                agent.end_step("hf-step-end")  # the agent saw no optimizer step
             self._sync_step(state)
         except Exception as exc:
             self._fail("hf-step-end", exc)
@@ -190,8 +190,8 @@ class VramtopCallback(_Base):
     def _sync_step(self, state) -> None:
         step = getattr(state, "global_step", None)
         if isinstance(step, int) and self.agent.phase == "idle" and self.agent.step != step:
-            self.agent.step = step
+            self.agent.set_step(step)
 
     def _fail(self, where: str, exc: BaseException) -> None:
         if self.agent is not None:
-            self.agent._error(where, exc)
+            self.agent.report_error(where, exc)

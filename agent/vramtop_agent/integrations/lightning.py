@@ -89,15 +89,15 @@ def make_callback(base):
         def on_train_start(self, trainer, pl_module):
             try:
                 optimizers = list(getattr(trainer, "optimizers", None) or [])
-                if self.agent is None or getattr(self.agent, "_closed", False):
+                if self.agent is None or self.agent.closed:
                     self.agent, self._owns_agent = _common.start_agent(pl_module, None, **self.watch_options)
                     self._window = _common.StepWindow()
                 elif self.agent.model is not pl_module:
                     self.agent.attach_model(pl_module)
                 if optimizers:
                     _common.attach_optimizer(self.agent, optimizers[0])
-                self.agent.step = int(getattr(trainer, "global_step", 0) or 0)
-                _common.set_training(self.agent, _training_info(trainer, pl_module))
+                self.agent.set_step(int(getattr(trainer, "global_step", 0) or 0))
+                self.agent.set_training_info(_training_info(trainer, pl_module))
             except Exception as exc:
                 self._fail("lightning-train-start", exc)
 
@@ -117,8 +117,8 @@ def make_callback(base):
             if agent is None:
                 return
             try:
-                if agent._fwd_depth > 0:
-                    _common.forward_end(agent, pl_module, loss)
+                if agent.in_forward:
+                    agent.mark_forward_end(pl_module, loss)
             except Exception as exc:
                 self._fail("lightning-before-backward", exc)
 
@@ -127,9 +127,8 @@ def make_callback(base):
             if agent is None:
                 return
             try:
-                if agent._fwd_depth > 0:  # training_step returned no loss: no backward follows
-                    _common.forward_end(agent, pl_module, None)
-                    agent.phase = "idle"
+                if agent.in_forward:  # training_step returned no loss: no backward follows
+                    agent.abandon_forward("forward-post")
                 if self.log_metrics:
                     metrics = _common.log_metrics(agent, self._window)
                     pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=True,
@@ -157,7 +156,7 @@ def make_callback(base):
 
         def _fail(self, where: str, exc: BaseException) -> None:
             if self.agent is not None:
-                self.agent._error(where, exc)
+                self.agent.report_error(where, exc)
 
     return VramtopCallback
 
