@@ -15,7 +15,6 @@ import inspect
 import sys
 import time
 
-
 SIZES = {
     "tiny": dict(vocab_size=512),
     "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=12,

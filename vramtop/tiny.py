@@ -23,7 +23,7 @@ TINY_LLAMA = dict(
 def llama_config(**overrides: Any):
     from transformers import LlamaConfig
 
-    cfg = dict(TINY_LLAMA)
+    cfg: dict[str, Any] = dict(TINY_LLAMA)
     cfg.update(overrides)
     cfg.setdefault("attn_implementation", "eager")
     attn = cfg.pop("attn_implementation")

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramtop_agent.estimator.graph import Graph, Sym
-from vramtop_agent.estimator.model_desc import ModelDesc
+from vramtop_agent.estimator.model_desc import Linear, ModelDesc
 from vramtop_agent.estimator.setup import Setup
 from vramtop_agent.estimator.units import DTYPE_BYTES
 from vramtop_agent.estimator.weights import resolve_targets
@@ -102,10 +102,7 @@ def trace(model: ModelDesc, setup: Setup) -> TraceResult:
     c = _Ctx(model, setup, g)
     ids = g.input(c.bt, INT64, "input_ids")
     labels = g.input(c.bt, INT64, "labels")
-    if model.arch == "gpt2":
-        logits = _gpt2(c, ids)
-    else:
-        logits = _llama(c, ids)
+    logits = _gpt2(c, ids) if model.arch == "gpt2" else _llama(c, ids)
     loss = _causal_lm_loss(c, logits, labels)
     held = logits.st.nbytes + loss.st.nbytes
     saved = g.saved_storages()
@@ -167,6 +164,7 @@ def _linear(c: _Ctx, x: Sym, name: str, fan_in: int, fan_out: int, bias: bool, t
         base = c.g.op(tag, [x, w], numel_out, out_itemsize, save=[], fwd_extra=deq + xin + numel_out * c.cdt,
                       bwd_extra=deq)
     else:
+        assert c.wdt is not None  # None only for 4-bit bases (the branch above)
         w = _param(c, name, fan_in * fan_out, c.wdt, c.full)
         save = ([x] if w.rg else []) + ([w] if x.rg else [])
         base = c.g.op(tag, [x, w], numel_out, max(x.itemsize, c.wdt), save=save)
@@ -281,7 +279,7 @@ def _llama_layer(c: _Ctx, x: Sym, layer: int, cos: Sym, sin: Sym, mask: Sym | No
     if s.grad_ckpt:
         g.begin_checkpoint([x])
     pre = f"layers.{layer}."
-    lin = {l.name: l for l in m.layer_linears()}
+    lin = {lin.name: lin for lin in m.layer_linears()}
     residual = g.keep(x)
     hn = _rms_norm(c, x, pre + "input_layernorm", "input norm")
     g.drop(x)
@@ -318,7 +316,7 @@ def _llama_layer(c: _Ctx, x: Sym, layer: int, cos: Sym, sin: Sym, mask: Sym | No
     return x
 
 
-def _fio(lin) -> tuple:
+def _fio(lin: Linear) -> tuple[int, int, bool]:
     return lin.fan_in, lin.fan_out, lin.bias
 
 

@@ -57,7 +57,7 @@ class CachingAllocator:
     """Replays malloc/free by key; tracks allocated and reserved bytes and their peaks."""
 
     def __init__(self) -> None:
-        self._pools = {True: [], False: []}   # small? -> sorted [(size, seg, offset, block)]
+        self._pools: dict[bool, list[tuple]] = {True: [], False: []}   # small? -> sorted [(size, seg, offset, block)]
         self._live: dict = {}                 # key -> block
         self._segs = 0
         self.allocated = self.reserved = 0

@@ -192,7 +192,8 @@ def _terms(model, setup, wb, tr, other_parts, phase_peaks, eof) -> list:
     opt_line = {
         "adamw": "AdamW: exp_avg + exp_avg_sq per trainable weight",
         "paged-adamw": "paged AdamW: 32-bit states in CUDA managed memory (outside torch's allocator; may page out)",
-        "adamw-8bit": "8-bit AdamW (bitsandbytes): 2 bytes per weight + an fp32 absmax per 256; tensors < 4096 stay 32-bit",
+        "adamw-8bit": ("8-bit AdamW (bitsandbytes): 2 bytes per weight + an fp32 absmax per 256; "
+                       "tensors < 4096 stay 32-bit"),
         "paged-adamw-8bit": "paged 8-bit AdamW: 2 bytes per weight in managed memory (may page out to the host)",
         "sgd": "SGD without momentum keeps no state",
         "sgd-momentum": "SGD momentum buffer: one per trainable weight",

@@ -33,7 +33,17 @@ at import time: the formula path stays torch-free).
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # for annotations only: this module imports torch when it runs, never at import time
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from vramtop_agent.estimator.setup import Setup
 
 ROUTINGS = ("balanced", "worst")
 # model_type -> (config key of the expert count, config key of top-k); the MoE families transformers builds.
@@ -92,11 +102,11 @@ def _recorder_class():
             self.level += n
             if self.level > self.peak:
                 self.peak = self.level
-            self._refs[key] = weakref.ref(st, lambda _r, k=key: self._freed(k))
+            self._refs[key] = weakref.ref(st, functools.partial(self._freed, key))
             if self.allocator is not None:
                 self.allocator.malloc(key, n)
 
-        def _freed(self, key) -> None:
+        def _freed(self, key: int, _ref: object = None) -> None:
             self.level -= self.live.pop(key, 0)
             self._refs.pop(key, None)
             if self.allocator is not None:
@@ -163,7 +173,7 @@ def _recorder_class():
         many = type(out) if isinstance(out, (tuple, list)) else None
         leaves = list(out) if many else [out]
         inputs = {x.untyped_storage()._cdata for x in _flat((args, kwargs)) if isinstance(x, torch.Tensor)}
-        spec_leaves = []
+        spec_leaves: list[tuple] = []
         for t in leaves:
             if isinstance(t, torch.Tensor):
                 if (type(t) is not torch.Tensor or not t.is_meta or t.storage_offset() or t.requires_grad
@@ -208,6 +218,7 @@ def _recorder_class():
 
     def _grouped_mm_meta(a, b, offs=None, bias=None, out_dtype=None):
         """torch's meta kernel of _grouped_mm accepts bf16 only; CPU and GPU kernels take fp32 too."""
+        shape: tuple[int, ...]
         if a.dim() == 2 and b.dim() == 3:
             shape = (a.shape[0], b.shape[-1])
         elif a.dim() == 2 and b.dim() == 2:
@@ -256,13 +267,13 @@ def _moe(config) -> tuple | None:
     return None
 
 
-def _torch_dtype(name: str):
+def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _build(config, setup):
+def _build(config: Any, setup: Setup) -> PreTrainedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -283,7 +294,7 @@ def _build(config, setup):
     return model
 
 
-def _quantize_4bit(model, setup) -> None:
+def _quantize_4bit(model: PreTrainedModel, setup: Setup) -> None:
     """Every nn.Linear but the output head becomes a bitsandbytes Linear4bit whose packed weight and
     quant state have their real sizes (what transformers' bnb quantizer loads)."""
     import torch
@@ -296,7 +307,7 @@ def _quantize_4bit(model, setup) -> None:
         raise ExecutionError("QLoRA execution needs bitsandbytes installed (pip install bitsandbytes)") from None
     head = model.get_output_embeddings()
     compute = _torch_dtype(setup.cdtype)
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if type(child) is not torch.nn.Linear or child is head:
                 continue
@@ -307,14 +318,16 @@ def _quantize_4bit(model, setup) -> None:
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.detach().to(compute), requires_grad=False)
             setattr(mod, child_name, q)
-    model.is_loaded_in_4bit = True
-    model.is_quantized = True
+    # Flags transformers and PEFT read (set by from_pretrained(load_in_4bit=True)); nn.Module's
+    # __setattr__ is typed for tensors and modules only.
+    model.is_loaded_in_4bit = True  # type: ignore[assignment]
+    model.is_quantized = True  # type: ignore[assignment]
 
 
 def _packed(bnb, shape, setup, module):
     import torch
 
-    meta = dict(device="meta")
+    meta: dict[str, Any] = {"device": "meta"}
     n = shape[0] * shape[1]
     blocks = -(-n // 64)
     code = torch.empty(16, dtype=torch.float32, **meta)
@@ -336,7 +349,7 @@ def _packed(bnb, shape, setup, module):
                              module=module, bnb_quantized=True)
 
 
-def _prepare(model, setup) -> None:
+def _prepare(model: PreTrainedModel, setup: Setup) -> nn.Module:
     """kbit preparation, checkpointing, input grads, then the adapters (PEFT's order)."""
     import torch
 
@@ -352,13 +365,12 @@ def _prepare(model, setup) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if input_grads:
         model.enable_input_require_grads()
-    if setup.method != "full":
-        model = _lora(model, setup)
-    model.train()
-    return model
+    trained = _lora(model, setup) if setup.method != "full" else model
+    trained.train()
+    return trained
 
 
-def _lora(model, setup):
+def _lora(model: PreTrainedModel, setup: Setup) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = list(setup.lora_targets) if setup.lora_targets else ("all-linear" if setup.method == "qlora" else None)
@@ -373,7 +385,7 @@ def _lora(model, setup):
         raise ExecutionError(f"LoRA: {str(exc).splitlines()[0]}") from None
 
 
-def _optimizer(params, setup):
+def _optimizer(params: list[nn.Parameter], setup: Setup) -> torch.optim.Optimizer | None:
     import torch
 
     foreach = setup.foreach if setup.foreach is not None else setup.device.startswith("cuda")
@@ -394,7 +406,7 @@ def _optimizer(params, setup):
 
 
 @contextlib.contextmanager
-def _meta_patches(setup):
+def _meta_patches(setup: Setup) -> Iterator[None]:
     """On the meta device torch's SDPA dispatcher picks the math kernel (s² matrices); a real
     CPU picks its flash kernel and a GPU flash / memory-efficient: call what the device would."""
     import torch
@@ -421,19 +433,19 @@ def _meta_patches(setup):
 
     orig_autocast = torch.autocast
 
-    class autocast(orig_autocast):  # noqa: N801 - stands in for torch.autocast
+    class autocast(torch.autocast):  # noqa: N801 - stands in for torch.autocast (still the original here)
         """torch.autocast(device_type="meta") raises; PEFT's expert-parameter LoRA uses the weight's device."""
 
         def __init__(self, device_type, *args, **kwargs):
             super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 
     F.scaled_dot_product_attention = sdpa
-    torch.autocast = autocast
+    torch.autocast = autocast  # type: ignore[misc]  # patched for the step, restored below
     try:
         yield
     finally:
         F.scaled_dot_product_attention = orig
-        torch.autocast = orig_autocast
+        torch.autocast = orig_autocast  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------ one training step
@@ -458,7 +470,7 @@ class Measured:
         self.notes: list = []
 
 
-def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
+def run_step(config: dict, setup: Setup, routing: str = "balanced") -> Measured:
     """Build, prepare and train `config` for two steps on the meta device; measure the second."""
     import torch
 
@@ -491,7 +503,8 @@ def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
         m.start = rec.level
         _one_step(model, opt, batch, setup, rec, m)
         _blocks(model, opt, batch, m)
-        note = getattr(getattr(model, "base_model", model), "_vramtop_note", None) or getattr(model, "_vramtop_note", None)
+        base = getattr(model, "base_model", model)
+        note = getattr(base, "_vramtop_note", None) or getattr(model, "_vramtop_note", None)
         if note:
             m.notes.append(note)
     if alloc is not None:
@@ -499,7 +512,7 @@ def run_step(config: dict, setup, routing: str = "balanced") -> Measured:
     return m
 
 
-def _warm_up(model, opt, setup) -> None:
+def _warm_up(model: nn.Module, opt: torch.optim.Optimizer | None, setup: Setup) -> None:
     """The first step only creates the optimizer's states (lazily, in step()): give every trainable
     parameter a gradient and step, without the forward and backward a real first step would run."""
     import torch
@@ -514,7 +527,8 @@ def _warm_up(model, opt, setup) -> None:
             p.grad = None
 
 
-def _one_step(model, opt, batch, setup, rec, m) -> None:
+def _one_step(model: nn.Module, opt: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor], setup: Setup,
+              rec: Any, m: Measured | None) -> None:
     import torch
 
     saved: dict = {}
@@ -534,7 +548,7 @@ def _one_step(model, opt, batch, setup, rec, m) -> None:
         _reserved(rec, m, "forward")
         static = _static_keys(model, opt)
         m.activations = sum(rec.live.get(k, 0) for k, ref in saved.items() if ref() is not None and k not in static)
-    del saved
+    saved.clear()   # the forward's weak references are not needed through backward
     rec.reset_peak()
     loss.backward()
     if m is not None:
@@ -564,7 +578,7 @@ def _reserved(rec, m, phase) -> None:
         m.allocated_rounded = max(m.allocated_rounded, rec.allocator.peak_allocated)
 
 
-def _opt_tensors(opt) -> list:
+def _opt_tensors(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
     import torch
 
     if opt is None:
@@ -572,7 +586,7 @@ def _opt_tensors(opt) -> list:
     return [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
 
 
-def _quant_tensors(p) -> list:
+def _quant_tensors(p: nn.Parameter) -> list[torch.Tensor]:
     qs = getattr(p, "quant_state", None)
     if qs is None:
         return []
@@ -582,7 +596,7 @@ def _quant_tensors(p) -> list:
     return out
 
 
-def _static_keys(model, opt) -> set:
+def _static_keys(model: nn.Module, opt: torch.optim.Optimizer | None) -> set[int]:
     keys = set()
     for p in model.parameters():
         for t in [p, *_quant_tensors(p)] + ([p.grad] if p.grad is not None else []):
@@ -592,7 +606,7 @@ def _static_keys(model, opt) -> set:
     return keys
 
 
-def _sum_storages(tensors) -> int:
+def _sum_storages(tensors: Iterable[torch.Tensor]) -> int:
     seen: dict = {}
     for t in tensors:
         st = t.untyped_storage()
@@ -600,7 +614,7 @@ def _sum_storages(tensors) -> int:
     return sum(seen.values())
 
 
-def _blocks(model, opt, batch, m) -> None:
+def _blocks(model: nn.Module, opt: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor], m: Measured) -> None:
     from vramtop_agent.estimator.units import norm_dtype
 
     seen: dict = {}
@@ -771,7 +785,7 @@ def optimizer_only(setup, numels) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """transformers' deprecation and config warnings are about the user's future code, not this estimate."""
     import warnings
 
@@ -820,7 +834,8 @@ def _terms(est, m) -> list:
                        ("buffers", "module buffers (rotary tables...)")):
         t.append((f"other: {key.replace('_', ' ')}", est.other_parts[key], label))
     for phase, peak in est.phase_peaks.items():
-        t.append((f"peak allocated: {phase}", peak, f"highest sum of live storages during {phase}, temporaries included"))
+        t.append((f"peak allocated: {phase}", peak,
+                  f"highest sum of live storages during {phase}, temporaries included"))
     t.append(("peak reserved", est.peak_reserved, "peak allocated + caching-allocator rounding and segment slack"))
     for key, nbytes in est.device_parts.items():
         if key != "reserved" and nbytes:

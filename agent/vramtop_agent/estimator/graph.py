@@ -20,6 +20,7 @@ count once, exactly as the agent deduplicates them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -145,7 +146,7 @@ class Graph:
 
     # ----------------------------------------------------------- recording
 
-    def op(self, tag: str, inputs: list, out_numel: int, out_itemsize: int, save: list = (),
+    def op(self, tag: str, inputs: list, out_numel: int, out_itemsize: int, save: Sequence[Sym] = (),
            save_out: bool = False, passthrough: bool = False, fwd_extra: int = 0, bwd_extra: int = 0) -> Sym:
         """Record an op. `save` lists the inputs autograd keeps *given* the
         requires_grad pattern (callers apply each op's rule); `save_out` keeps

@@ -8,33 +8,48 @@ publish what it knows. torch is imported lazily (only the caller has it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
 from vramtop_agent.estimator.model_desc import ModelDesc, from_hf_config
 from vramtop_agent.estimator.setup import Setup
 from vramtop_agent.estimator.units import norm_dtype
+
+if TYPE_CHECKING:   # annotations only: torch is the caller's, never imported here at import time
+    import torch
+    from torch import nn
+
+    Optimizer = torch.optim.Optimizer
+    Batch = int | list[int] | tuple[int, ...] | None   # rows, or the agent's [rows, seq_len]
+
+T = TypeVar("T")
 
 _ATTN = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash", "flash_attention_3": "flash",
          "flex_attention": "sdpa"}
 
 
-def describe_live(model, optimizer=None, batch=None, seq_len=None) -> tuple[ModelDesc | None, Setup | None]:
+def describe_live(model: nn.Module, optimizer: Optimizer | None = None, batch: Batch = None,
+                  seq_len: int | None = None) -> tuple[ModelDesc | None, Setup | None]:
     """(model_desc, setup) of a running job. `batch` may be an int or the agent's [batch, seq_len]."""
     if isinstance(batch, (list, tuple)):
         if len(batch) >= 2 and seq_len is None:
             seq_len = batch[1]
-        batch = batch[0] if batch else None
+        rows = batch[0] if batch else None
+    else:
+        rows = batch
     desc = _safe(lambda: _model_desc(model))
-    setup = _safe(lambda: _setup(model, optimizer, batch, seq_len))
+    setup = _safe(lambda: _setup(model, optimizer, rows, seq_len))
     return desc, setup
 
 
-def _safe(fn):
+def _safe(fn: Callable[[], T]) -> T | None:
     try:
         return fn()
     except Exception:
         return None
 
 
-def _config(model):
+def _config(model: nn.Module) -> object | None:
     cfg = getattr(model, "config", None)
     if cfg is None:
         base = getattr(getattr(model, "base_model", None), "model", None)
@@ -42,14 +57,14 @@ def _config(model):
     return cfg
 
 
-def _model_desc(model) -> ModelDesc | None:
+def _model_desc(model: nn.Module) -> ModelDesc | None:
     cfg = _config(model)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return None
     return from_hf_config(cfg.to_dict(), name=getattr(cfg, "_name_or_path", None) or type(model).__name__)
 
 
-def _setup(model, optimizer, batch, seq_len) -> Setup:
+def _setup(model: nn.Module, optimizer: Optimizer | None, batch: int | None, seq_len: int | None) -> Setup:
     kw: dict = {}
     lora = _lora(model)
     quant = _quant(model)
@@ -63,7 +78,8 @@ def _setup(model, optimizer, batch, seq_len) -> Setup:
     base_dtype = _base_linear_dtype(model)
     if base_dtype and not quant:
         kw["weight_dtype"] = base_dtype
-    emb = _safe(lambda: model.get_input_embeddings().weight.dtype)
+    # transformers models only (nn.Module declares no get_input_embeddings); _safe answers None for others
+    emb = _safe(lambda: model.get_input_embeddings().weight.dtype)  # type: ignore[operator]
     if emb is not None:
         kw["other_dtype"] = norm_dtype(emb)
     kw["master_weights"] = False  # torch optimizers keep states in the parameter's dtype, no separate copy
@@ -87,7 +103,7 @@ def _setup(model, optimizer, batch, seq_len) -> Setup:
     return Setup(**kw)
 
 
-def _lora(model) -> dict | None:
+def _lora(model: nn.Module) -> dict | None:
     """Rank, targets, dropout and dtype of PEFT LoRA adapters (read from the modules themselves)."""
     ranks, targets, drops, dtypes = set(), [], set(), set()
     for name, mod in model.named_modules():
@@ -112,7 +128,7 @@ def _lora(model) -> dict | None:
             "lora_dtype": dtypes.pop() if len(dtypes) == 1 else "fp32"}
 
 
-def _quant(model) -> dict | None:
+def _quant(model: nn.Module) -> dict | None:
     """bitsandbytes Params4bit (NF4/FP4, double quant) or Int8Params in the model."""
     for mod in model.modules():
         w = getattr(mod, "weight", None)
@@ -131,7 +147,7 @@ def _quant(model) -> dict | None:
     return None
 
 
-def _base_linear_dtype(model) -> str | None:
+def _base_linear_dtype(model: nn.Module) -> str | None:
     """Dtype of the first linear weight inside the decoder layers (not embeddings or adapters)."""
     for name, mod in model.named_modules():
         if "lora_" in name or "layers" not in name and ".h." not in name:
@@ -142,7 +158,7 @@ def _base_linear_dtype(model) -> str | None:
     return None
 
 
-def _optimizer(opt) -> dict:
+def _optimizer(opt: Optimizer | None) -> dict:
     cls = type(opt).__name__.lower()
     defaults = getattr(opt, "defaults", {}) or {}
     if "paged" in cls:
@@ -157,7 +173,7 @@ def _optimizer(opt) -> dict:
         name = "adafactor"
     else:
         name = "none"
-    out = {"optimizer": name}
+    out: dict[str, str | bool] = {"optimizer": name}
     if defaults.get("fused"):
         out["foreach"] = False
     elif defaults.get("foreach") is not None:
@@ -165,7 +181,7 @@ def _optimizer(opt) -> dict:
     return out
 
 
-def _distributed(model) -> dict:
+def _distributed(model: nn.Module) -> dict:
     out: dict = {}
     try:
         import torch.distributed as dist
@@ -182,7 +198,7 @@ def _distributed(model) -> dict:
 # ------------------------------------------------------------------ keeping the live estimate current
 
 
-def estimate_key(model, optimizer, batch) -> tuple:
+def estimate_key(model: nn.Module, optimizer: Optimizer | None, batch: Batch) -> tuple:
     """What the live estimate depends on: which model, which optimizer, which input shape. The agent
     re-estimates whenever this changes (the optimizer is often found after the first forward)."""
     shape = tuple(batch) if isinstance(batch, (list, tuple)) else batch
@@ -192,7 +208,8 @@ def estimate_key(model, optimizer, batch) -> tuple:
 _running: dict = {}   # the one execution subprocess per process: {"key": ..., "proc": Popen}
 
 
-def live_estimate(model, optimizer, batch, publish, key=None) -> str | None:
+def live_estimate(model: nn.Module, optimizer: Optimizer | None, batch: Batch,
+                  publish: Callable[[dict], object], key: object = None) -> str | None:
     """Estimate the running job and hand the result (Estimate.to_dict()) to `publish`.
 
     Llama-style and GPT-2 models get the formula (a few ms, on this thread). Any other model with a
@@ -214,14 +231,16 @@ def live_estimate(model, optimizer, batch, publish, key=None) -> str | None:
     return "execute"
 
 
-def _config_json(model) -> dict | None:
+def _config_json(model: nn.Module) -> dict | None:
     import json
 
     cfg = _config(model)
-    return json.loads(cfg.to_json_string(use_diff=False)) if cfg is not None and hasattr(cfg, "to_json_string") else None
+    if cfg is None or not hasattr(cfg, "to_json_string"):
+        return None
+    return json.loads(cfg.to_json_string(use_diff=False))
 
 
-def _start_execution(config: dict, setup: Setup, publish, key) -> None:
+def _start_execution(config: dict, setup: Setup, publish: Callable[[dict], object], key: object) -> None:
     import json
     import os
     import subprocess

@@ -61,7 +61,7 @@ class ModelDesc:
 
     def param_count(self) -> int:
         h, v = self.hidden_size, self.vocab_size
-        per_layer = sum(l.fan_in * l.fan_out + (l.fan_out if l.bias else 0) for l in self.layer_linears())
+        per_layer = sum(lin.fan_in * lin.fan_out + (lin.fan_out if lin.bias else 0) for lin in self.layer_linears())
         norms = 2 * h * (2 if self.arch == "gpt2" else 1)
         total = self.num_layers * (per_layer + norms) + v * h + h * (2 if self.arch == "gpt2" else 1)
         if not self.tie_word_embeddings:

@@ -62,11 +62,11 @@ def resolve_model(name: str) -> tuple[dict, str]:
                                                                 else os.path.join(path, "config.json"))))
         return read_config(path), label or name
     if name.count("/") == 1 and all(name.split("/")):
-        path = cached_config_path(name)
-        if path is None:
+        cached = cached_config_path(name)
+        if cached is None:
             raise ValueError(
                 f"no config.json for {name!r} in the local Hugging Face cache ({hf_cache_dir()}): "
                 f"fetch it with `huggingface-cli download {name} config.json`, or pass a path to a config.json")
-        return read_config(path), name
+        return read_config(cached), name
     raise ValueError(f"unknown model {name!r}: use a preset ({', '.join(PRESET_NAMES)}), a path to a "
                      f"config.json or model directory, or a Hub id (org/name) cached locally")

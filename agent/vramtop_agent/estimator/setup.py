@@ -100,7 +100,7 @@ class Setup:
             return int(self.cuda_context)
         return 500 * 2**20 if self.device.startswith("cuda") else 0
 
-    def with_(self, **changes) -> "Setup":
+    def with_(self, **changes) -> Setup:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

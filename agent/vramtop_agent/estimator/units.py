@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from vramtop_agent.vocabulary import fmt_bytes, parse_bytes  # noqa: F401  (the estimator's public names)
+
+if TYPE_CHECKING:   # annotations only: the formula path stays torch-free
+    import torch
 
 # Bytes per element. The 4-bit formats are not listed: their size is computed
 # per tensor in `weights.py` (packed pairs plus block constants).
@@ -24,7 +28,7 @@ _ALIASES = {
 }
 
 
-def norm_dtype(name: str) -> str:
+def norm_dtype(name: str | torch.dtype) -> str:
     """'torch.bfloat16', 'bfloat16', 'BF16' -> 'bf16'."""
     n = str(name).lower().replace("torch.", "").strip()
     return _ALIASES.get(n, n)
@@ -57,4 +61,5 @@ def card_bytes(text: str) -> tuple[str, int]:
     try:
         return text, parse_bytes(text)
     except ValueError:
-        raise ValueError(f"unknown card {text!r}: give a size like 24GiB or one of {', '.join(sorted(GPUS_MIB))}") from None
+        raise ValueError(
+            f"unknown card {text!r}: give a size like 24GiB or one of {', '.join(sorted(GPUS_MIB))}") from None

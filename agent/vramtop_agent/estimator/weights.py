@@ -10,7 +10,7 @@ counter, bitsandbytes' block constants, the 8-bit optimizer falling back to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vramtop_agent.estimator.model_desc import ModelDesc
 from vramtop_agent.estimator.setup import DEFAULT_LORA_TARGETS, Setup, SetupError
@@ -134,7 +134,7 @@ class WeightBytes:
     params_frozen: int = 0
     params_quantized: int = 0      # included in frozen
     quant_constants: int = 0       # included in quantized
-    params_by_dtype: dict = None
+    params_by_dtype: dict = field(default_factory=dict)
     gradients: int = 0
     optimizer_states: int = 0
     optimizer_steps: int = 0       # AdamW/Adafactor 0-dim `step` tensors (host memory on CUDA)
@@ -156,7 +156,7 @@ class WeightBytes:
 
 def weight_bytes(model: ModelDesc, setup: Setup) -> WeightBytes:
     inv = inventory(model, setup)
-    wb = WeightBytes(params_by_dtype={})
+    wb = WeightBytes()
     on_device_steps = not setup.device.startswith("cuda")  # torch keeps `step` on the host unless capturable/fused
     opt = setup.optimizer
     used_8bit = False
