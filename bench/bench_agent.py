@@ -101,8 +101,9 @@ def sample_cost(model, opt, repeat: int = 200) -> float:
 
 
 def llama7b_on_meta():
-    from vramtop.tiny import build_model as _unused  # noqa: F401  (same transformers import path)
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vramtop.tiny import build_model as _unused  # noqa: F401  (same transformers import path)
 
     config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32)

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import yaml
-
 from alarm_helpers import HERE, LEAK_JOB, vramtop
 from recording_helpers import fake_msg
+
 from vramtop.alerts import AlertMonitor, Thresholds, evaluate
 from vramtop.metrics import MetricsExporter
 from vramtop.source import KeyedSource, Source

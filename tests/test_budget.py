@@ -7,8 +7,9 @@ import sqlite3
 import sys
 
 from alarm_helpers import record_job, vramtop
-from vramtop.cli import main
+
 from vramtop.budget import EXIT_OVER_BUDGET
+from vramtop.cli import main
 from vramtop_agent.schema import BLOCK_KEYS
 
 JOB = ("--steps", "8", "--batch", "2", "--seq-len", "32")

@@ -6,12 +6,12 @@ import os
 import random
 
 import pytest
-
 from alarm_helpers import leak_bytes, start_record_job
-from vramtop_agent.creep import CreepWatch, detect
+
 from vramtop.cli import main
 from vramtop.recording import Recording
 from vramtop.state import SessionState
+from vramtop_agent.creep import CreepWatch, detect
 
 MiB = 1 << 20
 
@@ -129,7 +129,7 @@ def test_real_leak_is_recorded_and_seen_by_the_viewer(real_jobs, capsys):
     text = capsys.readouterr().out
     assert code == 0
     line = next(ln for ln in text.splitlines() if ln.startswith("CREEP"))
-    assert line.startswith(f"CREEP     rss +") and f"first seen at step {ev['step']}" in line
+    assert line.startswith("CREEP     rss +") and f"first seen at step {ev['step']}" in line
 
 
 def test_healthy_run_has_no_creep_over_200_steps(real_jobs, capsys):

@@ -9,7 +9,15 @@ import sys
 import pytest
 
 from vramtop_agent.estimator import (
-    BLOCKS, PHASES, Setup, SetupError, estimate, from_hf_config, get_preset, load_config, parse_bytes,
+    BLOCKS,
+    PHASES,
+    Setup,
+    SetupError,
+    estimate,
+    from_hf_config,
+    get_preset,
+    load_config,
+    parse_bytes,
 )
 from vramtop_agent.estimator.units import card_bytes
 from vramtop_agent.estimator.weights import inventory, tensor_bytes, weight_bytes

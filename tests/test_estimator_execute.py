@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from test_estimator_accuracy import _set_ckpt, measure  # noqa: E402
+
 from vramtop_agent.estimator import Setup, estimate, from_hf_config  # noqa: E402
 from vramtop_agent.estimator.execute import execute  # noqa: E402
 

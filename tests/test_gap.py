@@ -130,6 +130,7 @@ def test_live_cpu_run_gap_and_what_if():
     sizes predicts a third size's activations and real peak."""
     torch = pytest.importorskip("torch")
     from test_estimator_accuracy import measure  # the same measurement as the accuracy matrix
+
     from vramtop.tiny import build_model, make_batch
     from vramtop_agent.estimator import describe_live
 

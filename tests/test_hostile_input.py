@@ -29,10 +29,10 @@ import msgpack
 import pytest
 import torch
 import zmq
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from conftest import ListSink
 from helpers import screen_text
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 import vramtop_agent

@@ -27,8 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import helpers
+import pytest
 from helpers import agent_of, job_env
 
 from vramtop import inject

@@ -11,16 +11,15 @@ import os
 import signal
 import socket
 import sqlite3
-import sys
 import time
 
 import msgpack
 import pytest
 import torch
-
-import vramtop_agent
 from helpers import wait_for
 from invariance import RECORDING_NAME, assert_invariant, compare, launch, run_script, write_script
+
+import vramtop_agent
 from vramtop_agent import discovery
 
 # A tiny deterministic job. Steps come from argv[1]; the rest of argv is only carried along.

@@ -28,8 +28,7 @@ from vramtop.sources import LiveSource
 from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber
 from vramtop.tui import render
-from vramtop_agent import curve, discovery
-from vramtop_agent import lifecycle
+from vramtop_agent import curve, discovery, lifecycle
 from vramtop_agent.publisher import EndpointError, check_bind_endpoint
 from vramtop_agent.schema import SchemaError, decode, encode
 

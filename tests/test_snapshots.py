@@ -20,8 +20,8 @@ import types
 from pathlib import Path
 
 import pytest
-
 from canned import T0, CannedSource, cpu_stream, cuda_stream, fixed_clock
+
 from vramtop.source import KeyedSource
 from vramtop.state import SessionState
 from vramtop.tui.app import VramtopApp

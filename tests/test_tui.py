@@ -46,7 +46,6 @@ async def _until(pilot, cond, timeout=40.0):
 
 async def test_dashboard_shows_the_streams_numbers(demo_job):
     from vramtop.tiny import add_lora, build_model
-
     from vramtop_agent.accounting import sum_unique
 
     expected_params = sum_unique(add_lora(build_model(vocab_size=512), rank=8).parameters())

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import textwrap
+import time
 
 import pytest
-
 from canned import cpu_stream, cuda_stream
+
 from vramtop.recording import Recording
 from vramtop.source import KeyedSource
 from vramtop.state import SessionState

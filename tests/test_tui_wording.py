@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from canned import CannedSource, cpu_stream, cuda_stream, fixed_clock
+
 from vramtop.state import SessionState
 from vramtop.tui import render
 from vramtop.tui.gap_render import GapModel, render_gap, worth_trying

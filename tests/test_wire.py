@@ -18,9 +18,9 @@ from vramtop.errors import UserError
 from vramtop.sources import LiveSource
 from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber, check_endpoint
+from vramtop.tiny import add_lora, build_model, make_batch
 from vramtop_agent import discovery
 from vramtop_agent.schema import BLOCK_KEYS, SchemaError, decode, decode_many, encode
-from vramtop.tiny import add_lora, build_model, make_batch
 
 
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])

@@ -239,7 +239,7 @@ class StreamAlerts:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vramtop-alerts", daemon=True)
 
-    def start(self) -> "StreamAlerts":
+    def start(self) -> StreamAlerts:
         self._thread.start()
         return self
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramtop_agent.estimator import BLOCKS, ModelDesc, Setup, estimate as run_estimate, fmt_bytes
+from vramtop_agent.estimator import BLOCKS, ModelDesc, Setup, fmt_bytes
+from vramtop_agent.estimator import estimate as run_estimate
 
 # A difference is worth a sentence when it is this large, relatively and absolutely.
 REL_THRESHOLD = 0.10

@@ -18,9 +18,9 @@ from __future__ import annotations
 import concurrent.futures
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from vramtop.errors import UserError
 from vramtop.job_state import member_key

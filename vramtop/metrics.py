@@ -117,7 +117,7 @@ class MetricsExporter:
                 self._member_metrics(fams, key, st, h, s)
         yield from fams.values()
 
-    def _member_metrics(self, fams: "_Families", key, st, h: dict, s: dict) -> None:
+    def _member_metrics(self, fams: _Families, key, st, h: dict, s: dict) -> None:
         """One member's series, in the order the families first appear in the exposition."""
         gauge, counter = fams.gauge, fams.counter
         info = self.job.infos.get(key) or {}

@@ -131,7 +131,7 @@ class Tracee:
         self._xstate = None
         self._xlen = 0
 
-    def __enter__(self) -> "Tracee":
+    def __enter__(self) -> Tracee:
         try:
             _ptrace(PTRACE_SEIZE, self.tid, 0, 0)
         except OSError as exc:

@@ -21,13 +21,14 @@ import contextlib
 import os
 import sqlite3
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 from vramtop.errors import UserError
-from vramtop_agent.recorder import FORMAT_NAME, RECORDING_SCHEMA_VERSION, SQLITE_MAGIC
 from vramtop_agent import recording_tables
+from vramtop_agent.recorder import FORMAT_NAME, RECORDING_SCHEMA_VERSION, SQLITE_MAGIC
 from vramtop_agent.recording_tables import column_types, columns
 from vramtop_agent.schema import SCHEMA_VERSION, SchemaError, unpack_strict, validate
 from vramtop_agent.vocabulary import BLOCK_KEYS, is_number
@@ -142,7 +143,7 @@ class Recording:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str) -> "Recording":
+    def open(cls, path: str) -> Recording:
         path = os.fspath(path)
         name = os.path.basename(path) or path
         try:
@@ -233,7 +234,7 @@ class Recording:
         except Exception:
             pass
 
-    def __enter__(self) -> "Recording":
+    def __enter__(self) -> Recording:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from vramtop.errors import UserError
 from vramtop.recording import Recording

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from vramtop_agent.ledger import StorageLedger
 from vramtop_agent.schema import BLOCK_KEYS
@@ -400,7 +400,7 @@ def _walk_states(opt, ledger: StorageLedger) -> None:
                         pass
 
 
-_ACCOUNTANTS: "weakref.WeakSet" = weakref.WeakSet()
+_ACCOUNTANTS: weakref.WeakSet = weakref.WeakSet()
 _REGISTRATION_HOOK = None
 
 

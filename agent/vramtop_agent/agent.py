@@ -33,7 +33,8 @@ import threading
 import time
 import traceback
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vramtop_agent import devices
 from vramtop_agent.accounting import Accountant, Breakdown
@@ -941,7 +942,7 @@ class Agent:
 
     close = stop
 
-    def rejoin(self, optimizer=None, record: str | None = None) -> "Agent":
+    def rejoin(self, optimizer=None, record: str | None = None) -> Agent:
         """watch() of a model this agent already watches: the same agent, held once more (lifecycle.py)."""
         self._holds += 1
         if optimizer is not None and self.optimizer is None:
@@ -971,7 +972,7 @@ class Agent:
         remove_hooks(self._hooks)  # only this process's copy of the module
         self._hooks = []
 
-    def __enter__(self) -> "Agent":
+    def __enter__(self) -> Agent:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import weakref
 
 from vramtop_agent.autodetect import unwrap
-from vramtop_agent.saved import ROOT_UNIT
 from vramtop_agent.hooks import remove_hooks
+from vramtop_agent.saved import ROOT_UNIT
 
 MAX_UNITS = 160
 MAX_DEPTH = 6

@@ -35,7 +35,7 @@ import re
 import sys
 import threading
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 from vramtop_agent.hooks import remove_hooks
 
@@ -129,7 +129,7 @@ class RootDetector:
         self._lock = threading.Lock()
         self.done = False
 
-    def install(self) -> "RootDetector":
+    def install(self) -> RootDetector:
         import torch
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 

@@ -267,7 +267,7 @@ class _AutocastProbe:
                 pass
 
 
-_PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def autocast_dtype(model, install: bool = True, on_result=None) -> str | None:
@@ -361,7 +361,7 @@ def _class_name(model) -> str:
     return outer if inner == outer else f"{outer}({inner})"
 
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 MAX_AGE_S = 30.0
 
 

@@ -36,7 +36,7 @@ import sys
 import threading
 import weakref
 
-_agents: "weakref.WeakSet" = weakref.WeakSet()
+_agents: weakref.WeakSet = weakref.WeakSet()
 _lock = threading.Lock()
 _said: set[str] = set()
 

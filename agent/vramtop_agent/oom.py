@@ -29,13 +29,12 @@ from __future__ import annotations
 import re
 import sys
 import threading
-import time
 import weakref
 from typing import Any
 
 from vramtop_agent.schema import BLOCK_KEYS
 
-_AGENTS: "weakref.WeakSet" = weakref.WeakSet()
+_AGENTS: weakref.WeakSet = weakref.WeakSet()
 _INSTALLED = False
 _prev_excepthook = None
 _prev_threading_excepthook = None

@@ -133,7 +133,7 @@ def _str(x: Any) -> str | None:
     return x if isinstance(x, str) else None
 
 
-_LIVE: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _ATEXIT_SET = False
 
 

@@ -21,8 +21,15 @@ import concurrent.futures
 import re
 
 from vramtop import alerts
-from vramtop.commands.common import (add_curve_keys, add_refresh, add_remote_vramtop, add_verb, check_curve_keys,
-                                     check_refresh, refuse_remote_vramtop)
+from vramtop.commands.common import (
+    add_curve_keys,
+    add_refresh,
+    add_remote_vramtop,
+    add_verb,
+    check_curve_keys,
+    check_refresh,
+    refuse_remote_vramtop,
+)
 from vramtop.errors import UserError
 
 _ENDPOINT = re.compile(r"^(tcp|ipc)://")

@@ -5,7 +5,7 @@ the flag, its metavar, type, default and error messages are declared here once."
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 from vramtop.errors import UserError
 

@@ -88,9 +88,8 @@ def resolve_target(target: str | None, wait_s: float | None = None, say=print) -
 def _inject_if_plain(pid: int, yes: bool, say) -> None:
     """A PID with no agent (a job started without vramtop): inject one (vramtop/inject.py), or say why not."""
     from vramtop import inject
-    from vramtop_agent import discovery
-
     from vramtop.attach_inject import starts_its_own_agent
+    from vramtop_agent import discovery
 
     if any(a.get("pid") == pid for a in discovery.list_agents()) or starts_its_own_agent(pid):
         return  # its agent is there, or will be at its first training forward

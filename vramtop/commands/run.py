@@ -273,7 +273,7 @@ class _LogFollower:
             pass
 
 
-def _wait(child: subprocess.Popen, out: "_LogFollower | None" = None, interrupts: int = 0) -> int:
+def _wait(child: subprocess.Popen, out: _LogFollower | None = None, interrupts: int = 0) -> int:
     """Wait for the child. Ctrl-C already reached it through the terminal: keep waiting for its exit,
     and escalate only when Ctrl-C is pressed again (SIGTERM, then SIGKILL)."""
     while True:

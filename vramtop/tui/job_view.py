@@ -153,7 +153,7 @@ class QuietStatic(Static):
 class OverviewScreen(Screen):
     """Every rank of the job, the imbalance across them and the sources' status (styles: vramtop.tcss)."""
 
-    app: "JobApp"
+    app: JobApp
 
     def compose(self) -> ComposeResult:
         yield QuietStatic(id="job-header")
@@ -189,7 +189,7 @@ class RankView(Source):
     SessionState into the dashboard; the header and footer come from here.
     """
 
-    def __init__(self, app: "JobApp"):
+    def __init__(self, app: JobApp):
         self.app = app
 
     @property
