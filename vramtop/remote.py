@@ -495,15 +495,9 @@ class RemoteSource(Source):
             mine = [a for a in agents if a.get("pid") == self.pid and a.get("rank") == (self.info or {}).get("rank")]
             self._gone = not mine
             return
-        if len(agents) == 1:
-            self.choose(agents[0])
-        elif len(agents) > 1:
-            self.choices = agents
-            self.status = f"{len(agents)} agents on {self.host}: pick one"
-        else:
-            self.choices = []
-            what = f"pid {self.want_pid}" if self.want_pid else "vramtop agent"
-            self.status = f"no {what} on {self.host} yet: waiting (listing every {self.rescan_s:.0f} s)"
+        what = f"pid {self.want_pid}" if self.want_pid else "vramtop agent"
+        self.offer_agents(agents, f"on {self.host}",
+                          f"no {what} on {self.host} yet: waiting (listing every {self.rescan_s:.0f} s)")
 
     # ------------------------------------------------------------------ attaching
 

@@ -62,6 +62,19 @@ class Source(abc.ABC):
     def close(self) -> None:
         """Release sockets, tunnels, files. Called once, when the app unmounts."""
 
+    def offer_agents(self, agents: list[dict], where: str, none_yet: str) -> None:
+        """What a source does with a fresh listing of agents: follows the only one (`choose`), offers
+        several to the picker (`choices`, status "N agents WHERE: pick one"), or, with none, says
+        `none_yet` and keeps waiting."""
+        if len(agents) == 1:
+            self.choose(agents[0])
+        elif agents:
+            self.choices = agents
+            self.status = f"{len(agents)} agents {where}: pick one"
+        else:
+            self.choices = []
+            self.status = none_yet
+
 
 class KeyedSource(abc.ABC):
     """Every member of a job: messages as (member key, message) pairs."""

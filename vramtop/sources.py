@@ -16,13 +16,6 @@ from vramtop.subscriber import Subscriber, check_endpoint
 from vramtop_agent import discovery
 
 
-def find_agent_by_pid(pid: int) -> dict | None:
-    for info in discovery.list_agents():
-        if info.get("pid") == pid:
-            return info
-    return None
-
-
 def pid_alive(pid: int) -> bool:
     try:
         import psutil
@@ -93,15 +86,9 @@ class LiveSource(Source):
             if not agents and not pid_alive(self._want_pid):
                 self.status = f"process {self._want_pid} has exited"
                 return
-        if len(agents) == 1:
-            self._connect(agents[0]["endpoint"], agents[0])
-        elif len(agents) > 1:
-            self.choices = agents
-            self.status = f"{len(agents)} agents running: pick one"
-        else:
-            self.choices = []
-            where = f"pid {self._want_pid}" if self._want_pid else "this machine"
-            self.status = f"no vramtop agent on {where} yet: waiting (start one with vramtop_agent.watch())"
+        where = f"pid {self._want_pid}" if self._want_pid else "this machine"
+        self.offer_agents(agents, "running",
+                          f"no vramtop agent on {where} yet: waiting (start one with vramtop_agent.watch())")
 
     # ------------------------------------------------------------------ polling
 
