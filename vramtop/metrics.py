@@ -33,7 +33,6 @@ Fields a device does not have are absent, as in the stream.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 
@@ -42,15 +41,6 @@ from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
 
 FORGET_AFTER_S = 300.0  # a member silent this long is dropped from the export
 _LABELS = ("node", "rank", "local_rank", "world_size", "pid", "device")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class MetricsExporter:

@@ -210,3 +210,14 @@ def _restrict_ipc_socket(endpoint: str) -> None:
             os.chmod(endpoint[len("ipc://"):], 0o600)
         except OSError:
             pass
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for "localhost" and a loopback address (127.0.0.0/8, ::1): what binds or serves on this
+    machine only. Any other name or address, or text that is neither, is False."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         import prometheus_client  # noqa: F401
     except ImportError:
         raise UserError("vramtop metrics needs prometheus-client: pip install 'vramtop[metrics]'") from None
-    from vramtop.metrics import MetricsExporter, is_loopback
+    from vramtop.metrics import MetricsExporter
+    from vramtop_agent.publisher import is_loopback_host
 
     if not 0 <= args.port < 65536:
         raise UserError("--port must be between 0 and 65535")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 exporter.pump(timeout_ms=100)
             sys.stdout.write(exporter.text())
             return 0
-        if not is_loopback(args.bind):
+        if not is_loopback_host(args.bind):
             print(f"vramtop: warning: serving metrics on {args.bind}: anyone who can reach it can read them",
                   file=sys.stderr)
         try:
