@@ -21,19 +21,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vramtop.errors import UserError
 from vramtop.job_state import member_key
 from vramtop.remote import Host, SshTunnel, local_socket_dir, parse_host, remote_ls, remote_target
 from vramtop.source import KeyedSource
 
+if TYPE_CHECKING:  # pyzmq is imported when a JobSource is made, not with this module
+    import zmq
+
+    from vramtop.subscriber import Subscriber
+
 
 @dataclass
 class Member:
     key: str
     info: dict
-    sub: object  # vramtop.subscriber.Subscriber
-    socks: tuple = ()
+    sub: Subscriber
+    socks: tuple[zmq.Socket[bytes], ...] = ()
 
 
 @dataclass
@@ -97,9 +103,7 @@ class JobSource(KeyedSource):
         else:
             endpoint = info["endpoint"]
         sub = Subscriber(endpoint)
-        # Every socket the subscriber polls (its two SUB sockets, and the monitors that make it
-        # reconnect): one of them ready means sub.poll() has something to do.
-        socks = tuple(s for s, _ in sub._poller.sockets)
+        socks = sub.sockets  # one of them ready: sub.poll() has something to do
         for s in socks:
             self._poller.register(s, self._zmq.POLLIN)
             self._by_sock[s] = key
@@ -212,8 +216,11 @@ class JobSource(KeyedSource):
             self._by_sock.pop(s, None)
         m.sub.close()
 
-    def rejected(self) -> int:
-        return sum(m.sub.rejected for m in self.members.values())
+    @property
+    def rejected(self) -> tuple[int, str | None]:
+        """Frames refused by the members followed now, and one of their last reasons."""
+        subs = [m.sub for m in self.members.values()]
+        return sum(s.rejected for s in subs), next((s.last_rejection for s in subs if s.last_rejection), None)
 
     def close(self) -> None:
         for m in self.members.values():

@@ -88,6 +88,11 @@ class KeyedSource(abc.ABC):
     def poll(self, timeout_ms: int = 0) -> list[tuple[str, dict]]:
         """What the members sent since the last call; waits up to `timeout_ms` for the first message."""
 
+    @property
+    def rejected(self) -> tuple[int, str | None]:
+        """Frames the members' streams refused so far, and a last reason (as Source.rejected)."""
+        return 0, None
+
     def remove(self, key: str) -> None:
         """Stop following a member (the metrics exporter forgets long-silent agents)."""
 

@@ -16,10 +16,14 @@ an `eseq` gap: "dropped"), never the rest of the stream.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from vramtop.errors import UserError
 from vramtop_agent.schema import MAX_FRAME_BYTES, TOPIC_EVENT, TOPIC_SAMPLE, SchemaError, decode_many
+
+if TYPE_CHECKING:  # pyzmq is imported when a Subscriber is made, not with this module
+    import zmq
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -52,7 +56,7 @@ class Subscriber:
 
         self.endpoint = check_endpoint(endpoint)
         self._zmq = zmq
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.max_frame = max_frame
         self._curve = None
         if curve_server_key is not None:
@@ -78,7 +82,7 @@ class Subscriber:
         self._poller = zmq.Poller()
         self._poller.register(self._samples, zmq.POLLIN)
         self._poller.register(self._events, zmq.POLLIN)
-        self._monitors = {}
+        self._monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}  # monitor socket -> the socket it watches
         # Connection events too: a viewer waiting on an endpoint where nothing listens says so (status()).
         events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
         for sock in (self._samples, self._events):
@@ -111,6 +115,13 @@ class Subscriber:
         sock.setsockopt(zmq.SUBSCRIBE, topic)
         sock.connect(self.endpoint)
         return sock
+
+    @property
+    def sockets(self) -> tuple[zmq.Socket[bytes], ...]:
+        """Every socket this subscriber polls (its two SUB sockets and their monitors): one of them
+        readable means poll() has something to do. A caller polling many subscribers at once
+        (vramtop.job_source) registers these in its own poller."""
+        return tuple(s for s, _ in self._poller.sockets)
 
     def poll(self, timeout_ms: int = 0, max_events: int = 5000) -> list[dict]:
         """Decoded messages ready now (events first, in order; then the newest sample)."""
