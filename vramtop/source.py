@@ -29,7 +29,16 @@ if TYPE_CHECKING:  # only a type: a source is imported before (and without) any 
 class Source(abc.ABC):
     """One agent's stream, as the dashboard reads it."""
 
-    describe: str = ""  # where the stream comes from, for the header ("" when there is nothing to say)
+    if TYPE_CHECKING:
+        # Read-only to the app, so a source may compute it (a property: RemoteSource, ReplaySource,
+        # the job view's RankView) or store it (a plain attribute). The type checker sees the property;
+        # at run time it is a plain "" default, which a property replaces and an instance may set.
+        @property
+        def describe(self) -> str:
+            """Where the stream comes from, for the header ("" when there is nothing to say)."""
+            return ""
+    else:
+        describe = ""
     status: str = ""  # one line for the footer; the app writes a polling error here
     choices: Sequence[dict] = ()  # agents to pick from when discovery found several (the app shows its picker)
 
@@ -56,10 +65,10 @@ class Source(abc.ABC):
 
         return discovery.list_agents()
 
-    def choose(self, info: dict) -> None:
+    def choose(self, info: dict) -> None:  # noqa: B027 - a deliberate no-op default, not a missing abstract
         """Follow the agent picked in the picker. A source that cannot switch agents ignores the pick."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a deliberate no-op default: a source may hold nothing to release
         """Release sockets, tunnels, files. Called once, when the app unmounts."""
 
     def offer_agents(self, agents: list[dict], where: str, none_yet: str) -> None:
@@ -79,7 +88,13 @@ class Source(abc.ABC):
 class KeyedSource(abc.ABC):
     """Every member of a job: messages as (member key, message) pairs."""
 
-    describe: str = ""
+    if TYPE_CHECKING:
+        @property
+        def describe(self) -> str:
+            """Where the members are, for the header (read-only to the app, as Source.describe)."""
+            return ""
+    else:
+        describe = ""
     status: str = ""
     members: Mapping[str, Any] = MappingProxyType({})  # key -> something with `.info` (the agent's listing)
     gone: Collection[str] = frozenset()  # members whose process has exited (they stay in the view, marked)
@@ -93,8 +108,8 @@ class KeyedSource(abc.ABC):
         """Frames the members' streams refused so far, and a last reason (as Source.rejected)."""
         return 0, None
 
-    def remove(self, key: str) -> None:
+    def remove(self, key: str) -> None:  # noqa: B027 - a deliberate no-op default: nothing to forget
         """Stop following a member (the metrics exporter forgets long-silent agents)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a deliberate no-op default: a source may hold nothing to release
         """Release every member's sockets and tunnels."""
