@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from vramtop.state import byte_count
+from vramtop.state import byte_count, dict_field
 
 KINDS = ("oom", "creep", "headroom", "retries", "fragmentation")
 
@@ -87,7 +87,7 @@ def _headroom(state, th: Thresholds) -> Alert | None:
     if not total:
         return None
     if state.on_cuda:
-        nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
+        nv = dict_field(s, "nvml")
         used = byte_count(nv.get("used"))
         if used is None:
             used = byte_count(s["cuda"].get("reserved"))

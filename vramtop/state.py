@@ -29,6 +29,12 @@ def byte_count(x) -> int | None:
     return int(x) if is_number(x) and x >= 0 else None
 
 
+def dict_field(msg: dict, key: str) -> dict:
+    """A message's sub-record (a sample's `nvml`, `host`, `cuda`) when it is one, else an empty dict."""
+    value = msg.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 @dataclass
 class Segment:
     """One piece of the memory bar."""
@@ -106,7 +112,7 @@ class SessionState:
 
     def _reset_for_new_process(self) -> None:
         keep_rejected, keep_reason = self.rejected_frames, self.last_rejection
-        self.__init__(self.clock, self.count_event_gaps)
+        SessionState.__init__(self, self.clock, self.count_event_gaps)  # every field back to its start
         self.rejected_frames, self.last_rejection = keep_rejected, keep_reason
 
     def _on_hello(self, msg: dict) -> None:
@@ -171,12 +177,12 @@ class SessionState:
 
     def device_total(self) -> int | None:
         s = self.sample or {}
-        nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
+        nv = dict_field(s, "nvml")
         if byte_count(nv.get("total")):
             return byte_count(nv["total"])
         if self.hello and byte_count(self.hello.get("device_total")):
             return byte_count(self.hello["device_total"])
-        host = s.get("host") if isinstance(s.get("host"), dict) else {}
+        host = dict_field(s, "host")
         return byte_count(host.get("total"))
 
     def segments(self) -> list[Segment]:
@@ -201,7 +207,7 @@ class SessionState:
             allocated = byte_count(cuda.get("allocated")) or 0
             reserved = byte_count(cuda.get("reserved")) or 0
             segs.append(Segment("cache", LABELS["cache"], max(reserved - allocated, 0)))
-            nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else {}
+            nv = dict_field(s, "nvml")
             process_used, used = byte_count(nv.get("process_used")), byte_count(nv.get("used"))
             if process_used is not None:
                 segs.append(Segment("nonpytorch", LABELS["nonpytorch"], max(process_used - reserved, 0)))
@@ -214,8 +220,9 @@ class SessionState:
                 used = sum(x.nbytes for x in segs[5:]) + allocated
                 segs.append(Segment("free", LABELS["free"], max(total - used, 0)))
         else:
-            host = s.get("host") if isinstance(s.get("host"), dict) else {}
-            rss, host_total, available = byte_count(host.get("rss")), byte_count(host.get("total")), byte_count(host.get("available"))
+            host = dict_field(s, "host")
+            rss, host_total = byte_count(host.get("rss")), byte_count(host.get("total"))
+            available = byte_count(host.get("available"))
             if rss is not None:
                 segs.append(Segment("process", LABELS["process"], max(rss - tracked, 0)))
             if host_total and available is not None:

@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from vramtop.state import SessionState, activations_note, byte_count
+from vramtop.state import SessionState, activations_note, byte_count, dict_field
 from vramtop_agent.vocabulary import BLOCK_KEYS, COLOURS, PHASE_STYLE, PHASES, fmt_bytes, is_number
 
 
@@ -22,7 +22,7 @@ def text_field(x, limit: int = 80, default: str = "?") -> str:
 
 
 def fmt_count(n: int | None) -> str:
-    if not is_number(n):
+    if n is None or not is_number(n):
         return "-"
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
@@ -216,7 +216,7 @@ def fragmentation(state: SessionState, width: int = 50) -> Group | Text:
         t.append(f"alloc retries {cuda.get('alloc_retries', 0)}", style="bold red" if cuda.get("alloc_retries") else "")
         t.append(f"   OOMs {cuda.get('ooms', 0)}\n", style="bold red" if cuda.get("ooms") else "")
         t.append(f"peak allocated {fmt_bytes(cuda.get('peak_allocated'))}\n")
-        nv = s.get("nvml") if isinstance(s.get("nvml"), dict) else None
+        nv = dict_field(s, "nvml")
         if nv:
             t.append(f"NVML used {fmt_bytes(nv.get('used'))} of {fmt_bytes(nv.get('total'))}")
             if "process_used" in nv:
@@ -228,7 +228,7 @@ def fragmentation(state: SessionState, width: int = 50) -> Group | Text:
         t.append(_spark([a for _, a in series], spark), style=COLOURS["activations"])
         t.append(" allocated\n", style="dim")
     else:
-        host = s.get("host") if isinstance(s.get("host"), dict) else {}
+        host = dict_field(s, "host")
         tracked = state.tracked()
         t.append(f"fragmentation {NA_CPU}\n", style="dim")
         t.append(f"process RSS {fmt_bytes(host.get('rss'))}\n")
@@ -277,7 +277,7 @@ def phases(state: SessionState, rows: int = 8, width: int = 80) -> Group | Text:
     for st in steps:
         pb = st["peak_blocks"]
         top = max(BLOCK_KEYS, key=lambda k: byte_count(pb.get(k)) or 0)
-        cells = [str(st["step"]), *[fmt_bytes(st["peaks"].get(p)) for p in PHASES]]
+        cells: list[str | Text] = [str(st["step"]), *[fmt_bytes(st["peaks"].get(p)) for p in PHASES]]
         if spike:
             cells.append("+" + fmt_bytes(st["backward_spike"]) if state.on_cuda else "n/a")
         cells.append(f"{st['step_time'] * 1000:.0f}ms" if is_number(st.get("step_time")) else "-")
@@ -304,8 +304,8 @@ def timeline(state: SessionState, width: int, height: int = 8) -> Group | Text:
     else:
         title.append(" (tracked tensors)", style="dim")
     title.append("  ", style="dim")
-    for p, short in (("forward", "fwd"), ("backward", "bwd"), ("optimizer", "opt")):
-        ch, st = PHASE_STYLE[p]
+    for phase, short in (("forward", "fwd"), ("backward", "bwd"), ("optimizer", "opt")):
+        ch, st = PHASE_STYLE[phase]
         title.append(f"{ch}={short} ", style=st)
     title.rstrip()
     if title.cell_len > width:
