@@ -9,6 +9,7 @@ torch; re-estimating a changed setup runs the pure-Python estimator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from vramtop_agent.estimator import BLOCKS, ModelDesc, Setup, fmt_bytes
 from vramtop_agent.estimator import estimate as run_estimate
@@ -358,10 +359,10 @@ def advice(estimate, *, steps: list[dict] | None = None, card_bytes: int | None 
     if model["num_layers"] > 1:
         options.append(("smaller-model", f"a model half as deep ({model['num_layers'] // 2} layers)", {},
                         {"num_layers": model["num_layers"] // 2}))
-    out = []
+    out: list[dict[str, Any]] = []  # one JSON-ready record per option (report --json prints them as they are)
     for key, action, changes, model_changes in options:
         new = what_if(est, changes, calibration=cal, model_changes=model_changes)["predicted_peak"]
-        item = {"key": key, "action": action, "changes": changes, "saving": int(base - new), "new_peak": int(new),
+        item: dict[str, Any] = {"key": key, "action": action, "changes": changes, "saving": int(base - new), "new_peak": int(new),
                 "cost": _COSTS[key]}
         if card_bytes:
             item["fits"] = new <= card_bytes

@@ -18,7 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,7 +53,7 @@ class _RemoteHost:
 
 
 class JobSource(KeyedSource):
-    def __init__(self, agents: list[dict], *, hosts: list[Host | str] | None = None,
+    def __init__(self, agents: list[dict], *, hosts: Sequence[Host | str] | None = None,
                  match: Callable[[dict], bool] | None = None, remote_vramtop: str | None = None,
                  rescan_s: float | None = 2.0, scan_local: bool | None = None, label: str = "job"):
         import zmq
@@ -140,7 +140,7 @@ class JobSource(KeyedSource):
 
                 self._take_listing(None, discovery.list_agents())
             for rh in self._hosts.values():
-                if rh.scan is None:
+                if rh.scan is None and self._pool is not None:
                     rh.scan = self._pool.submit(remote_ls, rh.host, self.remote_vramtop)
         for rh in self._hosts.values():
             if rh.scan is not None and rh.scan.done():

@@ -35,9 +35,13 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from vramtop.job_state import JobState
 from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 FORGET_AFTER_S = 300.0  # a member silent this long is dropped from the export
 _LABELS = ("node", "rank", "local_rank", "world_size", "pid", "device")
@@ -58,7 +62,7 @@ class MetricsExporter:
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.server = None
+        self.server: WSGIServer | None = None  # prometheus-client's HTTP server, once serve() ran
 
     # ------------------------------------------------------------------ pump
 

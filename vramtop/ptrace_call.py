@@ -103,7 +103,8 @@ def pick_thread(pid: int) -> int:
     ptrace stop); then any sleeping non-main thread (some calls, epoll_wait among them, return EINTR after
     a stop, which their callers retry); then the main thread.
     """
-    futex, sleeping = [], []
+    futex: list[int] = []
+    sleeping: list[int] = []
     for name in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
         tid = int(name)
         if tid == pid:
@@ -128,7 +129,7 @@ class Tracee:
         self.timeout_s = timeout_s
         self._seized = False
         self._saved: _Regs | None = None
-        self._xstate = None
+        self._xstate: ctypes.Array[ctypes.c_char] | None = None
         self._xlen = 0
 
     def __enter__(self) -> Tracee:

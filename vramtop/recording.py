@@ -316,7 +316,8 @@ class Recording:
 
     def span(self, session: int | None = None) -> tuple[float, float] | None:
         """(first t, last t) of the recorded data."""
-        lo, hi = None, None
+        lo: float | None = None
+        hi: float | None = None
         for table in ("samples", "steps", "events"):
             # Walk the t index from each end (min and max in one query, or with a WHERE, scan the table).
             if session is None:
@@ -330,7 +331,7 @@ class Recording:
             if a is not None and b is not None:
                 lo = a if lo is None else min(lo, a)
                 hi = b if hi is None else max(hi, b)
-        return None if lo is None else (lo, hi)
+        return None if lo is None or hi is None else (lo, hi)  # both set together
 
     def counts(self) -> dict[str, int]:
         out = {}
@@ -424,13 +425,13 @@ class Recording:
         """When step `step` began: its first sample (or the previous step's end)."""
         where, params = self._where(session, None, None, "step >= ?")
         row = self._one(f"SELECT t FROM samples{where} ORDER BY step, t LIMIT 1", params + (int(step),))
-        cands = []
-        if row and _f(row[0]) is not None:
-            cands.append(_f(row[0]))
+        cands: list[float] = []
+        if row and (t := _f(row[0])) is not None:
+            cands.append(t)
         where, params = self._where(session, None, None, "step = ?")
         row = self._one(f"SELECT min(t) FROM events{where} AND type = 'phase'", params + (int(step) ,))
-        if row and _f(row[0]) is not None:
-            cands.append(_f(row[0]))
+        if row and (t := _f(row[0])) is not None:
+            cands.append(t)
         return min(cands) if cands else None
 
     def events(self, types: tuple[str, ...] | None = None, session: int | None = None,
@@ -569,7 +570,7 @@ class Recording:
                     self._problem("integrity check failed: " + _one_line(" / ".join(map(str, res))))
             except DB_ERRORS as exc:
                 self._problem(f"integrity check failed: {_one_line(exc)}")
-        counts = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
         self.sessions()
         for _ in self.samples():
             counts["samples"] += 1

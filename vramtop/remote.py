@@ -38,10 +38,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from vramtop.errors import UserError
 from vramtop.source import Source
+
+if TYPE_CHECKING:  # pyzmq is imported when a RemoteSource attaches, not with this module
+    from vramtop.subscriber import Subscriber
 
 SSH_ENV = "VRAMTOP_SSH"  # the ssh command line, shell-split (default: "ssh")
 REMOTE_ENV = "VRAMTOP_REMOTE_VRAMTOP"  # how to run vramtop on the node (default: vramtop, else python3 -m vramtop)
@@ -311,7 +315,7 @@ class SshTunnel:
         self._backoff = min_backoff
         self._next_start = 0.0
         self._started_at = 0.0
-        self._log = None
+        self._log: IO[bytes] | None = None  # ssh's stderr, for the last line of why it ended
         self._closed = False
 
     @property
@@ -447,7 +451,7 @@ class RemoteSource(Source):
         self.remote_vramtop = remote_vramtop
         self.want_pid = pid
         self.rescan_s = rescan_s
-        self.sub = None
+        self.sub: Subscriber | None = None
         self.tunnel: SshTunnel | None = None
         self.info: dict | None = None
         self.pid: int | None = None
@@ -529,7 +533,7 @@ class RemoteSource(Source):
     def poll(self) -> list[dict]:
         self._scan_result()
         now = time.monotonic()
-        if self.sub is None:
+        if self.sub is None or self.tunnel is None:  # attached: both set by choose(), cleared by _teardown()
             if not self.choices and now - self._last_scan >= self.rescan_s:
                 self._start_scan()
             return []

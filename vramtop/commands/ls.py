@@ -39,7 +39,8 @@ def local_agents() -> list[dict]:
         on = pid_gpus(report)
         names = {g.index: g.name for g in report.gpus}
         for a in agents:
-            idx = on.get(a.get("pid"))
+            pid = a.get("pid")
+            idx = on.get(pid) if isinstance(pid, int) else None
             if idx:
                 a["gpu"] = ",".join(str(i) for i in idx)
                 a["gpu_name"] = names.get(idx[0], "")

@@ -133,7 +133,7 @@ def record(endpoint: str, output: str, *, pid: int | None = None, duration: floa
     except (RecorderError, OSError) as exc:
         raise UserError(f"cannot record to {output}: {exc}") from None
     reader = StreamReader(endpoint, **(curve or {}))
-    stop = {"why": None}
+    stop: dict[str, str | None] = {"why": None}  # why the loop ends, once it should
     old_handlers = _stop_on_signals(stop) if install_signals else {}
     writer = _Writer(rec, say, monitor)
     started = time.monotonic()
@@ -226,7 +226,7 @@ class _Writer:
             self.warned = True
 
 
-def _stop_on_signals(stop: dict) -> dict:
+def _stop_on_signals(stop: dict[str, str | None]) -> dict:
     """SIGINT/SIGTERM set stop["why"] instead of raising in the middle of a write: the loop ends
     within 200 ms. A second Ctrl-C stops waiting. Returns the handlers to restore."""
 

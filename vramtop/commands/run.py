@@ -103,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
     if limits is None:
         return _run(args, args.record)
     # The verdict is read from a recording: the user's, or one of our own for the job's lifetime.
-    tmp = None if args.record else tempfile.mkdtemp(prefix="vramtop-budget-")
-    record = args.record or os.path.join(tmp, "run.vramtop")
+    tmp = None
+    record = args.record
+    if not record:
+        tmp = tempfile.mkdtemp(prefix="vramtop-budget-")
+        record = os.path.join(tmp, "run.vramtop")
     try:
         rc = _run(args, record)
         return budget.finish_run(record, limits, args.verdict, rc)
@@ -153,7 +156,7 @@ def _run(args: argparse.Namespace, record: str | None) -> int:
     watcher = None if show or not monitor.on_alert else alerts.StreamAlerts(
         monitor, lambda: (find_job_agent(child.pid) or {}).get("endpoint")).start()
     try:
-        if show:
+        if log_path is not None:  # set exactly when the dashboard shows
             return exit_status(_run_with_dashboard(child, log_path, args.refresh, monitor))
         if args.record:
             from vramtop.run_record import announce, recorded

@@ -219,7 +219,8 @@ def _oom_reference(rec: Recording, e: dict, steps: list[dict], session: int | No
         if ref.get("batch"):
             out["ref_batch"] = [ref["batch"], ref["seq_len"]]
         return {k: int(ref.get(f"peak_{k}") or 0) for k in BLOCK_KEYS}
-    first = rec.sample_at(rec.span(session)[0], session) if rec.span(session) else None
+    span = rec.span(session)
+    first = rec.sample_at(span[0], session) if span else None
     out["compared_to"] = "the start of the run"
     return {k: int((first or {}).get("blocks", {}).get(k) or 0) for k in BLOCK_KEYS}
 

@@ -15,7 +15,7 @@ from vramtop_agent.vocabulary import BLOCK_KEYS, fmt_bytes, is_number
 
 
 def fmt_offset(seconds: float | None) -> str:
-    if not is_number(seconds) or abs(seconds) > 1e12:
+    if seconds is None or not is_number(seconds) or abs(seconds) > 1e12:
         return "-"
     seconds = max(float(seconds), 0.0)
     h, rem = divmod(int(seconds), 3600)

@@ -76,7 +76,7 @@ class AgentPicker(ModalScreen[dict | None]):
             yield OptionList(*options)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
-        self.dismiss(self.agents[int(event.option.id)])
+        self.dismiss(self.agents[event.option_index])  # the options are the agents, in order
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
@@ -104,8 +104,8 @@ class VramtopApp(App):
     ]
     SCREENSHOT_DIR = "vramtop-screenshots"  # under the working directory, or $VRAMTOP_SCREENSHOTS
 
-    def __init__(self, source: Source, state: SessionState | None = None, refresh_hz: float = 4.0, pump_hz: float = 10.0,
-                 alerts: AlertMonitor | None = None):
+    def __init__(self, source: Source, state: SessionState | None = None, refresh_hz: float = 4.0,
+                 pump_hz: float = 10.0, alerts: AlertMonitor | None = None):
         super().__init__()
         self.alerts = alerts or AlertMonitor()  # the banner; --on-alert runs its command
         self.source = source

@@ -21,7 +21,7 @@ class GapModel:
     """Caches the advice so a 4 Hz refresh does not re-run the estimator."""
 
     def __init__(self) -> None:
-        self._key = None
+        self._key: tuple[object, str, int] | None = None  # what the cached advice was computed from
         self._advice: list = []
 
     def rows(self, state: SessionState) -> list:

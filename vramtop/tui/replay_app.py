@@ -52,6 +52,8 @@ class ReplayApp(VramtopApp):
         Binding("end", "edge('end')", "End", show=False),
     ]
 
+    source: ReplaySource  # set by VramtopApp.__init__: here always a recording's
+
     def __init__(self, source: ReplaySource, refresh_hz: float = 4.0, pump_hz: float = 10.0):
         super().__init__(source, state=self._fresh_state(source), refresh_hz=refresh_hz, pump_hz=pump_hz)
 
