@@ -23,7 +23,8 @@ VERBS = ["attach", "inject", "detach", "run", "ls", "record", "replay", "report"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vramtop",
-        description="Where a training job's GPU memory goes: parameters, gradients, optimizer states, activations, live.",
+        description=("Where a training job's GPU memory goes: parameters, gradients, optimizer states, "
+                     "activations, live."),
     )
     parser.add_argument("--version", action="version", version=f"vramtop {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")

@@ -126,7 +126,8 @@ def gap_rows(estimate, blocks: dict, *, eof_blocks: dict | None = None, step: di
         row = GapRow("non-PyTorch", e, non_torch, non_torch - e)
         if non_torch > 0:
             row.cause = (f"non-PyTorch {fmt_bytes(non_torch)}: CUDA context and library workspaces"
-                         + (" (cuBLAS/cuDNN/NCCL workspaces, other libraries' allocations)" if non_torch > 2 * e else ""))
+                         + (" (cuBLAS/cuDNN/NCCL workspaces, other libraries' allocations)"
+                            if non_torch > 2 * e else ""))
         rows.append(row)
     return rows
 
@@ -139,18 +140,24 @@ def _cause(block: str, e: int, a: int, setup: dict, batch, blocks: dict) -> str:
             return (f"activations {times}: the run's batch x seq is {batch[0]}x{batch[1]}, "
                     f"the estimate assumed {setup['batch']}x{setup['seq_len']}")
         if a > e and not setup["grad_ckpt"] and ratio > 1.5:
-            return f"activations {times}: gradient checkpointing is off, and something keeps more than the model's own ops (extra outputs such as output_hidden_states, custom layers, a loss kept with its graph)"
+            return (f"activations {times}: gradient checkpointing is off, and something keeps more than the "
+                    "model's own ops (extra outputs such as output_hidden_states, custom layers, a loss kept "
+                    "with its graph)")
         if a > e and setup["grad_ckpt"]:
-            return f"activations {times}: checkpointing looks inactive (use_cache=True or model.train() missing disables it in HF)"
+            return (f"activations {times}: checkpointing looks inactive "
+                    "(use_cache=True or model.train() missing disables it in HF)")
         if a > e:
-            return f"activations {times}: tensors saved beyond the model's layers (extra outputs, custom ops, tensors with grad history kept across steps)"
-        return f"activations {times}: fused kernels or frozen parts save less than modelled (Liger/flash kernels, partial freezing)"
+            return (f"activations {times}: tensors saved beyond the model's layers "
+                    "(extra outputs, custom ops, tensors with grad history kept across steps)")
+        return (f"activations {times}: fused kernels or frozen parts save less than modelled "
+                "(Liger/flash kernels, partial freezing)")
     if block == "parameters":
         if 1.8 < ratio < 2.2:
             return "parameters 2x the estimate: weights are in fp32, not 16-bit (load with torch_dtype=torch.bfloat16)"
         if 0.45 < ratio < 0.55:
             return "parameters half the estimate: weights are 16-bit where the estimate assumed fp32"
-        return f"parameters {times}: modules the estimate does not know (value head, extra adapters, untied or tied embeddings)"
+        return (f"parameters {times}: modules the estimate does not know "
+                "(value head, extra adapters, untied or tied embeddings)")
     if block == "gradients":
         if a == 0:
             return "no gradients right now: they exist between backward and zero_grad()"
@@ -181,9 +188,11 @@ def _peak_cause(e: int, a: int, step: dict, setup: dict, cuda: dict | None) -> s
         return (f"peak {ratio:.1f}x the estimate, in backward: larger transients than modelled "
                 f"(loss over a large vocabulary, eager attention's s^2 gradients, recomputation)")
     if a > e and phase == "optimizer":
-        return f"peak {ratio:.1f}x the estimate, in the optimizer step: foreach temporaries or states created at the first step"
+        return (f"peak {ratio:.1f}x the estimate, in the optimizer step: "
+                "foreach temporaries or states created at the first step")
     if a < e and not cuda:
-        return "peak below the estimate: on CPU the agent sees tensors at phase edges only, not the transients inside a phase"
+        return ("peak below the estimate: on CPU the agent sees tensors at phase edges only, "
+                "not the transients inside a phase")
     return f"peak {ratio:.1f}x the estimate, in {phase}"
 
 
@@ -249,7 +258,7 @@ def calibrate(estimate, steps: list[dict]) -> Calibration:
         cal.notes.append("CPU run: peak taken from the estimate, activations calibrated")
         return cal
     residuals = []
-    for x, y, epeak, mpeak in pts:
+    for x, _y, epeak, mpeak in pts:
         if mpeak is None:
             continue
         predicted = epeak + (cal.act_scale - 1.0) * x + cal.act_offset
@@ -317,7 +326,8 @@ _COSTS = {
     "micro-batch": "same effective batch via gradient accumulation; slower when the GPU is no longer saturated",
     "grad-ckpt": "~20-30% slower steps (one extra forward per layer in backward)",
     "8bit-optimizer": "bitsandbytes dependency; accuracy on par with 32-bit AdamW (Dettmers et al. 2022)",
-    "lora": "trains a low-rank update only: usually close to full fine-tuning, not always; QLoRA adds dequantization time",
+    "lora": ("trains a low-rank update only: usually close to full fine-tuning, not always; "
+             "QLoRA adds dequantization time"),
     "offload": "optimizer step on the CPU: step time bound by PCIe and host memory bandwidth",
     "smaller-model": "lower quality: the last resort",
 }
@@ -362,8 +372,8 @@ def advice(estimate, *, steps: list[dict] | None = None, card_bytes: int | None 
     out: list[dict[str, Any]] = []  # one JSON-ready record per option (report --json prints them as they are)
     for key, action, changes, model_changes in options:
         new = what_if(est, changes, calibration=cal, model_changes=model_changes)["predicted_peak"]
-        item: dict[str, Any] = {"key": key, "action": action, "changes": changes, "saving": int(base - new), "new_peak": int(new),
-                "cost": _COSTS[key]}
+        item: dict[str, Any] = {"key": key, "action": action, "changes": changes, "saving": int(base - new),
+                                "new_peak": int(new), "cost": _COSTS[key]}
         if card_bytes:
             item["fits"] = new <= card_bytes
         if item["saving"] > 0:

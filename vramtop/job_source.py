@@ -155,7 +155,8 @@ class JobSource(KeyedSource):
 
     def _take_listing(self, rh: _RemoteHost | None, agents: list[dict]) -> None:
         listed = {member_key(a) for a in agents}
-        mine = [k for k, m in self.members.items() if (m.info.get("ssh_host") or None) == (rh.host.spec if rh else None)]
+        where = rh.host.spec if rh else None  # the host listed, None for this machine
+        mine = [k for k, m in self.members.items() if (m.info.get("ssh_host") or None) == where]
         for k in mine:
             if k not in listed:
                 self.gone.add(k)

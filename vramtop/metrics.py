@@ -103,7 +103,7 @@ class MetricsExporter:
     def collect(self):
         fams = _Families()
         with self.lock:
-            for key in self.job.keys():
+            for key in self.job.keys():  # noqa: SIM118 - JobState.keys() is rank order, not a dict's keys
                 st = self.job.members[key]
                 h, s = st.hello or {}, st.sample or {}
                 if not s and not h:

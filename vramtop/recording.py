@@ -223,7 +223,8 @@ class Recording:
             db = sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
             db.text_factory = _text
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            notes.append("read without its -wal file (no write access to its directory): the last seconds may be missing")
+            notes.append("read without its -wal file (no write access to its directory): "
+                         "the last seconds may be missing")
             return db
         except DB_ERRORS as exc:
             raise UserError(f"{os.path.basename(path)}: cannot open ({_one_line(exc)})") from None
@@ -410,8 +411,8 @@ class Recording:
               last: int | None = None) -> list[dict]:
         where, params = self._where(session, t0, t1)
         if last:
-            sql = f"SELECT msg FROM (SELECT msg, t, rseq FROM steps{where} ORDER BY t DESC, rseq DESC LIMIT {int(last)})" \
-                  " ORDER BY t, rseq"
+            sql = (f"SELECT msg FROM (SELECT msg, t, rseq FROM steps{where} ORDER BY t DESC, rseq DESC"
+                   f" LIMIT {int(last)}) ORDER BY t, rseq")
         else:
             sql = f"SELECT msg FROM steps{where} ORDER BY t, rseq"
         out = []
@@ -541,13 +542,13 @@ class Recording:
         """The highest memory level recorded: a step's phase peak when steps exist, else the highest sample."""
         where, params = self._where(session, None, None)
         best: Peak | None = None
-        row = self._one(f"SELECT {_sel('id', 't', 'step', 'phase', 'session', 'total', *BLOCK_KEYS)} FROM samples{where}"
-                        " ORDER BY total DESC, t LIMIT 1", params)
+        columns = _sel("id", "t", "step", "phase", "session", "total", *BLOCK_KEYS)
+        row = self._one(f"SELECT {columns} FROM samples{where} ORDER BY total DESC, t LIMIT 1", params)
         if row and row[5] is not None:
             # `total` is the blocks' sum; on CUDA "other" is allocated minus the four, so total >= allocated.
             best = Peak(int(row[5]), row[1], row[2], row[3], dict(zip(BLOCK_KEYS, row[6:11])), row[4], "samples")
-        srow = self._one(f"SELECT {_sel('t', 'step', 'peak_phase', 'session', 'peak', *('peak_' + k for k in BLOCK_KEYS))}"
-                         f" FROM steps{where} ORDER BY peak DESC, t LIMIT 1", params)
+        columns = _sel("t", "step", "peak_phase", "session", "peak", *("peak_" + k for k in BLOCK_KEYS))
+        srow = self._one(f"SELECT {columns} FROM steps{where} ORDER BY peak DESC, t LIMIT 1", params)
         if srow and srow[4] is not None and (best is None or srow[4] >= best.level):
             blocks = dict(zip(BLOCK_KEYS, srow[5:10]))
             # When, within the step: its highest sample, else the step's end.

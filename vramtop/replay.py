@@ -167,7 +167,8 @@ class ReplaySource(Source):
         if session is None:
             session = newest_session(sessions)
         elif not any(s.id == session for s in sessions):
-            raise UserError(f"{recording.path}: no session {session} (it has {', '.join(str(s.id) for s in sessions) or 'none'})")
+            ids = ", ".join(str(s.id) for s in sessions) or "none"
+            raise UserError(f"{recording.path}: no session {session} (it has {ids})")
         self.session = session
         span = recording.span(session)
         if span is None:

@@ -74,7 +74,8 @@ def table(agents: list[dict], now: float | None = None) -> str:
         ws = a.get("world_size") or 1
         rank_s = f"{rank}/{ws}" if ws > 1 else str(rank)
         cmd = " ".join(a.get("cmdline") or [])
-        lines.append(f"{a['pid']:>8} {rank_s:>5} {a.get('local_rank', 0):>5} {str(a.get('node') or a.get('host') or '')[:16]:<16} "
+        node = str(a.get("node") or a.get("host") or "")[:16]
+        lines.append(f"{a['pid']:>8} {rank_s:>5} {a.get('local_rank', 0):>5} {node:<16} "
                      f"{gpu_cell(a)[:10]:<10} {age_cell(age):>6}  {a['endpoint']:<44} {cmd[:70]}")
     return "\n".join(lines)
 

@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "({rank}, {pid}, {host} are filled in per process)")
     p.add_argument("--append", action="store_true", help="with --record: add this run to an existing recording "
                    "(as `vramtop record --append`) instead of refusing")
-    p.add_argument("--no-tui", action="store_true", help="do not open the dashboard (attach later with `vramtop attach`)")
+    p.add_argument("--no-tui", action="store_true",
+                   help="do not open the dashboard (attach later with `vramtop attach`)")
     add_refresh(p, "dashboard")
     budget.add_arguments(p)
     alerts.add_arguments(p)

@@ -59,7 +59,8 @@ def _block_lines(job: dict, peak: dict | None) -> list[str]:
             msg += ": enable gradient checkpointing (model.gradient_checkpointing_enable())"
             msg += ", or lower the micro-batch / sequence length and use gradient accumulation."
         else:
-            msg += " even with gradient checkpointing: lower the micro-batch or sequence length (gradient accumulation keeps the effective batch)."
+            msg += (" even with gradient checkpointing: lower the micro-batch or sequence length "
+                    "(gradient accumulation keeps the effective batch).")
         out.append(msg)
     if share.get("optimizer", 0) >= 25:
         msg = f"Optimizer states are {share['optimizer']:.0f}% of the peak"
@@ -73,7 +74,8 @@ def _block_lines(job: dict, peak: dict | None) -> list[str]:
         out.append(f"Parameters are {share['parameters']:.0f}% of the peak in float32: load the model in bfloat16"
                    + (" (or 4-bit, QLoRA, for the frozen base)." if not full_ft else "."))
     if share.get("gradients", 0) >= 25 and full_ft:
-        out.append(f"Gradients are {share['gradients']:.0f}% of the peak: LoRA, or freezing layers, removes most of them.")
+        out.append(f"Gradients are {share['gradients']:.0f}% of the peak: "
+                   "LoRA, or freezing layers, removes most of them.")
     return out
 
 

@@ -46,7 +46,8 @@ def analyze(rec: Recording, session: int | None = None) -> dict:
     a["creep"] = creep_report.summarize(rec, session)
     a["ooms"] = [_oom_summary(rec, e, steps, session, t0) for e in rec.ooms(session)]
     est = hello.get("estimate") if isinstance(hello.get("estimate"), dict) else None
-    a["estimate"] = {"peak": as_int(est.get("peak")), "peak_allocated": as_int(est.get("peak_allocated"))} if est else None
+    a["estimate"] = ({"peak": as_int(est.get("peak")), "peak_allocated": as_int(est.get("peak_allocated"))}
+                     if est else None)
     a["gap"] = _gap(est, rec, session, a) if est else None
     a["advice"] = advice(a)
     a["problems"] = rec.problem_line()

@@ -71,7 +71,8 @@ def _axes(x_max: float, y_max: float, x_label: str, x_fmt, integer_x: bool = Fal
     for v in ticks:
         x = ML + (W - ML - MR) * v / max(x_max, 1e-9)
         out.append(f'<text x="{x:.1f}" y="{H - MB + 16}" text-anchor="middle" class="tick">{esc(x_fmt(v))}</text>')
-    out.append(f'<text x="{(ML + W - MR) / 2:.0f}" y="{H - 6}" text-anchor="middle" class="label">{esc(x_label)}</text>')
+    out.append(f'<text x="{(ML + W - MR) / 2:.0f}" y="{H - 6}" text-anchor="middle" class="label">'
+               f'{esc(x_label)}</text>')
     return out
 
 
@@ -112,12 +113,14 @@ def svg_stacked(points: list[dict], t0: float, marks: list[tuple[float, str, str
             xs_draw, up, lo = xs, upper, base
         pts = [f"{X(x):.1f},{Y(y):.1f}" for x, y in zip(xs_draw, up)]
         pts += [f"{X(x):.1f},{Y(y):.1f}" for x, y in zip(reversed(xs_draw), reversed(lo))]
-        out.append(f'<polygon points="{" ".join(pts)}" fill="{COLORS[k]}" fill-opacity="0.85"><title>{esc(k)}</title></polygon>')
+        out.append(f'<polygon points="{" ".join(pts)}" fill="{COLORS[k]}" fill-opacity="0.85">'
+                   f'<title>{esc(k)}</title></polygon>')
         base = upper
     for t, label, color in marks:
         x = X(min(max(t - t0, 0), x_max))
         out.append(f'<line x1="{x:.1f}" y1="{MT}" x2="{x:.1f}" y2="{H - MB}" stroke="{color}" stroke-width="1.5" '
-                   f'stroke-dasharray="4 3"/><text x="{x + 3:.1f}" y="{MT + 12}" class="mark" fill="{color}">{esc(label)}</text>')
+                   f'stroke-dasharray="4 3"/><text x="{x + 3:.1f}" y="{MT + 12}" class="mark" fill="{color}">'
+                   f'{esc(label)}</text>')
     out.append("</svg>")
     return "".join(out)
 

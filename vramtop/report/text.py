@@ -73,7 +73,8 @@ def _job_lines(a: dict) -> list[str]:
                      + (f"  optimizer {clean(job['optimizer'], 30)}" if job.get("optimizer") else "")
                      + ("  grad-ckpt" if job.get("grad_ckpt") else ""))
     ended = a.get("ended")
-    lines.append("ended     " + (clean(ended, 60) if ended else "no goodbye: the process was killed, or is still running"))
+    lines.append("ended     " + (clean(ended, 60) if ended
+                                 else "no goodbye: the process was killed, or is still running"))
     c = a["counts"]
     lines.append(f"data      {c.get('samples', 0)} samples, {c.get('steps', 0)} steps, {c.get('events', 0)} events"
                  + (f", {a['sessions']} sessions (showing {a['session']})" if a["sessions"] > 1 else ""))
@@ -90,7 +91,8 @@ def _peak_lines(job: dict, p: dict | None) -> list[str]:
         mark = "  <- largest" if k == p.get("largest") else ""
         lines.append(f"  {k:<12} {fmt_bytes(p['blocks'][k]):>11}  {pct(p['blocks'][k], total):5.1f}%{mark}")
     if job.get("device_total"):
-        lines.append(f"  = {pct(p['level'], job['device_total']):.0f}% of the device's {fmt_bytes(job['device_total'])}")
+        device = job["device_total"]
+        lines.append(f"  = {pct(p['level'], device):.0f}% of the device's {fmt_bytes(device)}")
     return lines
 
 

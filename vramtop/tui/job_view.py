@@ -199,7 +199,8 @@ class RankView(Source):
         if key is None:
             return ""
         ws = job.world_size()
-        return f"rank {job.rank(key)}" + (f" of {ws}" if ws else "") + f" · {self.app.job_source.describe} · Esc: all ranks"
+        of = f" of {ws}" if ws else ""
+        return f"rank {job.rank(key)}{of} · {self.app.job_source.describe} · Esc: all ranks"
 
     @property
     def status(self) -> str:
