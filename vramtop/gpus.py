@@ -10,9 +10,13 @@ view shows just that line (and the agents as they appear).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from vramtop.sources import LiveSource
 from vramtop_agent.nvml import Gpu, GpuProcess, GpuReport, list_gpus, pid_gpus
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 __all__ = ["Gpu", "GpuProcess", "GpuReport", "NodeSource", "list_gpus", "pid_gpus", "render_gpus"]
 
@@ -32,8 +36,10 @@ def render_gpus(report: GpuReport, agents: list[dict] | None = None):
     title.append("GPUs on this machine ", style="bold")
     title.append("(NVML" + (f", driver {report.driver}" if report.driver else "") + ")", style="dim")
     table = Table(box=None, padding=(0, 1), expand=True)
-    for col, justify in (("GPU", "right"), ("name", "left"), ("memory used", "right"), ("util", "right"),
-                         ("pid", "right"), ("proc mem", "right"), ("process", "left")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("GPU", "right"), ("name", "left"), ("memory used", "right"), ("util", "right"),
+        ("pid", "right"), ("proc mem", "right"), ("process", "left"))
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     for g in report.gpus:
         pct = 100.0 * g.used / g.total if g.total else 0.0

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
-USAGE = """usage: python -m vramtop_agent [--record PATH] [--endpoint ENDPOINT] [--sample-hz HZ] (script.py | -m module) [ARGS ...]
+USAGE = """usage: python -m vramtop_agent [--record PATH] [--endpoint ENDPOINT] [--sample-hz HZ] \
+(script.py | -m module) [ARGS ...]
 
 Run a training script with the vramtop agent watching it (no code change).
   --record PATH        also record the stream to PATH (a vramtop recording; {rank}, {pid} allowed)
@@ -52,10 +54,11 @@ def _parse(argv: list[str]) -> tuple[dict, str, str, list[str]]:
             key = name[2:].replace("-", "_")
             if key == "sample_hz":
                 try:
-                    value = float(value)
+                    opts[key] = float(value)
                 except ValueError:
                     _usage_error(f"--sample-hz: not a number: {value!r}")
-            opts[key] = value
+            else:
+                opts[key] = value
             i += 1
             continue
         if arg.startswith("-") and arg != "-":
@@ -66,7 +69,7 @@ def _parse(argv: list[str]) -> tuple[dict, str, str, list[str]]:
     return opts, "script", argv[i], argv[i + 1:]
 
 
-def _usage_error(message: str) -> None:
+def _usage_error(message: str) -> NoReturn:
     sys.stderr.write(USAGE.splitlines()[0] + "\n")
     sys.stderr.write(f"python -m vramtop_agent: error: {message}\n")
     raise SystemExit(2)

@@ -30,10 +30,23 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from vramtop_agent.agent import Agent
+    from vramtop_agent.autodetect import RootDetector
 
 _OFF = ("", "0", "false", "no", "off")
 
-_state = {"started": False, "agent": None, "detector": None, "options": {}}
+
+class _State(TypedDict):
+    started: bool
+    agent: Agent | None
+    detector: RootDetector | None
+    options: dict[str, Any]
+
+
+_state: _State = {"started": False, "agent": None, "detector": None, "options": {}}
 
 
 def enabled(environ=None) -> bool:
@@ -49,7 +62,7 @@ def warn(what: str, exc: BaseException | None = None) -> None:
         pass
 
 
-def current_agent():
+def current_agent() -> Agent | None:
     """The agent this module started in this process, if any."""
     agent = _state["agent"]
     if agent is not None and agent.closed:

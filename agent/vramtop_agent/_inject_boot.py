@@ -21,6 +21,10 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 # Distribution names of the modules the agent cannot run without (nvidia-ml-py is optional).
 REQUIRED = (("zmq", "pyzmq"), ("msgpack", "msgpack"), ("psutil", "psutil"))
@@ -149,7 +153,8 @@ def start() -> dict:
 
 def _module_calls_on_stack() -> int:
     """How many module calls (Module._call_impl frames) are running on this thread."""
-    n, frame = 0, sys._getframe(1)
+    n = 0
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         if code.co_name == "_call_impl" and code.co_filename.endswith("module.py"):

@@ -36,8 +36,12 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from vramtop_agent.hooks import remove_hooks
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 _COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 
@@ -82,10 +86,7 @@ def unwrap_once(module):
 
 
 def _has_trainable(module) -> bool:
-    for p in module.parameters():
-        if p.requires_grad:
-            return True
-    return False
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _call_kwargs(args) -> dict:
@@ -97,7 +98,7 @@ def _call_kwargs(args) -> dict:
     found; anything unexpected yields {}.
     """
     try:
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
         for _ in range(3):
             if frame is None:
                 break
@@ -111,6 +112,11 @@ def _call_kwargs(args) -> dict:
     return {}
 
 
+def _warning_filters() -> list[Any]:
+    """warnings.filters: a list at runtime, typeshed calls it a Sequence (it means "do not mutate")."""
+    return cast("list[Any]", warnings.filters)
+
+
 class RootDetector:
     """Calls `on_found(module, args, kwargs)` once, at the first call of the root module, then unhooks.
 
@@ -120,6 +126,8 @@ class RootDetector:
     post hooks. Exceptions from `on_found` are passed to `on_error` (or
     swallowed): a detector never disturbs the job.
     """
+
+    _filter: tuple[Any, ...] | None  # set by install(); read with getattr, so never set is fine
 
     def __init__(self, on_found: Callable, on_error: Callable | None = None):
         self._on_found = on_found
@@ -142,7 +150,7 @@ class RootDetector:
         # torch.compile(model) warns on every call while any global module hook exists; ours only lives
         # until the first training forward and must not put a line on the job's stderr.
         self._filter = ("ignore", re.compile(_COMPILE_HOOK_WARNING), UserWarning, None, 0)
-        warnings.filters.insert(0, self._filter)
+        _warning_filters().insert(0, self._filter)
         getattr(warnings, "_filters_mutated", lambda: None)()  # re-read the filters (CPython caches them)
         return self
 
@@ -150,7 +158,7 @@ class RootDetector:
         filt, self._filter = getattr(self, "_filter", None), None
         if filt is not None:
             with contextlib.suppress(ValueError):
-                warnings.filters.remove(filt)
+                _warning_filters().remove(filt)
                 getattr(warnings, "_filters_mutated", lambda: None)()  # re-read the filters (CPython caches them)
         handles, self._handles = self._handles, []
         remove_hooks(handles)

@@ -188,7 +188,7 @@ class CreepWatch:
         if self.device_total is None and isinstance(nvml.get("total"), int):
             self.device_total = nvml["total"]
         step = int(msg["step"])
-        if self.on_cuda:
+        if isinstance(cuda, dict):  # == self.on_cuda, spelled so the type narrows
             name, value = "reserved", cuda.get("reserved")
         else:
             name, value = "rss", host.get("rss")

@@ -45,7 +45,8 @@ def load_key(value, secret: bool = False) -> bytes:
     if isinstance(value, (bytes, str)) and _is_z85_key(value) and not os.path.exists(value):
         return value.encode("ascii") if isinstance(value, str) else bytes(value)
     if not isinstance(value, (str, bytes, os.PathLike)):
-        raise CurveKeyError(f"a CURVE key is a 40-character Z85 string or a certificate file, not {type(value).__name__}")
+        raise CurveKeyError("a CURVE key is a 40-character Z85 string or a certificate file, "
+                            f"not {type(value).__name__}")
     path = Path(os.fsdecode(value)).expanduser()
     try:
         st = path.stat()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 from vramtop_agent import nvml
 
@@ -27,7 +28,7 @@ def raw_cuda_stats(device_index: int) -> dict:
 
 
 def _stat(raw: dict, *path, default=0) -> int:
-    node = raw
+    node: Any = raw  # torch's nested stats dict: dicts down to ints
     for key in path:
         if not isinstance(node, dict) or key not in node:
             return default

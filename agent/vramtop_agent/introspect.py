@@ -135,6 +135,7 @@ def _quant_info(model) -> dict | None:
     modules = 0
     params = 0
     seen: set = set()
+    cfg: tuple[tuple[str, object], ...]  # (key, value) pairs: the Counter key, then the info dict
     for m in model.modules():
         # The module that owns the weight (bnb Linear4bit/Linear8bitLt), not a PEFT wrapper forwarding `.weight`.
         w = m._parameters.get("weight") if hasattr(m, "_parameters") else None

@@ -124,7 +124,7 @@ def keep_forever(objects) -> None:
 
 # ---------------------------------------------------------------------------- process hooks
 
-_installed = {"pid": None}
+_installed: dict[str, int | None] = {"pid": None}
 
 
 def _install_process_hooks() -> None:

@@ -57,7 +57,8 @@ def is_oom(exc: BaseException | None) -> bool:
         return False
     torch = sys.modules.get("torch")
     if torch is not None:
-        cls = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+        cls = getattr(torch, "OutOfMemoryError", None) \
+            or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
         if cls is not None and isinstance(exc, cls):
             return True
     if type(exc).__name__ == "OutOfMemoryError":
@@ -71,7 +72,7 @@ def is_oom(exc: BaseException | None) -> bool:
 
 def find_oom(exc: BaseException | None) -> BaseException | None:
     """The OOM in an exception or its cause/context chain (a wrapper that re-raises still counts)."""
-    seen = set()
+    seen: set[int] = set()
     while exc is not None and id(exc) not in seen and len(seen) < 16:
         seen.add(id(exc))
         if is_oom(exc):
@@ -202,7 +203,8 @@ def record(agent, exc: BaseException, where: str) -> bool:
     if id(agent) in marks:
         return False
     try:
-        exc._vramtop_oom_recorded = (*marks, id(agent))
+        # A mark on the exception object itself (any exception type, so not a declared attribute).
+        setattr(exc, "_vramtop_oom_recorded", (*marks, id(agent)))  # noqa: B010
     except Exception:
         pass
     fields = agent.run_guarded("oom", build_event, agent, exc, where)

@@ -66,7 +66,7 @@ def _warn_exposed(endpoint: str, curve: bool) -> None:
         pass
 
 
-_warned_plain_tcp = []
+_warned_plain_tcp: list[str] = []
 
 
 def _warn_plain_loopback(endpoint: str) -> None:

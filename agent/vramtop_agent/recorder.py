@@ -133,6 +133,11 @@ def _str(x: Any) -> str | None:
     return x if isinstance(x, str) else None
 
 
+def _dict(x: Any) -> dict:
+    """A nested wire object, or {} where the message has something else (or nothing) there."""
+    return x if isinstance(x, dict) else {}
+
+
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _ATEXIT_SET = False
 
@@ -242,7 +247,7 @@ class Recorder:
         if tables and "meta" not in tables:
             raise RecorderError(f"{self.path} is an SQLite database but not a vramtop recording; not writing to it")
         if "meta" in tables:
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            meta: dict[str, str] = dict(db.execute("SELECT key, value FROM meta").fetchall())  # TEXT NOT NULL
             if meta.get("format") != FORMAT_NAME:
                 raise RecorderError(f"{self.path} is not a vramtop recording; not writing to it")
             try:
@@ -514,7 +519,7 @@ class Recorder:
         entry[2] = sig
         if entry[1] is None:
             entry[1] = _num(msg.get("start_time"))
-        model = msg.get("model") if isinstance(msg.get("model"), dict) else {}
+        model = _dict(msg.get("model"))
         cmd = msg.get("cmdline")
         cmdline = " ".join(str(c) for c in cmd) if isinstance(cmd, (list, tuple)) else None
         db.execute(
@@ -526,19 +531,21 @@ class Recorder:
         return self._event_row(sid, t, "hello", msg)
 
     def _sample_row(self, sid: int, t: float, msg: dict) -> tuple:
-        blocks = msg.get("blocks") if isinstance(msg.get("blocks"), dict) else {}
+        blocks = _dict(msg.get("blocks"))
         vals = [_int(blocks.get(k)) for k in BLOCK_KEYS]
         total = sum(v for v in vals if v is not None)
-        cuda = msg.get("cuda") if isinstance(msg.get("cuda"), dict) else {}
-        host = msg.get("host") if isinstance(msg.get("host"), dict) else {}
+        cuda = _dict(msg.get("cuda"))
+        host = _dict(msg.get("host"))
         return (self._next_rseq(), sid, t, _int(msg.get("seq")), _int(msg.get("step")), _str(msg.get("phase")),
                 _str(msg.get("device")), *vals, total, _int(cuda.get("allocated")), _int(cuda.get("reserved")),
                 _int(host.get("rss")), pack(msg))
 
     def _step_row(self, sid: int, t: float, msg: dict) -> tuple:
-        peaks = msg.get("peaks") if isinstance(msg.get("peaks"), dict) else {}
-        pb = msg.get("peak_blocks") if isinstance(msg.get("peak_blocks"), dict) else {}
-        batch = msg.get("batch") if isinstance(msg.get("batch"), (list, tuple)) else []
+        peaks = _dict(msg.get("peaks"))
+        pb = _dict(msg.get("peak_blocks"))
+        batch = msg.get("batch")
+        if not isinstance(batch, (list, tuple)):
+            batch = []
         return (self._next_rseq(), sid, t, _int(msg.get("step")), _num(msg.get("step_time")),
                 _int(msg.get("micro_steps")), _int(batch[0]) if len(batch) > 0 else None,
                 _int(batch[1]) if len(batch) > 1 else None,

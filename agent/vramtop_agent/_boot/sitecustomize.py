@@ -29,6 +29,8 @@ def _vramtop_boot():
 
             spec = importlib.util.spec_from_file_location(
                 "vramtop_agent", init, submodule_search_locations=[os.path.dirname(init)])
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load vramtop_agent from {init}") from None
             module = importlib.util.module_from_spec(spec)
             sys.modules["vramtop_agent"] = module
             spec.loader.exec_module(module)

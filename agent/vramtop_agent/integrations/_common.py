@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramtop_agent.schema import BLOCK_KEYS, PHASES
+
+if TYPE_CHECKING:
+    from vramtop_agent.agent import Agent
 
 MIB = float(1 << 20)
 PREFIX = "vramtop/"
 
 
-def start_agent(model, optimizer=None, **options):
+def start_agent(model, optimizer=None, **options) -> tuple[Agent, bool]:
     """An agent watching `model`: the zero-code one if VRAMTOP=1 already started it here, else a new one.
 
     Returns (agent, created): `created` tells whether the caller owns it (and stops it).
@@ -60,12 +63,13 @@ class StepWindow:
     def __init__(self) -> None:
         self._last_step = -1
 
-    def peaks(self, agent) -> dict | None:
+    def peaks(self, agent) -> dict[str, Any] | None:
         steps = [s for s in list(agent.steps) if s.get("step", -1) > self._last_step]
         if not steps:
             return None
         self._last_step = max(s.get("step", -1) for s in steps)
-        out = {p: max(int(s["peaks"].get(p, 0)) for s in steps) for p in PHASES}
+        # Ints per phase and "peak", the blocks dict at the peak, its step_time (float or None): wire step values.
+        out: dict[str, Any] = {p: max(int(s["peaks"].get(p, 0)) for s in steps) for p in PHASES}
         best = max(steps, key=lambda s: s.get("peak", 0))
         out["peak"] = int(best.get("peak", 0))
         out["backward_spike"] = max(int(s.get("backward_spike", 0)) for s in steps)

@@ -35,18 +35,28 @@ record=, sample_hz=, ... as for vramtop_agent.watch).
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
 from vramtop_agent.integrations import _common
 
-try:  # a real TrainerCallback when transformers is there (Trainer checks nothing, but users may)
+if TYPE_CHECKING:
+    from types import FrameType
+
     from transformers import TrainerCallback as _Base
-except Exception:  # pragma: no cover - transformers absent: the class is still importable
-    _Base = object
+
+    from vramtop_agent.agent import Agent
+else:
+    try:  # a real TrainerCallback when transformers is there (Trainer checks nothing, but users may)
+        from transformers import TrainerCallback as _Base
+    except Exception:  # pragma: no cover - transformers absent: the class is still importable
+        _Base = object
 
 
 def training_from_args(args, state=None) -> dict:
     """The `training` map from TrainingArguments (or a subclass: SFTConfig, DPOConfig, ...)."""
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    def get(name: str, default: Any = None) -> Any:
+        return getattr(args, name, default)
+
     if get("bf16"):
         precision = "bf16"
     elif get("fp16"):
@@ -93,11 +103,11 @@ class VramtopCallback(_Base):
     def __init__(self, log_metrics: bool = True, **watch_options):
         self.log_metrics = log_metrics
         self.watch_options = watch_options
-        self.agent = None
+        self.agent: Agent | None = None
         self._owns_agent = False
         self._window = _common.StepWindow()
         self._promoted = False
-        self._step_at_begin = None
+        self._step_at_begin: int | None = None
 
     # -------------------------------------------------------------- ordering
 
@@ -113,11 +123,11 @@ class VramtopCallback(_Base):
             return
         self._promoted = True
         try:
-            frame = sys._getframe(2)
+            frame: FrameType | None = sys._getframe(2)
             for _ in range(3):
                 if frame is None:
                     return
-                handler = frame.f_locals.get("self")
+                handler: Any = frame.f_locals.get("self")  # whatever the caller is; checked below
                 cbs = getattr(handler, "callbacks", None)
                 if isinstance(cbs, list) and any(c is self for c in cbs):
                     handler.callbacks = [self] + [c for c in cbs if c is not self]
@@ -188,9 +198,12 @@ class VramtopCallback(_Base):
     # -------------------------------------------------------------- helpers
 
     def _sync_step(self, state) -> None:
+        agent = self.agent
+        if agent is None:  # not reached: every caller has an agent
+            return
         step = getattr(state, "global_step", None)
-        if isinstance(step, int) and self.agent.phase == "idle" and self.agent.step != step:
-            self.agent.set_step(step)
+        if isinstance(step, int) and agent.phase == "idle" and agent.step != step:
+            agent.set_step(step)
 
     def _fail(self, where: str, exc: BaseException) -> None:
         if self.agent is not None:

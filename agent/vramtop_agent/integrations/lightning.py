@@ -28,10 +28,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from vramtop_agent.integrations import _common
 
+if TYPE_CHECKING:
+    from vramtop_agent.agent import Agent
 
-def _base_class():
+
+def _base_class() -> type:
     try:
         from lightning.pytorch import Callback
 
@@ -39,9 +44,9 @@ def _base_class():
     except Exception:
         pass
     try:
-        from pytorch_lightning import Callback
+        from pytorch_lightning import Callback as PLCallback
 
-        return Callback
+        return PLCallback
     except Exception:  # pragma: no cover - neither installed: importable, not usable
         return object
 
@@ -72,7 +77,7 @@ def _training_info(trainer, pl_module) -> dict:
     return info
 
 
-def make_callback(base):
+def make_callback(base: Any):  # a class chosen at runtime: mypy can only take it as Any
     """A VramtopCallback class deriving from `base` (a Lightning Callback class)."""
 
     class VramtopCallback(base):
@@ -82,7 +87,7 @@ def make_callback(base):
             super().__init__()
             self.log_metrics = log_metrics
             self.watch_options = watch_options
-            self.agent = None
+            self.agent: Agent | None = None
             self._owns_agent = False
             self._window = _common.StepWindow()
 
