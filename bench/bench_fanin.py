@@ -292,14 +292,16 @@ def report(mode: str, cpu: float, wall: float, meter: Meter, sent_window: tuple[
     print(f"\n[{mode}] viewer CPU {cpu_pct:.1f}% of one core over {wall:.1f} s "
           f"(target < {target:.0f}%: {'OK' if cpu_pct < target else 'MISSED'})")
     print(f"  samples: received {meter.recv_samples} (conflated to the newest per pump; sent {sent_window[0]}), "
-          f"lag ms p50 {1000 * pct(s_lag, .5):.1f}  p95 {1000 * pct(s_lag, .95):.1f}  max {1000 * max(s_lag or [0]):.1f}")
+          f"lag ms p50 {1000 * pct(s_lag, .5):.1f}  p95 {1000 * pct(s_lag, .95):.1f}  "
+          f"max {1000 * max(s_lag or [0]):.1f}")
     print(f"  events:  received {meter.recv_events} of {sent_window[1]} sent in the window, "
-          f"lag ms p50 {1000 * pct(e_lag, .5):.1f}  p95 {1000 * pct(e_lag, .95):.1f}  max {1000 * max(e_lag or [0]):.1f}")
+          f"lag ms p50 {1000 * pct(e_lag, .5):.1f}  p95 {1000 * pct(e_lag, .95):.1f}  "
+          f"max {1000 * max(e_lag or [0]):.1f}")
     grows = False
     if len(meter.events) >= 8:
         n = len(meter.events) // 4
-        first = statistics.median(l for _, l in meter.events[:n])
-        last = statistics.median(l for _, l in meter.events[-n:])
+        first = statistics.median(lag for _, lag in meter.events[:n])
+        last = statistics.median(lag for _, lag in meter.events[-n:])
         grows = last > 2 * first and last - first > 0.05
         print(f"  backlog: event lag median first quarter {1000 * first:.1f} ms, last quarter {1000 * last:.1f} ms: "
               f"{'GROWS' if grows else 'steady'}")

@@ -64,9 +64,8 @@ def _run_steps(model, opt, batches, mode: str, path: str) -> list[float]:
         if os.path.exists(path):
             os.remove(path)
         agent = vramtop_agent.watch(model, opt, publish=False, record=path)
-        for sink in agent._sinks:
-            if type(sink).__name__ == "Recorder":
-                _meter(sink)
+        if agent.recorder is not None:
+            _meter(agent.recorder)
     elif mode == "agent":
         # The same agent with its sampler thread running, its messages dropped: the baseline that
         # isolates the recorder (without any sink the agent starts no sampler at all).
@@ -129,8 +128,8 @@ def _sample(t: float, seq: int, step: int, phase: str, act: int) -> dict:
             "device": "cuda:0", "blocks": blocks,
             "params_split": {"trainable": 40_000_000, "frozen": 13_960_000_000, "quantized": 0},
             "devices": {"cuda:0": blocks},
-            "cuda": {"allocated": alloc, "reserved": alloc + 2_000_000_000, "active": alloc, "inactive_split": 5_000_000,
-                     "alloc_retries": 0, "ooms": 0, "peak_allocated": alloc + 1_000_000,
+            "cuda": {"allocated": alloc, "reserved": alloc + 2_000_000_000, "active": alloc,
+                     "inactive_split": 5_000_000, "alloc_retries": 0, "ooms": 0, "peak_allocated": alloc + 1_000_000,
                      "peak_reserved": alloc + 2_000_000_000},
             "nvml": {"total": 85_000_000_000, "used": alloc + 3_000_000_000, "process_used": alloc + 2_600_000_000},
             "host": {"rss": 6_000_000_000, "total": 2_000_000_000_000, "available": 1_500_000_000_000},
@@ -147,9 +146,9 @@ def make_day(path: str, hours: float = 24.0, hz: float = 10.0) -> dict:
     t0 = 1_700_000_000.0
     n = int(hours * 3600 * hz)
     peak_at = n * 2 // 3
-    hello = {"v": 1, "type": "hello", "t": t0, "pid": 4242, "rank": 0, "eseq": 1, "host": "bench", "cmdline": ["train.py"],
-             "start_time": t0, "agent_version": "0.1.0", "device": "cuda:0", "device_name": "H100",
-             "device_total": 85_000_000_000, "sample_hz": hz,
+    hello = {"v": 1, "type": "hello", "t": t0, "pid": 4242, "rank": 0, "eseq": 1, "host": "bench",
+             "cmdline": ["train.py"], "start_time": t0, "agent_version": "0.1.0", "device": "cuda:0",
+             "device_name": "H100", "device_total": 85_000_000_000, "sample_hz": hz,
              "model": {"class": "LlamaForCausalLM", "params_total": 7_000_000_000, "params_trainable": 40_000_000,
                        "dtype": "bfloat16", "method": "lora"}}
     eseq = 1
@@ -285,7 +284,8 @@ def main() -> int:
         ok = "OK" if d["open"] < 2.0 else "OVER TARGET"
         print(f"   open (meta, sessions, span)      {d['open'] * 1e3:8.1f} ms  (target < 2 s: {ok})")
         print(f"   replay start (first preroll)     {d['replay_start'] * 1e3:8.1f} ms")
-        print(f"   seek to the middle + preroll     {d['seek_middle'] * 1e3:8.1f} ms  ({d['preroll_messages']} messages)")
+        print(f"   seek to the middle + preroll     {d['seek_middle'] * 1e3:8.1f} ms  "
+              f"({d['preroll_messages']} messages)")
         print(f"   seek to step {d['target_step']:<6d} + preroll    {d['seek_step'] * 1e3:8.1f} ms")
         print(f"   jump to the peak + preroll       {d['jump_peak'] * 1e3:8.1f} ms  (peak at step {d['peak_step']})")
         print(f"   playing at 64x, one 100 ms frame {d['play_64x_per_frame'] * 1e3:8.1f} ms")

@@ -65,7 +65,8 @@ def main() -> int:
         return 1
     truth = value(p.stdout, "LEAK_BYTES")
     ev = [e for e in creep_events(leak) if e["series"] == "allocated"]
-    check("creep event (allocated)", bool(ev), f"events {[(e['series'], e['step'], e['slope']) for e in creep_events(leak)]}")
+    seen = [(e["series"], e["step"], e["slope"]) for e in creep_events(leak)]
+    check("creep event (allocated)", bool(ev), f"events {seen}")
     if ev:
         err = abs(ev[0]["slope"] - truth) / truth
         check("creep slope within 10 %", err < 0.10, f"slope {ev[0]['slope']} vs kept {truth} B/step ({err:.1%}), "

@@ -59,7 +59,7 @@ def main() -> None:
     import random
 
     rng = random.Random(0)
-    for r in range(args.rounds):
+    for _round in range(args.rounds):
         order = ["bare", *CONFIGS]
         rng.shuffle(order)  # no configuration always runs first or last in a round
         for name in order:

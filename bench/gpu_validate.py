@@ -136,7 +136,8 @@ class Report:
         self.add("INFO", name, detail)
 
     def ratio(self, name: str, value: float, detail: str = "") -> None:
-        self.add("RATIO", name, (f"{value:.3f}x" if math.isfinite(value) else "n/a") + (f"  {detail}" if detail else ""))
+        shown = f"{value:.3f}x" if math.isfinite(value) else "n/a"
+        self.add("RATIO", name, shown + (f"  {detail}" if detail else ""))
 
     @contextlib.contextmanager
     def guard(self, name: str):
@@ -219,7 +220,8 @@ def sample_checks(sample: dict, allocated_now: int | None = None,
                     f"inactive split {fmt(cuda['inactive_split'])}, cache {fmt(reserved - alloc)}"))
     nv = nvml if nvml is not None else sample.get("nvml")
     if isinstance(nv, dict) and "total" in nv and "used" in nv:
-        out.append(("NVML used <= total", nv["used"] <= nv["total"], f"used {fmt(nv['used'])}, total {fmt(nv['total'])}"))
+        out.append(("NVML used <= total", nv["used"] <= nv["total"],
+                    f"used {fmt(nv['used'])}, total {fmt(nv['total'])}"))
         if "process_used" in nv:
             out.append(("NVML process use >= reserved", nv["process_used"] >= reserved,
                         f"process {fmt(nv['process_used'])}, reserved {fmt(reserved)}"))
@@ -372,7 +374,8 @@ def _bnb_usable() -> str | None:
         torch.cuda.synchronize()
         return None if q.is_cuda else "quantize_4bit did not run on CUDA"
     except Exception as exc:  # noqa: BLE001
-        return f"bitsandbytes is not usable on CUDA here ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+        first_line = str(exc).splitlines()[0][:120] if str(exc) else ""
+        return f"bitsandbytes is not usable on CUDA here ({type(exc).__name__}: {first_line})"
 
 
 def build(config: str, args):
@@ -505,8 +508,8 @@ def validate_config(config: str, args, report: Report) -> None:
     tally.report(report, config)
     ref_tally.report(report, config)
     if len(others) >= 2:
-        report.check(f"{config}: other stable from step to step (no block missed)", max(others) - min(others) <= 8 * MiB,
-                     f"after zero_grad: {', '.join(fmt(o) for o in others)}")
+        report.check(f"{config}: other stable from step to step (no block missed)",
+                     max(others) - min(others) <= 8 * MiB, f"after zero_grad: {', '.join(fmt(o) for o in others)}")
     steps = sink.of("step")
     report.check(f"{config}: one step summary per optimizer step", len(steps) == args.steps,
                  f"{len(steps)} of {args.steps}")
@@ -532,7 +535,8 @@ def validate_config(config: str, args, report: Report) -> None:
         report.check(f"{config}: step peak == max of the phase peaks", last["peak"] == max(last["peaks"].values()),
                      f"peak {fmt(last['peak'])} in {last['peak_phase']}")
         step_ms = f"{last['step_time'] * 1000:.0f} ms" if last.get("step_time") else "-"
-        report.info(f"{config}: last step", f"fwd {fmt(last['peaks']['forward'])}, bwd {fmt(last['peaks']['backward'])}, "
+        report.info(f"{config}: last step",
+                    f"fwd {fmt(last['peaks']['forward'])}, bwd {fmt(last['peaks']['backward'])}, "
                     f"opt {fmt(last['peaks']['optimizer'])}, backward spike {fmt(last['backward_spike'])}, {step_ms}")
     with report.guard(f"{config}: derived activations"):
         derived_checks(config, model, opt, batch, report)
@@ -542,7 +546,9 @@ def validate_config(config: str, args, report: Report) -> None:
         else:
             with report.guard(f"{config}: overhead"):
                 measure_overhead(config, model, opt, batch, args, report)
-    del model, opt, batch, agent, sink
+    # take() closes over `agent`: rebinding it (not del) drops the stopped agent's hold on the model.
+    agent = None
+    del model, opt, batch, sink
     _free()
 
 
@@ -641,10 +647,12 @@ def measure_overhead(config: str, model, opt, batch, args, report: Report) -> No
     base = statistics.median(times["bare"])
     report.info(f"{config}: bare step (median)", f"{base * 1000:.2f} ms over {len(times['bare'])} steps")
     labels = {"agent": "vramtop agent (default settings)", "agent-record": "vramtop agent, recording on",
-              "agent-track-every-step": "vramtop agent, activations tracked every step", "profiler": "torch.profiler(profile_memory=True)",
+              "agent-track-every-step": "vramtop agent, activations tracked every step",
+              "profiler": "torch.profiler(profile_memory=True)",
               "memory-history": "cuda.memory._record_memory_history"}
     for mode, ratio in ratios.items():
-        report.ratio(f"{config}: {labels[mode]} / bare", ratio, f"median {statistics.median(times[mode]) * 1000:.2f} ms")
+        report.ratio(f"{config}: {labels[mode]} / bare", ratio,
+                     f"median {statistics.median(times[mode]) * 1000:.2f} ms")
 
 
 def _free_cache_only():
@@ -724,7 +732,8 @@ def environment(report: Report) -> bool:
         report.skip("CUDA", "torch.cuda.is_available() is False: nothing validated (run this on a GPU machine)")
         return False
     props = torch.cuda.get_device_properties(0)
-    report.info("device", f"{props.name}, {props.total_memory / 2 ** 30:.1f} GiB, capability {props.major}.{props.minor}")
+    report.info("device",
+                f"{props.name}, {props.total_memory / 2 ** 30:.1f} GiB, capability {props.major}.{props.minor}")
     from vramtop_agent import devices
 
     nv = devices.nvml_stats(0)

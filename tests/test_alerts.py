@@ -48,7 +48,8 @@ def test_on_alert_runs_once_per_kind_with_json(tmp_path):
     assert all(len(v) == 1 for v in got.values()), got
     oom = got["oom"][0]
     # raised after the 10th optimizer step (the agent may not have closed that step yet: 9 or 10)
-    assert oom["details"]["requested"] == 2 * GiB and oom["step"] in (9, 10) and oom["message"].startswith("out of memory")
+    assert oom["details"]["requested"] == 2 * GiB and oom["step"] in (9, 10)
+    assert oom["message"].startswith("out of memory")
     head = got["headroom"][0]
     assert head["details"]["threshold_pct"] == 100 and 0 < head["details"]["free_pct"] < 100
     assert head["pid"] == oom["pid"] and head["device"] == "cpu"
@@ -184,7 +185,8 @@ def _names_in(expr: str) -> set[str]:
 def test_rules_and_dashboard_name_only_served_metrics():
     served, text = _served_metrics()
     assert 'vramtop_creep_bytes_per_step{' in text
-    slope = [ln for ln in text.splitlines() if ln.startswith("vramtop_creep_bytes_per_step") and 'series="allocated"' in ln]
+    slope = [ln for ln in text.splitlines()
+             if ln.startswith("vramtop_creep_bytes_per_step") and 'series="allocated"' in ln]
     assert float(slope[0].rsplit(" ", 1)[1]) == 12 * MiB
 
     with open(RULES) as fh:

@@ -75,7 +75,8 @@ class Job:
             try:
                 line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
             except queue.Empty:
-                raise AssertionError(f"job said no {word!r} in {timeout}s; stderr: {''.join(self.stderr)[-2000:]}")
+                raise AssertionError(
+                    f"job said no {word!r} in {timeout}s; stderr: {''.join(self.stderr)[-2000:]}") from None
             if line is None:
                 raise AssertionError(f"job ended before {word!r}; stderr: {''.join(self.stderr)[-2000:]}")
             if line.startswith(word):
@@ -303,7 +304,7 @@ def test_frozen_viewer_never_slows_the_job_and_the_drops_are_counted(jobs):
                         for msg in decode_many(frame)[0]:
                             state.apply(msg)
                     except SchemaError as exc:  # pragma: no cover - a real agent sends valid frames
-                        raise AssertionError(exc)
+                        raise AssertionError(exc) from exc
     finally:
         frozen.close(linger=0)
     assert state.missed_events > 0

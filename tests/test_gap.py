@@ -97,7 +97,8 @@ def test_calibration_recovers_a_known_scale():
 
 def test_what_if_unchanged_reproduces_the_measurement():
     est = estimate(get_preset("mistral-7b"), Setup(method="qlora", batch=2, seq_len=1024, grad_ckpt=True)).to_dict()
-    steps = [{"batch": [2, 1024], "eof_blocks": dict(est["blocks"], activations=int(est["blocks"]["activations"] * 0.9)),
+    fewer_acts = dict(est["blocks"], activations=int(est["blocks"]["activations"] * 0.9))
+    steps = [{"batch": [2, 1024], "eof_blocks": fewer_acts,
               "peak": est["peak_allocated"] + 123_456_789}]
     w = gap.what_if(est, {}, steps=steps)
     assert w["predicted_peak_allocated"] == pytest.approx(steps[0]["peak"], abs=2)

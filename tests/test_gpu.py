@@ -110,7 +110,8 @@ def test_sample_checks_pass_on_a_consistent_cuda_sample_and_name_each_inconsiste
     assert _failed(gv.sample_checks(over, 41 * GIB)) == {"four blocks + other == memory_allocated",
                                                          "four blocks <= allocated (other >= 0 before the clamp)"}
     assert "reserved >= allocated" in _failed(gv.sample_checks(_cuda_sample(cuda__reserved=40 * GIB)))
-    assert "inactive_split <= reserved - allocated" in _failed(gv.sample_checks(_cuda_sample(cuda__inactive_split=10 * GIB)))
+    assert "inactive_split <= reserved - allocated" in _failed(
+        gv.sample_checks(_cuda_sample(cuda__inactive_split=10 * GIB)))
     assert "active >= allocated" in _failed(gv.sample_checks(_cuda_sample(cuda__active=GIB)))
     assert "NVML used <= total" in _failed(gv.sample_checks(_cuda_sample(nvml__used=81 * GIB)))
     assert "NVML process use >= reserved" in _failed(gv.sample_checks(_cuda_sample(nvml__process_used=49 * GIB)))

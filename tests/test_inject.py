@@ -420,7 +420,8 @@ def test_blocked_injection_says_why_and_shows_the_gpus(block, tmp_path):
         view = Pty("attach", str(target.pid), "--yes", **env)
         view.expect("gdb is not installed" if block == "gdb-missing" else "belongs to uid 65534")
         view.expect("vramtop run")  # the zero-code alternatives
-        view.expect(re.compile(r"No NVIDIA driver|GPUs on this machine|no vramtop agent on this machine"))  # the GPU view
+        # the GPU view
+        view.expect(re.compile(r"No NVIDIA driver|GPUs on this machine|no vramtop agent on this machine"))
         assert view.quit() == 0
         assert target.poll() is None
     finally:

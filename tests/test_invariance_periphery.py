@@ -296,7 +296,7 @@ def test_polite_signals_to_vramtop_run_close_the_recording(tmp_path):
     jobs = {sig: launch(tmp_path, script, [], "run_record", tag=sig.name, allow_files=("ready",))
             for sig in (signal.SIGTERM, signal.SIGHUP)}
     for sig, job in jobs.items():
-        wait_for(lambda: (job.workdir / "ready").exists() and (job.workdir / RECORDING_NAME).exists(), 90)
+        wait_for(lambda job=job: (job.workdir / "ready").exists() and (job.workdir / RECORDING_NAME).exists(), 90)
         time.sleep(0.5)  # a few samples and steps recorded
         job.send_signal(sig)
     for sig, job in jobs.items():

@@ -45,7 +45,8 @@ def value(metrics: dict, name: str, **labels):
 @pytest.fixture
 def exporter(runtime_dir):
     proc = subprocess.Popen([sys.executable, "-m", "vramtop", "metrics", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "VRAMTOP_RUNTIME_DIR": str(runtime_dir)})
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "VRAMTOP_RUNTIME_DIR": str(runtime_dir)})
     line = proc.stdout.readline()
     assert line.startswith("vramtop metrics: serving http://127.0.0.1:"), line + proc.stderr.read()
     url = line.split()[3]

@@ -59,7 +59,8 @@ def test_imbalance_flags_the_blocks_that_differ_between_ranks():
     assert not imb["step_time"].flagged  # 2 ms apart: under 10% and under the 10 ms floor
     text = imbalance_text(job, imb).plain
     [line] = [ln for ln in text.splitlines() if "activations " in ln]
-    assert line.startswith("▲") and "activations  max 80.0 MiB (rank 1) vs min 40.0 MiB (rank 0): 40.0 MiB, 50% of max" in line
+    assert line.startswith("▲")
+    assert "activations  max 80.0 MiB (rank 1) vs min 40.0 MiB (rank 0): 40.0 MiB, 50% of max" in line
     assert "▲" not in [line for line in text.splitlines() if "parameters" in line][0]
     cells = rank_cells(job, "local|101|1", imb, scale=400 * MIB)
     assert cells["activations"].plain == render.fmt_bytes(80 * MIB) and cells["activations"].style == HI_STYLE

@@ -42,8 +42,8 @@ def test_real_recording_has_every_table_and_reads_back():
     assert s.hello["type"] == "hello"
     # The columns are the message's fields (what sqlite3 / pandas users query).
     db = sqlite3.connect(real_recording())
-    for blocks, total, blob in db.execute("SELECT parameters+gradients+optimizer+activations+other, total, msg"
-                                          " FROM samples"):
+    for blocks, total, _msg in db.execute("SELECT parameters+gradients+optimizer+activations+other, total, msg"
+                                           " FROM samples"):
         assert blocks == total
     meta = dict(db.execute("SELECT key, value FROM meta"))
     assert meta["format"] == "vramtop-recording" and int(meta["schema_version"]) == RECORDING_SCHEMA_VERSION

@@ -14,7 +14,7 @@ from vramtop.errors import UserError
 from vramtop.recording import Recording
 from vramtop.replay import ReplaySource
 from vramtop.report import analyze, render_html, render_text
-from vramtop_agent.recorder import Recorder
+from vramtop_agent.recorder import Recorder, RecorderError
 
 # VRAMTOP_FUZZ_EXAMPLES=500 for a deeper run than CI's.
 FUZZ = settings(max_examples=int(os.environ.get("VRAMTOP_FUZZ_EXAMPLES", "40")), deadline=None,
@@ -158,7 +158,7 @@ def test_foreign_sqlite_and_newer_versions(tmp_path):
         Recording.open(newer)
     assert "\n" not in str(info.value)
     assert main(["report", newer]) == 2
-    with pytest.raises(Exception):
+    with pytest.raises(RecorderError, match="newer vramtop"):
         Recorder(newer)  # and nothing appends to it either
 
 
@@ -197,7 +197,7 @@ def test_absurd_but_schema_valid_values_never_crash_a_reader(tmp_path_factory, t
 
     path = str(tmp_path_factory.mktemp("v") / "v.vramtop")
     rec = Recorder(path, commit_interval=0.0)
-    for i, t in enumerate(ts):
+    for t in ts:
         for kind in ("hello", "sample", "step", "phase", "oom", "bye"):
             msg = fake_msg(kind, t, blocks=blocks, step=step, phase=text or "forward")
             if kind == "hello":

@@ -40,7 +40,8 @@ class FailingNet(torch.nn.Module):
 def test_parse_requested():
     assert parse_requested(MESSAGE) == 2 << 30
     assert parse_requested("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; ...)") == 20 << 20
-    assert parse_requested("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1234567 bytes.") == 1234567
+    cpu_message = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1234567 bytes."
+    assert parse_requested(cpu_message) == 1234567
     assert parse_requested("something else") is None
     assert parse_requested("Tried to allocate 1,024.00 KiB") == 1 << 20
 
@@ -50,16 +51,15 @@ def test_oom_in_forward_is_recorded_and_the_same_exception_reaches_the_caller(tm
     net = FailingNet(fail_at=3)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     caught = None
-    with pytest.raises(torch.OutOfMemoryError) as info:
-        with vramtop_agent.watch(net, opt, publish=False, record=path) as agent:
-            for _ in range(5):
-                try:
-                    net(torch.randn(16, 32)).sum().backward()
-                except torch.OutOfMemoryError as exc:
-                    caught = exc
-                    raise
-                opt.step()
-                opt.zero_grad()
+    with pytest.raises(torch.OutOfMemoryError) as info, vramtop_agent.watch(net, opt, publish=False, record=path):
+        for _ in range(5):
+            try:
+                net(torch.randn(16, 32)).sum().backward()
+            except torch.OutOfMemoryError as exc:
+                caught = exc
+                raise
+            opt.step()
+            opt.zero_grad()
     assert info.value is caught  # the very same object, untouched
     assert str(info.value) == MESSAGE
     r = Recording.open(path)

@@ -329,7 +329,8 @@ UNSAFE = re.compile(r"\bimport\s+(c?pickle|_pickle|marshal|shelve|dill|jsonpickl
 # wrote (0600, in the per-user 0700 runtime dir; docs/attach.md). Nothing received from a socket or a file
 # of the job's reaches it.
 INJECTED_LINE = {("vramtop/inject.py",
-                  """_LINE = "try:\\n exec(compile(__import__('pathlib').Path({path!r}).read_text(),{path!r},'exec')," \\""")}
+                  """_LINE = "try:\\n exec(compile(__import__('pathlib').Path({path!r}).read_text(),"""
+                  """{path!r},'exec')," \\""")}
 
 
 def test_no_code_path_can_unpickle_or_evaluate_outside_data():

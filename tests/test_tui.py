@@ -1,12 +1,11 @@
 """The dashboard under App.run_test(), fed by a real agent in a real training subprocess."""
 
 import os
-import re
 import subprocess
 import sys
-import time
 
 import pytest
+from helpers import screen_text, until
 
 from vramtop.sources import LiveSource
 from vramtop.state import SessionState
@@ -14,13 +13,6 @@ from vramtop.tui import render
 from vramtop.tui.app import VramtopApp
 
 pytestmark = pytest.mark.asyncio
-
-
-def screen_text(app) -> str:
-    """What a person sees: the exported screen with the SVG markup removed."""
-    svg = app.export_screenshot()
-    text = re.sub(r"<[^>]+>", "", svg).replace("&#160;", " ").replace("&amp;", "&")
-    return re.sub(r"[ \t]+", " ", text)
 
 
 @pytest.fixture
@@ -35,13 +27,10 @@ def demo_job(runtime_dir):
     child.wait()
 
 
-async def _until(pilot, cond, timeout=40.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        await pilot.pause(0.2)
-        if cond():
-            return
-    raise AssertionError(f"condition not met in time: {pilot.app.state.connection()} steps={len(pilot.app.state.steps)} hello={bool(pilot.app.state.hello)} status={pilot.app.source.status}")
+def _connection(app) -> str:
+    """What the viewer has seen so far: the diagnostic for a wait that times out."""
+    return (f"{app.state.connection()} steps={len(app.state.steps)} hello={bool(app.state.hello)} "
+            f"status={app.source.status}")
 
 
 async def test_dashboard_shows_the_streams_numbers(demo_job):
@@ -52,8 +41,9 @@ async def test_dashboard_shows_the_streams_numbers(demo_job):
     app = VramtopApp(LiveSource(str(demo_job.pid)), refresh_hz=10)
     async with app.run_test(size=(180, 50)) as pilot:
         # The hello is re-sent every second: wait for one that describes the model.
-        await _until(pilot, lambda: len(app.state.steps) >= 3 and app.state.sample is not None
-                     and ((app.state.hello or {}).get("model") or {}).get("summary"))
+        await until(pilot, lambda: len(app.state.steps) >= 3 and app.state.sample is not None
+                    and ((app.state.hello or {}).get("model") or {}).get("summary"),
+                    timeout=40, what="a hello describing the model", detail=lambda: _connection(app))
         await pilot.pause(0.3)
         app.paused = False
         app._refresh_view()
@@ -82,7 +72,8 @@ async def test_viewer_waits_when_no_agent_runs():
 
 
 async def test_cuda_sample_renders_the_whole_card():
-    """A GPU cannot exist here: a CUDA-shaped sample drives the pure view (the same path runs for real on the device)."""
+    """A GPU cannot exist here: a CUDA-shaped sample drives the pure view
+    (the same path runs for real on the device)."""
     gib = 1024 ** 3
     state = SessionState()
     blocks = {"parameters": 14 * gib, "gradients": 2 * gib, "optimizer": 4 * gib, "activations": 20 * gib,
@@ -106,7 +97,8 @@ async def test_estimate_beside_actual_and_what_if(demo_job):
     """The agent publishes the estimator's prediction; the view shows it beside the measurement."""
     app = VramtopApp(LiveSource(str(demo_job.pid)), refresh_hz=10)
     async with app.run_test(size=(180, 60)) as pilot:
-        await _until(pilot, lambda: len(app.state.steps) >= 2 and (app.state.hello or {}).get("estimate"), timeout=90)
+        await until(pilot, lambda: len(app.state.steps) >= 2 and (app.state.hello or {}).get("estimate"),
+                    timeout=90, what="two steps and an estimate", detail=lambda: _connection(app))
         app._refresh_view()
         rows = {r.block: r for r in app.gap_model.rows(app.state)}
         # Parameters and optimizer states are exact on a live LoRA run (estimator tests cover the matrix).
@@ -122,11 +114,13 @@ async def test_estimate_beside_actual_and_what_if(demo_job):
         panel = console.export_text()
         assert "What to try" in panel and "turn on gradient checkpointing" in panel
         await pilot.press("w")
-        await _until(pilot, lambda: getattr(app.screen, "prediction", None) is not None, timeout=20)
+        await until(pilot, lambda: getattr(app.screen, "prediction", None) is not None, timeout=20,
+                    what="a what-if prediction", detail=lambda: _connection(app))
         screen = app.screen
         base = screen.prediction["predicted_peak"]
         screen.query_one("#wi-batch").value = "16"
-        await _until(pilot, lambda: screen.prediction["predicted_peak"] != base, timeout=20)
+        await until(pilot, lambda: screen.prediction["predicted_peak"] != base, timeout=20,
+                    what="a new prediction for batch 16", detail=lambda: _connection(app))
         bigger = screen.prediction["predicted_peak"]
         assert bigger > base  # 4x the batch: more activations
         assert "predicted peak" in screen_text(app)
