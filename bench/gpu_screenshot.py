@@ -19,7 +19,7 @@ import time
 
 
 async def _shoot(pid: int, out: str, seconds: float) -> None:
-    from vramtop.sources import LiveSource
+    from vramtop.live_source import LiveSource
     from vramtop.tui.app import VramtopApp
 
     app = VramtopApp(LiveSource(str(pid)))

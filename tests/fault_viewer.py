@@ -9,7 +9,7 @@ and rendering every panel (as the TUI does) until it is killed.
 import sys
 import time
 
-from vramtop.sources import LiveSource
+from vramtop.live_source import LiveSource
 from vramtop.state import SessionState
 from vramtop.tui import render
 

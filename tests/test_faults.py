@@ -30,7 +30,7 @@ import pytest
 import zmq
 from helpers import TcpForwarder, free_port, screen_text, until
 
-from vramtop.sources import LiveSource
+from vramtop.live_source import LiveSource
 from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber
 from vramtop.tui import render

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 import vramtop_agent
-from vramtop.sources import LiveSource
+from vramtop.live_source import LiveSource
 from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber
 from vramtop.tui import render

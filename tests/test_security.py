@@ -24,7 +24,7 @@ from helpers import TcpForwarder, collect, types_of
 import vramtop_agent
 from vramtop.cli import main as cli_main
 from vramtop.errors import UserError
-from vramtop.sources import LiveSource
+from vramtop.live_source import LiveSource
 from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber
 from vramtop.tui import render

@@ -7,7 +7,7 @@ import sys
 import pytest
 from helpers import screen_text, until
 
-from vramtop.sources import LiveSource
+from vramtop.live_source import LiveSource
 from vramtop.state import SessionState
 from vramtop.tui import render
 from vramtop.tui.app import VramtopApp

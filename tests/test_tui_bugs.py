@@ -138,7 +138,7 @@ def test_run_record_refuses_an_existing_recording_and_readers_take_the_newest_se
 
 def test_attach_to_nothing_says_so_while_waiting(tmp_path):
     """Bug 6: an endpoint where nothing listens: the status line says so instead of "attached to"."""
-    from vramtop.sources import LiveSource
+    from vramtop.live_source import LiveSource
 
     for endpoint, expected in ((f"ipc://{tmp_path}/no-such.sock", "no socket at"),
                                ("tcp://127.0.0.1:1", "connection refused")):

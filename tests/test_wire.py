@@ -15,7 +15,7 @@ from helpers import collect, types_of
 
 import vramtop_agent
 from vramtop.errors import UserError
-from vramtop.sources import LiveSource
+from vramtop.live_source import LiveSource
 from vramtop.state import SessionState
 from vramtop.subscriber import Subscriber, check_endpoint
 from vramtop.tiny import add_lora, build_model, make_batch

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from vramtop.sources import LiveSource
+from vramtop.live_source import LiveSource
 from vramtop_agent.nvml import Gpu, GpuProcess, GpuReport, list_gpus, pid_gpus
 
 if TYPE_CHECKING:

@@ -309,7 +309,7 @@ def wait_status(pid: int, status: Path, timeout_s: float, say=None) -> dict:
 
 
 def _alive(pid: int) -> bool:
-    from vramtop.sources import pid_alive
+    from vramtop.live_source import pid_alive
 
     return pid_alive(pid)
 

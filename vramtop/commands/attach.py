@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 def attach(target: str | None, refresh_hz: float = 4.0, server_key: str | None = None,
            client_key: str | None = None, monitor=None) -> int:
-    from vramtop.sources import LiveSource
+    from vramtop.live_source import LiveSource
     from vramtop.tui.app import VramtopApp
 
     check_curve_keys(server_key, client_key)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _watch(child: subprocess.Popen, args: argparse.Namespace, log) -> int:
-    from vramtop.sources import LiveSource
+    from vramtop.live_source import LiveSource
     from vramtop.tui.app import VramtopApp
 
     source = LiveSource(str(child.pid))

@@ -54,7 +54,7 @@ def StreamReader(endpoint: str, **curve):
 
 def resolve_target(target: str | None, wait_s: float | None = None, say=print) -> tuple[str, int | None]:
     """(endpoint, pid or None) of the agent to record; waits for a local agent to appear."""
-    from vramtop.sources import pid_alive
+    from vramtop.live_source import pid_alive
     from vramtop.subscriber import check_endpoint
     from vramtop_agent import discovery
 
@@ -125,7 +125,7 @@ def record(endpoint: str, output: str, *, pid: int | None = None, duration: floa
            stop_at_bye: bool = True, say=print, install_signals: bool = True, curve: dict | None = None,
            monitor=None) -> int:
     """Record until Ctrl-C / SIGTERM / bye / process exit / duration. Returns an exit code."""
-    from vramtop.sources import pid_alive
+    from vramtop.live_source import pid_alive
     from vramtop_agent.recorder import Recorder, RecorderError
 
     try:
