@@ -156,3 +156,18 @@ def test_any_architecture_three_peaks_in_json_and_text(capsys, tmp_path):
     code, out, _ = run(capsys, *argv)
     first = out.splitlines()[2]
     assert code == 0 and first.startswith("device (nvidia-smi)")
+
+
+def test_qlora_estimate_prints_no_bitsandbytes_noise():
+    """bitsandbytes warns at import that the optional `kernels` package is missing (its CPU matmul speed):
+    nothing to do with the estimate, so `vramtop estimate` drops that one message (a fresh process: the
+    import happens once)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    done = subprocess.run([sys.executable, "-m", "vramtop.cli", "estimate", "llama-3-8b", "--method", "qlora",
+                           "--seq-len", "256", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr and done.stderr == ""
+    assert json.loads(done.stdout)["engine"] == "execute"

@@ -193,10 +193,10 @@ def _estimate(config: dict, label: str, setup, args):
 
     engine = args.engine
     if engine == "auto":
-        engine = "execute" if available() and setup.world_size == 1 and setup.wdtype != "int8" else "formula"
+        engine = "execute" if available(light=True) and setup.world_size == 1 and setup.wdtype != "int8" else "formula"
     try:
         if engine == "execute":
-            if not available():
+            if not available(light=True):
                 raise UserError("--engine execute needs torch, transformers and peft installed")
             return execute(config, setup, routing=args.routing, name=label)
         return estimate(_desc(config, label), setup)
@@ -270,7 +270,8 @@ def _headline(est) -> list[str]:
             extra.append(f"{label} {fmt_bytes(parts[key])}")
     return [
         f"device (nvidia-smi):             {fmt_bytes(est.device):>12}  = " + " + ".join(extra),
-        f"peak reserved (max_memory_reserved):  {fmt_bytes(est.peak_reserved):>12}  allocated + allocator rounding/slack",
+        f"peak reserved (max_memory_reserved):  {fmt_bytes(est.peak_reserved):>12}  "
+        "allocated + allocator rounding/slack",
         f"peak allocated (max_memory_allocated): {fmt_bytes(est.peak_allocated):>11}  in {est.peak_phase}",
     ]
 
@@ -288,7 +289,8 @@ def render(est, card=None, show_terms=False) -> str:
         lines.append(f"assumption: {note}")
     lines.append("")
     notes = {
-        "parameters": f"trainable {fmt_bytes(est.params_split['trainable'])}, frozen {fmt_bytes(est.params_split['frozen'])}",
+        "parameters": f"trainable {fmt_bytes(est.params_split['trainable'])}, "
+                      f"frozen {fmt_bytes(est.params_split['frozen'])}",
         "gradients": "",
         "optimizer": "",
         "activations": "saved for backward at the end of forward",
@@ -309,6 +311,9 @@ def render(est, card=None, show_terms=False) -> str:
     return "\n".join(lines)
 
 
+BLOCK_ORDER = ("parameters", "gradients", "optimizer", "activations", "other")
+
+
 def article_table(desc, base_setup) -> str:
     """Our per-block numbers beside the article's totals (seed 001), for Llama-2-7B."""
     from vramtop_agent.estimator import estimate
@@ -327,7 +332,7 @@ def article_table(desc, base_setup) -> str:
         spike = est.peak_allocated - est.end_of_forward
         ours = est.peak / 1e9
         lines.append(f"{label:<21}{article_gb:>7.1f}GB{ours:>8.2f}GB{(ours - article_gb) / article_gb:>+7.0%}   "
-                     + "".join(f"{b[k] / 1e9:>9.2f}" for k in ("parameters", "gradients", "optimizer", "activations", "other"))
+                     + "".join(f"{b[k] / 1e9:>9.2f}" for k in BLOCK_ORDER)
                      + f"{spike / 1e9:>9.2f}")
     lines.append("")
     lines.append("spike = backward/optimizer peak above the end of forward (loss spike, recomputed layer, gradients).")

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:   # for annotations only: this module imports torch when it runs, never at import time
     import torch
@@ -58,14 +60,60 @@ class ExecutionError(ValueError):
     """This model or setup cannot be executed on the meta device (one line for the user)."""
 
 
-def available() -> bool:
+def available(light: bool = False) -> bool:
+    """torch, transformers and peft importable. `light` (processes that only estimate: the CLI, the agent's
+    estimator subprocess): bitsandbytes is imported without building its torch.compile'd CPU kernels."""
     try:
-        import peft  # noqa: F401
         import torch  # noqa: F401
+
+        import_bitsandbytes(light)   # before peft, which imports it
+        import peft  # noqa: F401
         import transformers  # noqa: F401
     except Exception:
         return False
     return True
+
+
+_BNB_NOISE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _drop_bnb_noise(record: logging.LogRecord) -> bool:
+    """bitsandbytes logs a warning at import when the optional `kernels` package is missing: it is about
+    its CPU matmul speed, not this estimate. Only that message is dropped."""
+    return not str(record.msg).startswith(_BNB_NOISE)
+
+
+def _no_compile(*_args: object, **_kwargs: object) -> NoReturn:
+    raise RuntimeError("torch.compile skipped while vramtop's estimator imports bitsandbytes")
+
+
+def import_bitsandbytes(light: bool = False) -> ModuleType | None:
+    """Import bitsandbytes (None when it is not installed) without its kernels-community warning.
+
+    `light`: bitsandbytes wraps its CPU kernels in torch.compile at import, which imports dynamo and
+    inductor (most of a cold estimate's time); the estimator never calls those kernels (meta tensors
+    dispatch to bitsandbytes' fake kernels). bitsandbytes' own wrapper falls back to the uncompiled
+    function when torch.compile raises, so it is made to raise while the import runs. Only for
+    processes that do nothing but estimate: elsewhere the user's bitsandbytes is left as it loads."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    import torch
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    log.addFilter(_drop_bnb_noise)
+    compile_ = torch.compile
+    if light:
+        torch.compile = _no_compile  # type: ignore[assignment]  # restored below; see the docstring
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    finally:
+        torch.compile = compile_
+        log.removeFilter(_drop_bnb_noise)
+    return bitsandbytes
 
 
 # ------------------------------------------------------------------ the recorder
@@ -301,10 +349,9 @@ def _quantize_4bit(model: PreTrainedModel, setup: Setup) -> None:
 
     if setup.wdtype not in ("nf4", "fp4"):
         raise ExecutionError("execution models 4-bit (nf4/fp4) quantization; use --engine formula for int8")
-    try:
-        import bitsandbytes as bnb
-    except Exception:
-        raise ExecutionError("QLoRA execution needs bitsandbytes installed (pip install bitsandbytes)") from None
+    bnb = import_bitsandbytes()
+    if bnb is None:
+        raise ExecutionError("QLoRA execution needs bitsandbytes installed (pip install bitsandbytes)")
     head = model.get_output_embeddings()
     compute = _torch_dtype(setup.cdtype)
     for mod in list(model.modules()):
@@ -858,6 +905,7 @@ def _main() -> int:
     from vramtop_agent.estimator.setup import Setup
 
     req = json.load(sys.stdin)
+    available(light=True)
     fields = dict(req["setup"])
     for key in ("lora_targets", "modules_to_save"):
         if fields.get(key):
