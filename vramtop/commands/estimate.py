@@ -79,6 +79,17 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", choices=("eager", "sdpa", "flash"), default="sdpa",
                    help="attention implementation (sdpa: PyTorch's fused kernels; eager: plain matmul + softmax)")
     p.add_argument("--logits-dtype", default="fp32", help="dtype of the logits the loss reads (default fp32)")
+    p.add_argument("--loss", choices=("full", "chunked"), default="full",
+                   help="chunked: output layer + cross-entropy on --loss-chunk tokens at a time, each chunk's "
+                        "backward at once, so the full batch x seq x vocab logits never exist (execution engine)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk for --loss chunked (default 1024)")
+    p.add_argument("--optim-in-backward", action="store_true",
+                   help="one optimizer per parameter stepped from a post-accumulate-grad hook that frees the "
+                        "gradient: about one gradient alive at a time (execution engine)")
+    p.add_argument("--offload", action="append", default=None, metavar="activations|optimizer",
+                   help="move saved activations (torch's save_on_cpu) and/or the optimizer (fp32 masters, gradient "
+                        "copies, states, the step: ZeRO-Offload) to host RAM; repeat or comma-separate for both; "
+                        "the host RAM needed is reported (execution engine)")
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -219,7 +230,9 @@ def _setup(args, parse_bytes, card=None):
         grad_accum=args.grad_accum, grad_ckpt=args.grad_ckpt, attn=args.attn, logits_dtype=args.logits_dtype,
         world_size=args.world_size, zero=3 if args.fsdp else args.zero,
         cuda_context=parse_bytes(args.cuda_context) if args.cuda_context else None, device="cuda",
-        gpu=card[0] if card else None,
+        gpu=card[0] if card else None, loss=args.loss, loss_chunk=args.loss_chunk,
+        optim_in_backward=args.optim_in_backward,
+        offload=names(",".join(args.offload)) if args.offload else None,
     )
 
 
@@ -244,6 +257,14 @@ def describe_setup(est) -> str:
         bits.append(f"grad accum {s.grad_accum}")
     if s.world_size > 1:
         bits.append(f"{s.world_size} ranks, ZeRO-{s.zero}")
+    if s.loss == "chunked":
+        bits.append(f"chunked loss ({s.loss_chunk} tokens)")
+    if s.optim_in_backward:
+        bits.append("optimizer in backward")
+    if s.offload:
+        bits.append(f"{' + '.join(s.offload)} offloaded")
+    if s.compile:
+        bits.append("torch.compile (approximated)")
     return " · ".join(bits)
 
 
@@ -285,6 +306,9 @@ def render(est, card=None, show_terms=False) -> str:
         name, total = card
         verdict = "fits" if est.fits(total) else "does NOT fit"
         lines.append(f"{name} ({fmt_bytes(total)}): {verdict}, {fmt_bytes(total - est.peak)} left")
+    if est.host_parts:
+        parts = " + ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in est.host_parts.items())
+        lines.append(f"host RAM (offloaded, not on the device): {fmt_bytes(est.host)}  = {parts}")
     for note in est.assumptions:
         lines.append(f"assumption: {note}")
     lines.append("")
