@@ -87,9 +87,9 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
                    help="one optimizer per parameter stepped from a post-accumulate-grad hook that frees the "
                         "gradient: about one gradient alive at a time (execution engine)")
     p.add_argument("--offload", action="append", default=None, metavar="activations|optimizer",
-                   help="move saved activations (torch's save_on_cpu) and/or the optimizer (fp32 masters, gradient "
-                        "copies, states, the step: ZeRO-Offload) to host RAM; repeat or comma-separate for both; "
-                        "the host RAM needed is reported (execution engine)")
+                   help="move saved activations (torch's save_on_cpu) and/or the optimizer (an fp32 copy of the "
+                        "weights, gradient copies, states and the step: ZeRO-Offload) to host RAM; repeat or "
+                        "comma-separate for both; the host RAM needed is reported (execution engine)")
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
