@@ -181,7 +181,7 @@ def test_execution_settings_reach_the_json_setup_echo(capsys):
     d = json.loads(out)
     s = d["setup"]
     assert s["loss"] == "chunked" and s["loss_chunk"] == 64 and s["offload"] == ["activations", "optimizer"]
-    assert s["optim_in_backward"] is False and s["compile"] is False
+    assert s["optim_in_backward"] is False
     assert d["blocks"]["optimizer"] == 0 and d["host"] == sum(d["host_parts"].values()) > 0
     assert set(d["host_parts"]) == {"activations", "master_weights", "gradients", "optimizer_states"}
     code, out, _ = run(capsys, "gpt2", "--method", "lora", "--seq-len", "256", "--optim-in-backward",

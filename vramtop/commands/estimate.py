@@ -263,8 +263,6 @@ def describe_setup(est) -> str:
         bits.append("optimizer in backward")
     if s.offload:
         bits.append(f"{' + '.join(s.offload)} offloaded")
-    if s.compile:
-        bits.append("torch.compile (approximated)")
     return " · ".join(bits)
 
 

@@ -61,7 +61,6 @@ class Setup:
     loss_chunk: int = 1024                 # tokens of the flattened batch (b·s) per loss chunk
     optim_in_backward: bool = False        # per-parameter optimizers stepped from post-accumulate-grad hooks
     offload: tuple | None = None           # ("activations", "optimizer"): moved to host RAM
-    compile: bool = False                  # torch.compile, approximated: see docs/estimator.md
 
     # ------------------------------------------------------------- resolved values
 
@@ -187,6 +186,4 @@ def execution_only(setup: Setup) -> list[str]:
         out.append("--optim-in-backward")
     if setup.offload:
         out.append("--offload " + ",".join(setup.offload))
-    if setup.compile:
-        out.append("--compile")
     return out
