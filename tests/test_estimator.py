@@ -180,7 +180,8 @@ def test_phase_peaks_and_blocks_are_consistent():
     # Three peaks: allocated (phases) <= reserved (whole 2 MiB segments) < device (+ context + workspaces).
     assert est.peak_allocated == max(est.phase_peaks.values())
     assert est.peak_allocated <= est.peak_reserved < est.peak_allocated + 24 * 2**20
-    assert est.peak == est.device == est.peak_reserved + est.other_parts["cuda_context"] + est.device_parts["workspaces"]
+    assert est.peak == est.device == (est.peak_reserved + est.other_parts["cuda_context"]
+                                      + est.device_parts["workspaces"])
     assert est.phase_peaks["forward"] >= est.end_of_forward - est.other_parts["cuda_context"] - 1
     assert all(isinstance(t[0], str) and isinstance(t[1], int) and t[2] for t in est.terms)
     names = [t[0] for t in est.terms]
@@ -220,7 +221,8 @@ def test_hf_config_json(tmp_path):
     ("{not json", "not valid JSON"),
     ('{"model_type": "llama", "hidden_size": 64}', "no positive integer 'num_attention_heads'"),
     ('{"model_type": "bert", "hidden_size": 64, "intermediate_size": 1, "num_hidden_layers": 1, '
-     '"num_attention_heads": 1, "vocab_size": 5, "hidden_act": "gelu"}', "the formula models llama, mistral, qwen2 and gpt2, not .bert."),
+     '"num_attention_heads": 1, "vocab_size": 5, "hidden_act": "gelu"}',
+     "the formula models llama, mistral, qwen2 and gpt2, not .bert."),
 ])
 def test_bad_config_json(tmp_path, content, message):
     path = tmp_path / "config.json"

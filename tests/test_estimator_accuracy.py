@@ -185,7 +185,8 @@ def _check(results, method: str) -> None:
         est, got = r["est"], r["got"]
         for block in ("parameters", "gradients", "optimizer"):
             if got["blocks"][block] != est.blocks[block]:
-                problems.append(f"{r['case']}: {block} measured {got['blocks'][block]} != estimated {est.blocks[block]}")
+                problems.append(f"{r['case']}: {block} measured {got['blocks'][block]} "
+                                f"!= estimated {est.blocks[block]}")
         acts = got["step"]["eof_blocks"]["activations"]
         if abs(est.blocks["activations"] - acts) > TOLERANCE * acts:
             problems.append(f"{r['case']}: activations measured {acts}, estimated {est.blocks['activations']}")

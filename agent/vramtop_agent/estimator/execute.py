@@ -36,7 +36,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -105,7 +105,7 @@ def import_bitsandbytes(light: bool = False) -> ModuleType | None:
     log.addFilter(_drop_bnb_noise)
     compile_ = torch.compile
     if light:
-        torch.compile = _no_compile  # type: ignore[assignment]  # restored below; see the docstring
+        torch.compile = _no_compile   # restored below; see the docstring
     try:
         import bitsandbytes
     except ImportError:
@@ -432,7 +432,7 @@ def _lora(model: PreTrainedModel, setup: Setup) -> nn.Module:
         raise ExecutionError(f"LoRA: {str(exc).splitlines()[0]}") from None
 
 
-def _optimizer(params: list[nn.Parameter], setup: Setup) -> torch.optim.Optimizer | None:
+def _optimizer(params: Sequence[torch.Tensor], setup: Setup) -> torch.optim.Optimizer | None:
     import torch
 
     foreach = setup.foreach if setup.foreach is not None else setup.device.startswith("cuda")
@@ -747,7 +747,10 @@ def _chunked_loss_backward(model: nn.Module, hidden: torch.Tensor, labels: torch
         del logits
         loss.backward()
         del loss
-    hidden.backward(h.grad.view_as(hidden))
+    grad = h.grad
+    if grad is None:   # no chunk had a target: nothing flows back
+        return
+    hidden.backward(grad.view_as(hidden))
 
 
 def _reserved(rec, m, phase) -> None:
