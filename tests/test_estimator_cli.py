@@ -156,3 +156,39 @@ def test_any_architecture_three_peaks_in_json_and_text(capsys, tmp_path):
     code, out, _ = run(capsys, *argv)
     first = out.splitlines()[2]
     assert code == 0 and first.startswith("device (nvidia-smi)")
+
+
+def test_qlora_estimate_prints_no_bitsandbytes_noise():
+    """bitsandbytes warns at import that the optional `kernels` package is missing (its CPU matmul speed):
+    nothing to do with the estimate, so `vramtop estimate` drops that one message (a fresh process: the
+    import happens once)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    done = subprocess.run([sys.executable, "-m", "vramtop.cli", "estimate", "llama-3-8b", "--method", "qlora",
+                           "--seq-len", "256", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr and done.stderr == ""
+    assert json.loads(done.stdout)["engine"] == "execute"
+
+
+def test_execution_settings_reach_the_json_setup_echo(capsys):
+    pytest.importorskip("peft")
+    code, out, _ = run(capsys, "gpt2", "--method", "lora", "--seq-len", "256", "--loss", "chunked", "--loss-chunk",
+                       "64", "--offload", "activations", "--offload", "optimizer", "--json")
+    assert code == 0
+    d = json.loads(out)
+    s = d["setup"]
+    assert s["loss"] == "chunked" and s["loss_chunk"] == 64 and s["offload"] == ["activations", "optimizer"]
+    assert s["optim_in_backward"] is False
+    assert d["blocks"]["optimizer"] == 0 and d["host"] == sum(d["host_parts"].values()) > 0
+    assert set(d["host_parts"]) == {"activations", "master_weights", "gradients", "optimizer_states"}
+    code, out, _ = run(capsys, "gpt2", "--method", "lora", "--seq-len", "256", "--optim-in-backward",
+                       "--offload", "activations")
+    assert code == 0 and "optimizer in backward" in out and "host RAM (offloaded" in out
+
+
+def test_execution_settings_are_refused_by_the_formula_engine(capsys):
+    code, _, err = run(capsys, "gpt2", "--seq-len", "256", "--loss", "chunked", "--engine", "formula")
+    assert code != 0 and "--engine execute" in err and err.count("\n") == 1

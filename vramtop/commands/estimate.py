@@ -79,6 +79,17 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", choices=("eager", "sdpa", "flash"), default="sdpa",
                    help="attention implementation (sdpa: PyTorch's fused kernels; eager: plain matmul + softmax)")
     p.add_argument("--logits-dtype", default="fp32", help="dtype of the logits the loss reads (default fp32)")
+    p.add_argument("--loss", choices=("full", "chunked"), default="full",
+                   help="chunked: output layer + cross-entropy on --loss-chunk tokens at a time, each chunk's "
+                        "backward at once, so the full batch x seq x vocab logits never exist (execution engine)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk for --loss chunked (default 1024)")
+    p.add_argument("--optim-in-backward", action="store_true",
+                   help="one optimizer per parameter stepped from a post-accumulate-grad hook that frees the "
+                        "gradient: about one gradient alive at a time (execution engine)")
+    p.add_argument("--offload", action="append", default=None, metavar="activations|optimizer",
+                   help="move saved activations (torch's save_on_cpu) and/or the optimizer (an fp32 copy of the "
+                        "weights, gradient copies, states and the step: ZeRO-Offload) to host RAM; repeat or "
+                        "comma-separate for both; the host RAM needed is reported (execution engine)")
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -193,10 +204,10 @@ def _estimate(config: dict, label: str, setup, args):
 
     engine = args.engine
     if engine == "auto":
-        engine = "execute" if available() and setup.world_size == 1 and setup.wdtype != "int8" else "formula"
+        engine = "execute" if available(light=True) and setup.world_size == 1 and setup.wdtype != "int8" else "formula"
     try:
         if engine == "execute":
-            if not available():
+            if not available(light=True):
                 raise UserError("--engine execute needs torch, transformers and peft installed")
             return execute(config, setup, routing=args.routing, name=label)
         return estimate(_desc(config, label), setup)
@@ -219,7 +230,9 @@ def _setup(args, parse_bytes, card=None):
         grad_accum=args.grad_accum, grad_ckpt=args.grad_ckpt, attn=args.attn, logits_dtype=args.logits_dtype,
         world_size=args.world_size, zero=3 if args.fsdp else args.zero,
         cuda_context=parse_bytes(args.cuda_context) if args.cuda_context else None, device="cuda",
-        gpu=card[0] if card else None,
+        gpu=card[0] if card else None, loss=args.loss, loss_chunk=args.loss_chunk,
+        optim_in_backward=args.optim_in_backward,
+        offload=names(",".join(args.offload)) if args.offload else None,
     )
 
 
@@ -244,6 +257,12 @@ def describe_setup(est) -> str:
         bits.append(f"grad accum {s.grad_accum}")
     if s.world_size > 1:
         bits.append(f"{s.world_size} ranks, ZeRO-{s.zero}")
+    if s.loss == "chunked":
+        bits.append(f"chunked loss ({s.loss_chunk} tokens)")
+    if s.optim_in_backward:
+        bits.append("optimizer in backward")
+    if s.offload:
+        bits.append(f"{' + '.join(s.offload)} offloaded")
     return " · ".join(bits)
 
 
@@ -270,7 +289,8 @@ def _headline(est) -> list[str]:
             extra.append(f"{label} {fmt_bytes(parts[key])}")
     return [
         f"device (nvidia-smi):             {fmt_bytes(est.device):>12}  = " + " + ".join(extra),
-        f"peak reserved (max_memory_reserved):  {fmt_bytes(est.peak_reserved):>12}  allocated + allocator rounding/slack",
+        f"peak reserved (max_memory_reserved):  {fmt_bytes(est.peak_reserved):>12}  "
+        "allocated + allocator rounding/slack",
         f"peak allocated (max_memory_allocated): {fmt_bytes(est.peak_allocated):>11}  in {est.peak_phase}",
     ]
 
@@ -284,11 +304,15 @@ def render(est, card=None, show_terms=False) -> str:
         name, total = card
         verdict = "fits" if est.fits(total) else "does NOT fit"
         lines.append(f"{name} ({fmt_bytes(total)}): {verdict}, {fmt_bytes(total - est.peak)} left")
+    if est.host_parts:
+        parts = " + ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in est.host_parts.items())
+        lines.append(f"host RAM (offloaded, not on the device): {fmt_bytes(est.host)}  = {parts}")
     for note in est.assumptions:
         lines.append(f"assumption: {note}")
     lines.append("")
     notes = {
-        "parameters": f"trainable {fmt_bytes(est.params_split['trainable'])}, frozen {fmt_bytes(est.params_split['frozen'])}",
+        "parameters": f"trainable {fmt_bytes(est.params_split['trainable'])}, "
+                      f"frozen {fmt_bytes(est.params_split['frozen'])}",
         "gradients": "",
         "optimizer": "",
         "activations": "saved for backward at the end of forward",
@@ -309,6 +333,9 @@ def render(est, card=None, show_terms=False) -> str:
     return "\n".join(lines)
 
 
+BLOCK_ORDER = ("parameters", "gradients", "optimizer", "activations", "other")
+
+
 def article_table(desc, base_setup) -> str:
     """Our per-block numbers beside the article's totals (seed 001), for Llama-2-7B."""
     from vramtop_agent.estimator import estimate
@@ -327,7 +354,7 @@ def article_table(desc, base_setup) -> str:
         spike = est.peak_allocated - est.end_of_forward
         ours = est.peak / 1e9
         lines.append(f"{label:<21}{article_gb:>7.1f}GB{ours:>8.2f}GB{(ours - article_gb) / article_gb:>+7.0%}   "
-                     + "".join(f"{b[k] / 1e9:>9.2f}" for k in ("parameters", "gradients", "optimizer", "activations", "other"))
+                     + "".join(f"{b[k] / 1e9:>9.2f}" for k in BLOCK_ORDER)
                      + f"{spike / 1e9:>9.2f}")
     lines.append("")
     lines.append("spike = backward/optimizer peak above the end of forward (loss spike, recomputed layer, gradients).")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from vramtop_agent.estimator.activations import TAG_EXPLAIN, trace
 from vramtop_agent.estimator.device import device_overhead
 from vramtop_agent.estimator.model_desc import ModelDesc
-from vramtop_agent.estimator.setup import Setup, validate
+from vramtop_agent.estimator.setup import Setup, SetupError, execution_only, validate
 from vramtop_agent.estimator.units import DTYPE_BYTES
 from vramtop_agent.estimator.weights import weight_bytes
 from vramtop_agent.vocabulary import BLOCK_KEYS, PHASES
@@ -32,6 +32,12 @@ class Estimate:
     peak_reserved: int = 0       # torch.cuda.max_memory_reserved's view: allocated + caching-allocator slack
     device_parts: dict = field(default_factory=dict)  # reserved, cuda_context, workspaces, paged_optimizer
     assumptions: list = field(default_factory=list)
+    host_parts: dict = field(default_factory=dict)  # bytes moved to host RAM by --offload (not on the device)
+
+    @property
+    def host(self) -> int:
+        """Host RAM the offloaded parts need (0 without --offload)."""
+        return sum(self.host_parts.values())
 
     @property
     def device(self) -> int:
@@ -60,6 +66,8 @@ class Estimate:
             "device_parts": {k: int(v) for k, v in self.device_parts.items()},
             "engine": self.engine,
             "assumptions": list(self.assumptions),
+            "host": int(self.host),
+            "host_parts": {k: int(v) for k, v in self.host_parts.items()},
             "peak_phase": self.peak_phase,
             "phase_peaks": {k: int(self.phase_peaks[k]) for k in PHASES},
             "end_of_forward": int(self.end_of_forward),
@@ -94,6 +102,10 @@ def estimate(model: ModelDesc, setup: Setup) -> Estimate:
 
     Raises SetupError (a ValueError) for a setup that cannot run."""
     setup = validate(setup)
+    only = execution_only(setup)
+    if only:
+        raise SetupError(f"{' '.join(only)}: modelled by executing the model (--engine execute, with torch, "
+                         f"transformers and peft installed), not by the formula")
     wb = weight_bytes(model, setup)
     tr = trace(model, setup)
 

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import weakref
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:   # for annotations only: this module imports torch when it runs, never at import time
     import torch
@@ -58,14 +60,60 @@ class ExecutionError(ValueError):
     """This model or setup cannot be executed on the meta device (one line for the user)."""
 
 
-def available() -> bool:
+def available(light: bool = False) -> bool:
+    """torch, transformers and peft importable. `light` (processes that only estimate: the CLI, the agent's
+    estimator subprocess): bitsandbytes is imported without building its torch.compile'd CPU kernels."""
     try:
-        import peft  # noqa: F401
         import torch  # noqa: F401
+
+        import_bitsandbytes(light)   # before peft, which imports it
+        import peft  # noqa: F401
         import transformers  # noqa: F401
     except Exception:
         return False
     return True
+
+
+_BNB_NOISE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _drop_bnb_noise(record: logging.LogRecord) -> bool:
+    """bitsandbytes logs a warning at import when the optional `kernels` package is missing: it is about
+    its CPU matmul speed, not this estimate. Only that message is dropped."""
+    return not str(record.msg).startswith(_BNB_NOISE)
+
+
+def _no_compile(*_args: object, **_kwargs: object) -> NoReturn:
+    raise RuntimeError("torch.compile skipped while vramtop's estimator imports bitsandbytes")
+
+
+def import_bitsandbytes(light: bool = False) -> ModuleType | None:
+    """Import bitsandbytes (None when it is not installed) without its kernels-community warning.
+
+    `light`: bitsandbytes wraps its CPU kernels in torch.compile at import, which imports dynamo and
+    inductor (most of a cold estimate's time); the estimator never calls those kernels (meta tensors
+    dispatch to bitsandbytes' fake kernels). bitsandbytes' own wrapper falls back to the uncompiled
+    function when torch.compile raises, so it is made to raise while the import runs. Only for
+    processes that do nothing but estimate: elsewhere the user's bitsandbytes is left as it loads."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    import torch
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    log.addFilter(_drop_bnb_noise)
+    compile_ = torch.compile
+    if light:
+        torch.compile = _no_compile   # restored below; see the docstring
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    finally:
+        torch.compile = compile_
+        log.removeFilter(_drop_bnb_noise)
+    return bitsandbytes
 
 
 # ------------------------------------------------------------------ the recorder
@@ -301,10 +349,9 @@ def _quantize_4bit(model: PreTrainedModel, setup: Setup) -> None:
 
     if setup.wdtype not in ("nf4", "fp4"):
         raise ExecutionError("execution models 4-bit (nf4/fp4) quantization; use --engine formula for int8")
-    try:
-        import bitsandbytes as bnb
-    except Exception:
-        raise ExecutionError("QLoRA execution needs bitsandbytes installed (pip install bitsandbytes)") from None
+    bnb = import_bitsandbytes()
+    if bnb is None:
+        raise ExecutionError("QLoRA execution needs bitsandbytes installed (pip install bitsandbytes)")
     head = model.get_output_embeddings()
     compute = _torch_dtype(setup.cdtype)
     for mod in list(model.modules()):
@@ -385,7 +432,7 @@ def _lora(model: PreTrainedModel, setup: Setup) -> nn.Module:
         raise ExecutionError(f"LoRA: {str(exc).splitlines()[0]}") from None
 
 
-def _optimizer(params: list[nn.Parameter], setup: Setup) -> torch.optim.Optimizer | None:
+def _optimizer(params: Sequence[torch.Tensor], setup: Setup) -> torch.optim.Optimizer | None:
     import torch
 
     foreach = setup.foreach if setup.foreach is not None else setup.device.startswith("cuda")
@@ -468,6 +515,8 @@ class Measured:
         self.moe = None
         self.extrapolated = False
         self.notes: list = []
+        self.largest_grad = 0             # optimizer-in-backward: the largest gradient alive at a hook
+        self.host_parts: dict = {}        # --offload: bytes on the host, not the device
 
 
 def run_step(config: dict, setup: Setup, routing: str = "balanced") -> Measured:
@@ -490,7 +539,7 @@ def run_step(config: dict, setup: Setup, routing: str = "balanced") -> Measured:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ExecutionError("nothing to train: no parameter requires grad")
-        opt = _optimizer(params, setup)
+        opt = _device_optimizer(params, setup, m)
         if alloc is not None:
             # From here on, as if the weights had been loaded straight into place (building on the meta
             # device allocates and frees full-size weights that a real from_pretrained never has).
@@ -509,7 +558,67 @@ def run_step(config: dict, setup: Setup, routing: str = "balanced") -> Measured:
             m.notes.append(note)
     if alloc is not None:
         m.peak_reserved = alloc.peak_reserved
+    if setup.offload and "optimizer" in setup.offload:
+        _host_optimizer(params, setup, m)
     return m
+
+
+class _InBackward:
+    """Optimizer-in-backward: one optimizer per trainable parameter, stepped (and its gradient freed) by a
+    post-accumulate-grad hook as soon as that gradient is complete (the PyTorch tutorial's pattern)."""
+
+    def __init__(self, opts: dict[nn.Parameter, torch.optim.Optimizer | None], m: Measured) -> None:
+        self.opts = opts
+        self.m = m
+        for p in opts:
+            p.register_post_accumulate_grad_hook(self._hook)
+
+    def _hook(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self.m.largest_grad = max(self.m.largest_grad, p.grad.untyped_storage().nbytes())
+        opt = self.opts[p]  # type: ignore[index]  # the hook is called with the parameter itself
+        if opt is not None:
+            opt.step()
+        p.grad = None
+
+    @property
+    def state(self) -> dict:
+        return {p: st for opt in self.opts.values() if opt is not None for p, st in opt.state.items()}
+
+    def step(self) -> None:   # the warm-up's step: creates every parameter's states
+        for opt in self.opts.values():
+            if opt is not None:
+                opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.opts:
+            p.grad = None
+
+
+def _device_optimizer(params: list[nn.Parameter], setup: Setup, m: Measured) -> Any:
+    """The optimizer as it lives on the device: one per parameter in backward, none when offloaded."""
+    if setup.offload and "optimizer" in setup.offload:
+        return None
+    if setup.optim_in_backward:
+        return _InBackward({p: _optimizer([p], setup) for p in params}, m)
+    return _optimizer(params, setup)
+
+
+def _host_optimizer(params: list[nn.Parameter], setup: Setup, m: Measured) -> None:
+    """--offload optimizer (ZeRO-Offload's layout): the host keeps an fp32 master copy of every trainable
+    weight, an fp32 copy of its gradient, and the optimizer states of an fp32 step; the device only
+    copies the updated weights back. States: torch's optimizer run on meta fp32 masters (outside the
+    recorder, so none of it counts on the device)."""
+    import torch
+
+    masters = [torch.empty(p.shape, dtype=torch.float32, device="meta") for p in params]
+    for t in masters:
+        t.grad = torch.empty_like(t)
+    opt = _optimizer(masters, setup.with_(foreach=False))
+    if opt is not None:
+        opt.step()
+    n = sum(t.numel() for t in masters)
+    m.host_parts.update(master_weights=4 * n, gradients=4 * n, optimizer_states=_sum_storages(_opt_tensors(opt)))
 
 
 def _warm_up(model: nn.Module, opt: torch.optim.Optimizer | None, setup: Setup) -> None:
@@ -527,40 +636,60 @@ def _warm_up(model: nn.Module, opt: torch.optim.Optimizer | None, setup: Setup) 
             p.grad = None
 
 
-def _one_step(model: nn.Module, opt: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor], setup: Setup,
+def _one_step(model: nn.Module, opt: Any, batch: dict[str, torch.Tensor], setup: Setup,
               rec: Any, m: Measured | None) -> None:
     import torch
 
     saved: dict = {}
+    host: dict = {}   # --offload activations: id of the packed record -> bytes on the host
+    offload = bool(setup.offload and "activations" in setup.offload)
 
     def pack(t):
         st = t.untyped_storage()
         saved[st._cdata] = weakref.ref(st)
+        if offload:   # torch.autograd.graph.save_on_cpu: a host copy of the tensor, the device one let go
+            record = _Offloaded(tuple(t.shape), t.dtype, t.device)
+            host[id(record)] = t.numel() * t.element_size()
+            weakref.finalize(record, host.pop, id(record), 0)
+            return record
         return t
 
+    def unpack(x):   # save_on_cpu copies the host tensor back to the device when backward needs it
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, _Offloaded) else x
+
     rec.reset_peak()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**batch)
-    loss = out.loss
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        if setup.loss == "chunked":
+            out, loss = _trunk(model, batch), None
+        else:
+            out = model(**batch)
+            loss = out.loss
     if m is not None:
         m.phase_peaks["forward"] = rec.peak
         m.end_of_forward = rec.level
         _reserved(rec, m, "forward")
         static = _static_keys(model, opt)
         m.activations = sum(rec.live.get(k, 0) for k, ref in saved.items() if ref() is not None and k not in static)
+        if offload:
+            m.host_parts["activations"] = sum(host.values())
     saved.clear()   # the forward's weak references are not needed through backward
     rec.reset_peak()
-    loss.backward()
+    if loss is None:
+        _chunked_loss_backward(model, out, batch["labels"], setup.loss_chunk)
+    else:
+        loss.backward()
     if m is not None:
         m.phase_peaks["backward"] = rec.peak
         _reserved(rec, m, "backward")
     rec.reset_peak()
-    if opt is not None:
+    if opt is not None and not setup.optim_in_backward:
         opt.step()
     if m is not None:
         m.phase_peaks["optimizer"] = rec.peak
         _reserved(rec, m, "optimizer")
         m.gradients = _sum_storages(p.grad for p in model.parameters() if p.grad is not None)
+        if setup.optim_in_backward:
+            m.gradients = m.largest_grad
         m.optimizer = _sum_storages(_opt_tensors(opt))
     del out, loss
     if setup.grad_accum <= 1 or m is not None:
@@ -571,6 +700,59 @@ def _one_step(model: nn.Module, opt: torch.optim.Optimizer | None, batch: dict[s
                 p.grad = None
 
 
+class _Offloaded:
+    """A saved tensor moved to the host: its shape, dtype and home device (no data on the meta device)."""
+
+    __slots__ = ("shape", "dtype", "device", "__weakref__")
+
+    def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
+
+
+def _causal_lm(model: nn.Module) -> Any:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _trunk(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """--loss chunked, forward: the decoder stack only (its last hidden state); no logits yet."""
+    lm = _causal_lm(model)
+    trunk = lm.get_decoder() if callable(getattr(lm, "get_decoder", None)) else None
+    if trunk is None or trunk is lm:
+        trunk = getattr(lm, lm.base_model_prefix, None)
+    if trunk is None:
+        raise ExecutionError(f"--loss chunked: cannot find the decoder stack of {type(lm).__name__}")
+    out = trunk(input_ids=batch["input_ids"])
+    return out[0]
+
+
+def _chunked_loss_backward(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> None:
+    """--loss chunked, backward: the output layer and cross-entropy on `chunk` tokens at a time, each chunk's
+    backward run at once into a detached copy of the hidden states (so one chunk's logits exist at a time),
+    then one backward through the decoder stack. The mean over all tokens, as transformers' loss."""
+    import torch
+    import torch.nn.functional as F
+
+    lm = _causal_lm(model)
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    h = hidden.detach().flatten(0, 1).requires_grad_(True)
+    targets = F.pad(labels, (0, 1), value=-100)[..., 1:].flatten()   # transformers' shifted labels
+    count = labels.shape[0] * (labels.shape[1] - 1)
+    for i in range(0, h.shape[0], chunk):
+        logits = head(h[i:i + chunk]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        loss = F.cross_entropy(logits, targets[i:i + chunk], ignore_index=-100, reduction="sum") / count
+        del logits
+        loss.backward()
+        del loss
+    grad = h.grad
+    if grad is None:   # no chunk had a target: nothing flows back
+        return
+    hidden.backward(grad.view_as(hidden))
+
+
 def _reserved(rec, m, phase) -> None:
     if rec.allocator is not None:
         m.reserved_phase_peaks[phase] = rec.allocator.peak_reserved
@@ -578,7 +760,8 @@ def _reserved(rec, m, phase) -> None:
         m.allocated_rounded = max(m.allocated_rounded, rec.allocator.peak_allocated)
 
 
-def _opt_tensors(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+def _opt_tensors(opt: Any) -> list[torch.Tensor]:
+    """The state tensors of a torch optimizer or an _InBackward (None: no optimizer on the device)."""
     import torch
 
     if opt is None:
@@ -596,7 +779,7 @@ def _quant_tensors(p: nn.Parameter) -> list[torch.Tensor]:
     return out
 
 
-def _static_keys(model: nn.Module, opt: torch.optim.Optimizer | None) -> set[int]:
+def _static_keys(model: nn.Module, opt: Any) -> set[int]:
     keys = set()
     for p in model.parameters():
         for t in [p, *_quant_tensors(p)] + ([p.grad] if p.grad is not None else []):
@@ -764,7 +947,7 @@ def execute(config: dict, setup, routing: str = "balanced", name: str | None = N
         params_split={"trainable": m.params_trainable, "frozen": m.params_frozen, "quantized": m.params_quantized},
         params_by_dtype=dict(m.params_by_dtype), other_parts=other_parts, engine="execute",
         peak_reserved=reserved, device_parts=device_parts,
-        assumptions=_assumptions(m, routing, setup),
+        assumptions=_assumptions(m, routing, setup), host_parts=dict(m.host_parts),
     )
     est.terms = _terms(est, m)
     return est
@@ -814,8 +997,27 @@ def _assumptions(m, routing, setup) -> list:
                       else " (the top_k experts get every token: the most one expert can hold)"))
     if m.extrapolated:
         out.append("deep model: 2 and 3 layer periods executed, the rest extended linearly (layers repeat)")
+    out += _setting_notes(setup)
     if setup.device.startswith("cuda"):
         out.append("reserved memory from the caching-allocator model (defaults, one stream; not yet fitted on a GPU)")
+    return out
+
+
+def _setting_notes(setup: Setup) -> list[str]:
+    out = []
+    if setup.loss == "chunked":
+        out.append(f"chunked loss: output layer + fp32 cross-entropy on {setup.loss_chunk} tokens at a time, each "
+                   f"chunk's backward at once; the full b·s·V logits never exist")
+    if setup.optim_in_backward:
+        out.append("optimizer in backward: one optimizer per parameter, stepped by a post-accumulate-grad hook "
+                   "that frees the gradient (gradients block = the largest single gradient)")
+    offload = setup.offload or ()
+    if "activations" in offload:
+        out.append("activations offloaded (torch.autograd.graph.save_on_cpu): every saved tensor copied to host "
+                   "RAM in forward, copied back when backward needs it")
+    if "optimizer" in offload:
+        out.append("optimizer offloaded (ZeRO-Offload layout): fp32 master weights, fp32 gradient copies and states "
+                   "in host RAM, the step on the CPU; gradients stay on the device until backward ends")
     return out
 
 
@@ -840,7 +1042,17 @@ def _terms(est, m) -> list:
     for key, nbytes in est.device_parts.items():
         if key != "reserved" and nbytes:
             t.append((f"device: {key.replace('_', ' ')}", nbytes, _DEVICE_WHY.get(key, key)))
+    for key, nbytes in est.host_parts.items():
+        t.append((f"host RAM: {key.replace('_', ' ')}", nbytes, _HOST_WHY.get(key, key)))
     return t
+
+
+_HOST_WHY = {
+    "activations": "saved tensors copied to the host in forward (save_on_cpu), all alive when backward starts",
+    "master_weights": "fp32 copy of every trainable weight the host optimizer updates",
+    "gradients": "fp32 copy of every gradient, for the host optimizer",
+    "optimizer_states": "the optimizer's states for the fp32 host step",
+}
 
 
 _DEVICE_WHY = {
@@ -858,8 +1070,9 @@ def _main() -> int:
     from vramtop_agent.estimator.setup import Setup
 
     req = json.load(sys.stdin)
+    available(light=True)
     fields = dict(req["setup"])
-    for key in ("lora_targets", "modules_to_save"):
+    for key in ("lora_targets", "modules_to_save", "offload"):
         if fields.get(key):
             fields[key] = tuple(fields[key])
     try:

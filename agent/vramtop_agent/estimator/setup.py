@@ -10,6 +10,8 @@ METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd", "sgd-momentum", "adafactor", "none")
 # "none": no optimizer seen (yet), or one the estimator does not know: its states are not predicted.
 ATTENTION = ("eager", "sdpa", "flash")
+LOSSES = ("full", "chunked")
+OFFLOADS = ("activations", "optimizer")
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # PEFT's default for Llama-style models
 
 _OPT_ALIASES = {
@@ -54,6 +56,11 @@ class Setup:
     foreach: bool | None = None            # optimizer's multi-tensor path; None: torch's default for the device
     modules_to_save: tuple | None = None   # PEFT modules_to_save: trained in full beside the adapters
     gpu: str | None = None                 # card name (units.GPUS_MIB): picks its CUDA context / workspace figures
+    # Settings the execution engine runs as they are (the formula path refuses them):
+    loss: str = "full"                     # "chunked": logits + loss in chunks of loss_chunk tokens (see docs)
+    loss_chunk: int = 1024                 # tokens of the flattened batch (b·s) per loss chunk
+    optim_in_backward: bool = False        # per-parameter optimizers stepped from post-accumulate-grad hooks
+    offload: tuple | None = None           # ("activations", "optimizer"): moved to host RAM
 
     # ------------------------------------------------------------- resolved values
 
@@ -107,6 +114,7 @@ class Setup:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
         d["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
+        d["offload"] = list(self.offload) if self.offload else None
         d.update(weight_dtype=self.wdtype, compute_dtype=self.cdtype, master_weights=self.masters)
         return d
 
@@ -145,4 +153,37 @@ def validate(setup: Setup) -> Setup:
         raise SetupError("LoRA dropout must be in [0, 1)")
     if setup.zero not in (0, 1, 2, 3):
         raise SetupError("ZeRO stage must be 0, 1, 2 or 3")
+    return _validate_execution_only(setup)
+
+
+def _validate_execution_only(setup: Setup) -> Setup:
+    if setup.loss not in LOSSES:
+        raise SetupError(f"unknown loss {setup.loss!r}: use one of {', '.join(LOSSES)}")
+    if setup.loss_chunk < 1:
+        raise SetupError("the loss chunk must be at least 1 token")
+    offload = tuple(dict.fromkeys(setup.offload or ()))
+    for what in offload:
+        if what not in OFFLOADS:
+            raise SetupError(f"unknown offload {what!r}: use activations and/or optimizer")
+    setup = replace(setup, offload=offload or None)
+    if setup.optim_in_backward and setup.grad_accum > 1:
+        raise SetupError("optimizer-in-backward steps once per backward: it cannot accumulate gradients")
+    if "optimizer" in offload:
+        if setup.optimizer not in ("adamw", "sgd", "sgd-momentum", "adafactor"):
+            raise SetupError(f"--offload optimizer models a host (CPU) step of a torch optimizer, "
+                             f"not {setup.optimizer}")
+        if setup.optim_in_backward:
+            raise SetupError("--offload optimizer and --optim-in-backward: choose one")
     return setup
+
+
+def execution_only(setup: Setup) -> list[str]:
+    """The settings only the execution engine models (their flags), for the formula path's refusal."""
+    out = []
+    if setup.loss != "full":
+        out.append(f"--loss {setup.loss}")
+    if setup.optim_in_backward:
+        out.append("--optim-in-backward")
+    if setup.offload:
+        out.append("--offload " + ",".join(setup.offload))
+    return out
