@@ -19,6 +19,12 @@ the picture: the first steps, a new input shape, a new model or optimizer,
 and one step in `track_every`; on the steps in between no hook runs per op
 and they are derived (tracking.py). Every sample and step says which.
 
+Gradients are read once per backward, at its end (autograd's final callback),
+in one pass over the parameters. Only on tracked steps does a hook run per
+parameter as its gradient lands (mid-backward samples then show gradients
+growing while activations are freed); on the steps in between no Python runs
+per parameter in backward.
+
 Every hook body runs under `_guard`: an exception inside vramtop is counted,
 reported in the stream and swallowed; the training job never sees it.
 """
@@ -154,6 +160,7 @@ class Agent:
         self._seq = 0
         self._outbox: collections.deque = collections.deque()
         self._hooks: list = []
+        self._grad_hooks: list = []  # per-parameter post-accumulate-grad hooks, registered for tracked steps only
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_at = time.time()
@@ -266,9 +273,7 @@ class Agent:
             # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
             h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
             handles = [h1, h2]
-        for p in model.parameters():
-            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
-                handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self._grad_hooks_on(False)  # the old model's; a tracked forward of this one registers its own
         for h in handles:
             h._vramtop_model = True
         self._hooks += handles
@@ -654,7 +659,23 @@ class Agent:
         if level > this.best_level:
             this.best_level, this.best_blocks = level, blocks
 
+    def _grad_hooks_on(self, on: bool) -> None:
+        """Per-parameter gradient hooks for a tracked step (training thread, at a forward start, no backward
+        running), removed at the next untracked one: their cost is paid on tracked steps only."""
+        if on == bool(self._grad_hooks):
+            return
+        if not on:
+            hooks, self._grad_hooks = self._grad_hooks, []
+            remove_hooks(hooks)
+            return
+        model = self.model
+        if model is None:
+            return
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in model.parameters()
+                            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook")]
+
     def _on_grad(self, param) -> None:
+        """A gradient landed (tracked steps): count it now, and sample if one is due (inside a long backward)."""
         if _is_compiling():
             return
         try:
@@ -694,6 +715,7 @@ class Agent:
         tracked = self.tracking.begin_forward(self.step, self.batch, self.saved.enabled)
         if tracked:
             skip_our_frames(self.saved.hot_functions() + self.attribution.hot_functions())
+        self._grad_hooks_on(tracked)
         self.phase = "forward"
         self._edge("forward", "start")
         if tracked and self.saved.enter():
@@ -747,6 +769,8 @@ class Agent:
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_backward_end(self):
+        # Every gradient of this backward has landed and none of its nodes runs any more: read them all once.
+        self.run_guarded("grad-read", self.acct.read_grads)
         self.run_guarded("backward-end", self._backward_end)
 
     def _backward_end(self) -> None:
@@ -924,6 +948,7 @@ class Agent:
         self.attribution.exit()
         remove_hooks(self._hooks)
         self._hooks = []
+        self._grad_hooks_on(False)
         self.emit_event({"type": "bye", "reason": reason})
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -971,6 +996,7 @@ class Agent:
         self._outbox.clear()  # no sampler thread here; its Event's lock may have been held at fork: untouched
         remove_hooks(self._hooks)  # only this process's copy of the module
         self._hooks = []
+        self._grad_hooks_on(False)
 
     def __enter__(self) -> Agent:
         return self
