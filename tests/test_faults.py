@@ -75,7 +75,8 @@ class Job:
             try:
                 line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
             except queue.Empty:
-                raise AssertionError(f"job said no {word!r} in {timeout}s; stderr: {''.join(self.stderr)[-2000:]}")
+                raise AssertionError(
+                    f"job said no {word!r} in {timeout}s; stderr: {''.join(self.stderr)[-2000:]}") from None
             if line is None:
                 raise AssertionError(f"job ended before {word!r}; stderr: {''.join(self.stderr)[-2000:]}")
             if line.startswith(word):
@@ -303,7 +304,7 @@ def test_frozen_viewer_never_slows_the_job_and_the_drops_are_counted(jobs):
                         for msg in decode_many(frame)[0]:
                             state.apply(msg)
                     except SchemaError as exc:  # pragma: no cover - a real agent sends valid frames
-                        raise AssertionError(exc)
+                        raise AssertionError(exc) from exc
     finally:
         frozen.close(linger=0)
     assert state.missed_events > 0
@@ -338,9 +339,13 @@ def test_full_outbox_drops_are_counted_by_the_agent_and_shown_once(jobs):
 # ---------------------------------------------------------------------- the agent's own bugs
 
 
-@pytest.mark.parametrize("inject, where", [("edge", "forward-pre"), ("grad", "grad-hook")])
-def test_exception_in_a_hook_the_job_goes_on_and_the_viewer_shows_it(jobs, inject, where):
-    job = jobs({"watch": {"sample_hz": 20}, "inject": inject})
+@pytest.mark.parametrize("inject, where, watch", [
+    ("edge", "forward-pre", {}),
+    ("grad", "grad-hook", {"track_every": 1}),  # the per-parameter hooks run on tracked steps: track every one
+    ("grad-read", "grad-read", {}),  # the gradient read at the end of every backward
+])
+def test_exception_in_a_hook_the_job_goes_on_and_the_viewer_shows_it(jobs, inject, where, watch):
+    job = jobs({"watch": {"sample_hz": 20, **watch}, "inject": inject})
     sub = Subscriber(job.endpoint)
     state = SessionState()
     try:

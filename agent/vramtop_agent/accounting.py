@@ -195,7 +195,9 @@ class Accountant:
             return False
         key = id(opt)
 
-        def gone(_ref, self_ref=weakref.ref(self), key=key):
+        self_ref = weakref.ref(self)  # the optimizer's weakref callback must not keep the accountant alive
+
+        def gone(_ref, self_ref=self_ref, key=key):
             acct = self_ref()
             if acct is not None:
                 acct._opt_ledgers.pop(key, None)

@@ -40,19 +40,22 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramtop_agent import devices
 from vramtop_agent.accounting import Accountant, Breakdown
 from vramtop_agent.attribution import Attribution
 from vramtop_agent.autodetect import defer_to_closure, watch_root
 from vramtop_agent.compile_guard import skip_our_frames
-from vramtop_agent.hooks import remove_hooks
+from vramtop_agent.hooks import HookHandle, remove_hooks
 from vramtop_agent.saved import SavedTensorTracker
 from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
 from vramtop_agent.sinks import MessageSink, Sink, as_sink, sink_name
 from vramtop_agent.step_state import StepState
 from vramtop_agent.tracking import TrackingPolicy
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 AGENT_VERSION = "0.1.0"
 OUTBOX_LIMIT = 10_000
@@ -159,8 +162,8 @@ class Agent:
         self._eseq = 0
         self._seq = 0
         self._outbox: collections.deque = collections.deque()
-        self._hooks: list = []
-        self._grad_hooks: list = []  # per-parameter post-accumulate-grad hooks, registered for tracked steps only
+        self._hooks: list[HookHandle] = []
+        self._grad_hooks: list[HookHandle] = []  # per-parameter post-accumulate-grad hooks: tracked steps only
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_at = time.time()
@@ -267,7 +270,8 @@ class Agent:
         if getattr(model, "_compiled_call_impl", None) is not None:
             # Compiled in place (`model.compile()`): its own hooks run inside the compiled region, where
             # ours would be traced away. Ours go around the compiled call instead, eagerly.
-            handles = [_CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
+            handles: list[_CompiledCallWrap | RemovableHandle] = [
+                _CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
         else:
             h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
             # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
@@ -294,15 +298,16 @@ class Agent:
             self.tracking.changed()
             self._queue_hello()
 
-    def take_hooks(self, which: Callable[[Any], bool]) -> list:
+    def take_hooks(self, which: Callable[[HookHandle], bool]) -> list[HookHandle]:
         """Hand over the hook handles `which` selects: the agent forgets them, the caller removes or replaces them."""
-        keep, taken = [], []
+        keep: list[HookHandle] = []
+        taken: list[HookHandle] = []
         for h in self._hooks:
             (taken if which(h) else keep).append(h)
         self._hooks = keep
         return taken
 
-    def adopt_hook(self, handle) -> None:
+    def adopt_hook(self, handle: HookHandle) -> None:
         """Hold a hook handle (anything with `remove()`) that stop() removes with the agent's own."""
         self._hooks.append(handle)
 
@@ -321,7 +326,7 @@ class Agent:
             sizes[d] = sizes.get(d, 0) + p.numel() * p.element_size()
         if not sizes:
             return "cpu"
-        return max(sizes, key=sizes.get)
+        return max(sizes, key=lambda d: sizes[d])
 
     # ------------------------------------------------------------------ guard
 
@@ -441,12 +446,12 @@ class Agent:
         """Queue an event (a map with its `type`) for the sinks; returns the message as queued, or None when
         nothing was queued (no sinks, or the queue full). Never blocks, never grows without bound."""
         if not self._sinks:
-            return
+            return None
         if len(self._outbox) >= OUTBOX_LIMIT:
             # Counted here (`dropped` in every sample) and given no eseq, so a viewer's gap count
             # (frames lost on the wire) does not count it twice.
             self.dropped += 1
-            return
+            return None
         msg = self._base(fields["type"])
         msg.update(fields)
         self._eseq += 1
@@ -529,7 +534,7 @@ class Agent:
             blocks["activations"] = self.tracking.derive(blocks, allocated, edge)
         elif edge is not None:
             self.tracking.learn(blocks, allocated, edge)
-        if self._cuda_index is not None:
+        if self._cuda_index is not None and allocated is not None:  # (on CUDA it always is, read above)
             four = sum(blocks[k] for k in BLOCK_KEYS if k != "other")
             blocks["other"] = max(allocated - four, 0)
             return allocated, blocks
@@ -653,9 +658,8 @@ class Agent:
 
     def _note_level(self, level: int, blocks: dict, phase: str) -> None:
         this = self._this_step
-        if self._cuda_index is None:
-            if level > this.phase_peak.get(phase, -1):
-                this.phase_peak[phase] = level
+        if self._cuda_index is None and level > this.phase_peak.get(phase, -1):
+            this.phase_peak[phase] = level
         if level > this.best_level:
             this.best_level, this.best_blocks = level, blocks
 
@@ -1009,7 +1013,7 @@ class Agent:
         self.stop("exception" if exc_type else "finished")
 
 
-def _is_model_hook(handle) -> bool:
+def _is_model_hook(handle: HookHandle) -> bool:
     """A hook handle on the watched model (marked when registered): it goes when another model is attached."""
     return getattr(handle, "_vramtop_model", False)
 
@@ -1022,6 +1026,8 @@ def _safe_argv() -> list[str]:
 
 class _CompiledCallWrap:
     """Our forward pre/post hooks around an in-place compiled module's call; `remove()` undoes it."""
+
+    _vramtop_model = True  # always a hook of the watched model (_is_model_hook)
 
     def __init__(self, module, pre, post):
         self._module = weakref.ref(module)
