@@ -512,7 +512,8 @@ class Agent:
     # ------------------------------------------------------------------ measuring
 
     def breakdown(self) -> Breakdown:
-        """The memory blocks per device now (re-read off the I/O thread; its caches on it)."""
+        """The memory blocks per device now (re-read off the I/O thread; its caches on it). Read-only: shared
+        with the accountant's cache."""
         return self.acct.breakdown(fresh=threading.current_thread() is not self._thread)
 
     def _on_training_thread(self) -> bool:
