@@ -40,7 +40,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vramtop_agent import devices
 from vramtop_agent.accounting import Accountant, Breakdown
@@ -53,9 +53,6 @@ from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
 from vramtop_agent.sinks import MessageSink, Sink, as_sink, sink_name
 from vramtop_agent.step_state import StepState
 from vramtop_agent.tracking import TrackingPolicy
-
-if TYPE_CHECKING:
-    from torch.utils.hooks import RemovableHandle
 
 AGENT_VERSION = "0.1.0"
 OUTBOX_LIMIT = 10_000
@@ -270,16 +267,13 @@ class Agent:
         if getattr(model, "_compiled_call_impl", None) is not None:
             # Compiled in place (`model.compile()`): its own hooks run inside the compiled region, where
             # ours would be traced away. Ours go around the compiled call instead, eagerly.
-            handles: list[_CompiledCallWrap | RemovableHandle] = [
-                _CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
+            handles: list[HookHandle] = [_CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
         else:
             h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
             # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
             h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
-            handles = [h1, h2]
+            handles = [_ModelHook(h1), _ModelHook(h2)]
         self._grad_hooks_on(False)  # the old model's; a tracked forward of this one registers its own
-        for h in handles:
-            h._vramtop_model = True
         self._hooks += handles
         from vramtop_agent import oom
 
@@ -1023,6 +1017,18 @@ def _safe_argv() -> list[str]:
     from vramtop_agent.discovery import safe_argv  # valid UTF-8, bounded: one odd byte must not sink the hello
 
     return safe_argv()
+
+
+class _ModelHook:
+    """A hook handle on the watched model, marked as such (`_is_model_hook`)."""
+
+    _vramtop_model = True
+
+    def __init__(self, handle: HookHandle) -> None:
+        self._handle = handle
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 class _CompiledCallWrap:
