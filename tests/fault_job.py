@@ -35,10 +35,14 @@ def main() -> int:
         def broken_edge(*a, **k):
             raise RuntimeError("injected fault in a phase hook")
         agent._edge = broken_edge
-    elif inject == "grad":  # the post-accumulate-grad hook raises (autograd calls it)
+    elif inject == "grad":  # the post-accumulate-grad hook raises (autograd calls it; tracked steps only)
         def broken_grad(param):
             raise RuntimeError("injected fault in a gradient hook")
         agent.acct.note_grad = broken_grad
+    elif inject == "grad-read":  # the one gradient read at the end of every backward raises (autograd calls it)
+        def broken_read():
+            raise RuntimeError("injected fault in the gradient read")
+        agent.acct.read_grads = broken_read
 
     print("ready " + json.dumps({"pid": agent.pid, "endpoint": agent.endpoint}), flush=True)
     x = torch.randn(int(opts.get("batch", 64)), width)

@@ -339,9 +339,13 @@ def test_full_outbox_drops_are_counted_by_the_agent_and_shown_once(jobs):
 # ---------------------------------------------------------------------- the agent's own bugs
 
 
-@pytest.mark.parametrize("inject, where", [("edge", "forward-pre"), ("grad", "grad-hook")])
-def test_exception_in_a_hook_the_job_goes_on_and_the_viewer_shows_it(jobs, inject, where):
-    job = jobs({"watch": {"sample_hz": 20}, "inject": inject})
+@pytest.mark.parametrize("inject, where, watch", [
+    ("edge", "forward-pre", {}),
+    ("grad", "grad-hook", {"track_every": 1}),  # the per-parameter hooks run on tracked steps: track every one
+    ("grad-read", "grad-read", {}),  # the gradient read at the end of every backward
+])
+def test_exception_in_a_hook_the_job_goes_on_and_the_viewer_shows_it(jobs, inject, where, watch):
+    job = jobs({"watch": {"sample_hz": 20, **watch}, "inject": inject})
     sub = Subscriber(job.endpoint)
     state = SessionState()
     try:

@@ -3,6 +3,7 @@
 Real tiny models on CPU, a real list sink; activations checked against an independent saved-tensor count.
 """
 
+import math
 import threading
 import time
 
@@ -201,3 +202,88 @@ def test_the_viewer_says_where_the_activations_are_or_that_they_are_derived():
         "tracked · layers.0-1 10 MiB · lm_head 3 MiB · embed_tokens 1 MiB"
     assert activations_note({"activations_source": "derived"}, fmt) == "derived"
     assert activations_note({}, fmt) == ""  # an older agent: nothing said
+
+
+def _grad_hooks(params) -> int:
+    return sum(len(p._post_accumulate_grad_hooks or {}) for p in params)
+
+
+def test_gradients_are_exact_at_backward_end_on_an_untracked_step_with_no_hook_per_parameter(list_sink):
+    from helpers import storage_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params)
+    x = torch.randn(8, 16)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0, track_every=100)
+
+    backwards = 0
+
+    def backward_end_gradients() -> int:
+        nonlocal backwards
+        backwards += 1
+        deadline = time.monotonic() + 10
+        while True:  # the I/O thread hands the queued phase events to the sink
+            ends = [m for m in list_sink.of("phase") if (m["phase"], m["edge"]) == ("backward", "end")]
+            if len(ends) >= backwards or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert len(ends) == backwards
+        return ends[-1]["blocks"]["gradients"]
+
+    for _ in range(3):  # tracked: the per-parameter hooks are there while they are
+        model(x).sum().backward()
+        assert _grad_hooks(params) == len(params)
+        assert backward_end_gradients() == storage_bytes([p.grad for p in params]) > 0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(2):  # untracked: no Python per parameter in backward, and the gradients are exact
+        model(x).sum().backward()
+        assert _grad_hooks(params) == 0
+        assert backward_end_gradients() == storage_bytes([p.grad for p in params]) > 0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    # Gradients as views of one flat buffer (DDP's buckets): accumulated in place, the buffer counts once.
+    flat = torch.zeros(sum(p.numel() for p in params))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    model(x).sum().backward()
+    assert backward_end_gradients() == flat.untyped_storage().nbytes() == storage_bytes([p.grad for p in params])
+    # Only part of the gradients gone before the next forward: the rest are still counted, exactly.
+    opt.step()
+    for p in params[:2]:
+        p.grad = None
+    model(x).sum().backward()
+    assert backward_end_gradients() == storage_bytes([p.grad for p in params])
+    agent.stop()
+    assert [s["activations_source"] for s in list_sink.of("step")] == ["tracked"] * 3 + ["derived"] * 3
+    assert agent.errors == 0
+    assert _grad_hooks(params) == 0
+
+
+def test_a_fault_in_the_gradient_read_is_contained(list_sink, monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0, track_every=100)
+
+    def broken():
+        raise RuntimeError("injected fault in the gradient read")
+
+    monkeypatch.setattr(agent.acct, "read_grads", broken)
+    losses = []
+    for _ in range(5):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    agent.stop()
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]  # the job trained on
+    assert agent._error_counts["grad-read"] == 5 and "injected fault" in agent.last_error
+    # The rest of the step went on: every backward ended, every step was summarized.
+    assert [s["step"] for s in list_sink.of("step")] == [0, 1, 2, 3, 4]
+    assert [e["where"] for e in list_sink.of("error")] == ["grad-read"] * 5

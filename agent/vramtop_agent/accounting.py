@@ -76,7 +76,7 @@ class Breakdown:
     trainable: int = 0
     frozen: int = 0
     quantized: int = 0  # bytes of quantized (4/8-bit) frozen weights incl. their constants
-    param_keys: set = field(default_factory=set)
+    param_keys: frozenset = field(default_factory=frozenset)
 
     def add(self, dev: str, block: str, nbytes: int) -> None:
         blocks = self.devices.get(dev)
@@ -101,20 +101,28 @@ class Accountant:
       (PyTorch's global registration hook: a replaced parameter is dropped at
       once) and re-checked at most once a second on the training thread (a
       storage swapped under `p.data = ...`, as FSDP does).
-    - gradients: a ledger (ledger.py) fed by the post-accumulate-grad hooks,
-      which run on the thread that just wrote `param.grad`. Autograd assigns
-      `param.grad` from C++ without the GIL, so reading `p.grad` from another
-      Python thread while a backward pass runs races on the tensor's refcount
-      and corrupts memory (reproduced with torch 2.13): only the watched
-      model's training thread (`sync`/`fresh`) and those hooks read `.grad`,
-      and only for the watched model's parameters. At a forward start the
-      training thread drops the entries `zero_grad` set to None.
+    - gradients: a ledger (ledger.py), filled by one pass over the watched
+      parameters when a backward ends (`read_grads`, from autograd's
+      end-of-backward callback) and, on tracked steps only, by the
+      post-accumulate-grad hooks as each gradient lands (`note_grad`): no
+      Python runs per parameter during an untracked backward. Autograd
+      assigns `param.grad` from C++ without the GIL, so reading `p.grad` from
+      another Python thread while a backward pass runs races on the tensor's
+      refcount and corrupts memory (reproduced with torch 2.13): only the
+      watched model's training thread (`sync`/`fresh`), the end-of-backward
+      callback (no node of that backward is running any more) and those hooks
+      read `.grad`, and only for the watched model's parameters. At a forward
+      start the training thread drops the entries `zero_grad` set to None.
     - optimizer states: a ledger per adopted optimizer, re-walked when the
       number of states changes (the first step, new parameters) and at most
       once a second otherwise (states are updated in place between).
     - the model and the optimizers are held weakly: a job that drops or
       rebuilds them gets their memory back.
     Activations are counted incrementally by the SavedTensorTracker.
+
+    The breakdown itself is cached: every source above carries a version that
+    changes with its content, and `assemble` recomputes only when one did (a
+    phase edge of an untracked step usually finds nothing new).
     """
 
     PARAM_REFRESH_S = 1.0
@@ -133,6 +141,10 @@ class Accountant:
         # refreshing while the training thread adopts the model) stays dirty.
         self._params_gen = 0
         self._param_refs: list = []  # weakrefs to the parameter objects
+        self._grad_slots: list = []  # (weakref, id, device name) of every parameter: what read_grads walks
+        self._params_version = 0  # bumped when refresh_params found another parameter set or layout
+        self._bd_key: tuple | None = None  # the versions the cached breakdown was assembled from
+        self._bd: Breakdown | None = None
         self._param_ids: frozenset = frozenset()
         self._param_bd = Breakdown()
         self.param_keys: frozenset = frozenset()
@@ -183,7 +195,9 @@ class Accountant:
             return False
         key = id(opt)
 
-        def gone(_ref, self_ref=weakref.ref(self), key=key):
+        self_ref = weakref.ref(self)  # the optimizer's weakref callback must not keep the accountant alive
+
+        def gone(_ref, self_ref=self_ref, key=key):
             acct = self_ref()
             if acct is not None:
                 acct._opt_ledgers.pop(key, None)
@@ -214,6 +228,7 @@ class Accountant:
     def invalidate(self) -> None:
         """The model or an optimizer changed: rebuild every cache on next use."""
         self.mark_params_dirty()
+        self._bd_key = None
         self.grads.clear()
         self._grad_params = {}
         for key, (ledger, _, _) in list(self._opt_ledgers.items()):
@@ -261,16 +276,14 @@ class Accountant:
                     bd.add(qdev, "parameters", qbytes)
                     bd.frozen += qbytes
                     bd.quantized += qbytes
-        self._param_refs = [weakref.ref(p) for p in objs]
+        refs = [weakref.ref(p) for p in objs]
+        self._param_refs = refs
+        self._grad_slots = [(r, id(p), device_name(p.device)) for r, p in zip(refs, objs)]  # grad.device == p.device
         self._param_ids = frozenset(id(p) for p in objs)
         # A replaced parameter's gradient is no longer ours.
         for pid in [pid for pid in self._grad_params if pid not in self._param_ids]:
             self._grad_params.pop(pid, None)
             self.grads.drop(pid)
-        self._param_bd = bd
-        self.param_keys = frozenset(seen)
-        if self.saved is not None:
-            self.saved.exclude = self.param_keys
         model = self.model
         entries = []
         if model is not None:
@@ -279,7 +292,17 @@ class Accountant:
                     entries.append(storage_key(b))
                 except Exception:
                     pass
-        self._buffer_entries = entries
+        keys = frozenset(seen)
+        old = self._param_bd
+        if (keys != self.param_keys or entries != self._buffer_entries or bd.devices != old.devices
+                or (bd.trainable, bd.frozen, bd.quantized) != (old.trainable, old.frozen, old.quantized)):
+            # Something changed (the once-a-second re-walk usually finds nothing): a new breakdown then.
+            self._param_bd = bd
+            self.param_keys = keys
+            self._buffer_entries = entries
+            self._params_version += 1
+        if self.saved is not None:
+            self.saved.exclude = self.param_keys
         self._params_dirty = gen != self._params_gen
         self._params_at = time.monotonic()
 
@@ -290,7 +313,7 @@ class Accountant:
     # ------------------------------------------------------------------ gradients
 
     def note_grad(self, param) -> None:
-        """Post-accumulate-grad hook: runs on the thread that just wrote param.grad."""
+        """Post-accumulate-grad hook (tracked steps): runs on the thread that just wrote param.grad."""
         g = param.grad
         pid = id(param)
         if g is None:
@@ -302,30 +325,63 @@ class Accountant:
         s = g.untyped_storage()
         self.grads.set(pid, s._cdata, s.nbytes(), device_name(g.device))
 
-    def sync_grads(self) -> None:
-        """Drop the gradients that are gone (zero_grad(set_to_none)); training thread only, no backward running."""
-        for pid, ref in list(self._grad_params.items()):
-            p = ref()
-            if p is None or p.grad is None:
-                self._grad_params.pop(pid, None)
-                self.grads.drop(pid)
+    def read_grads(self) -> None:
+        """Read every watched parameter's .grad once, in one pass.
 
-    def refresh_grads(self) -> None:
-        """Re-read every .grad of the watched parameters; training thread only, no backward running."""
-        self.grads.clear()
-        self._grad_params = {}
-        for ref in self._param_refs:
+        At the end of a backward (autograd's final callback: no node of it is
+        running) or on the training thread with no backward running. Builds
+        the whole gradient ledger in one go; when it finds what the ledger
+        already holds (the per-parameter hooks of a tracked step saw every
+        gradient land) the ledger, and so the cached breakdown, stay as they are.
+        """
+        owners: dict = {}
+        storages: dict = {}
+        totals: dict[str, int] = {}
+        alive: dict = {}
+        for ref, pid, dev in self._grad_slots:
             p = ref()
             if p is None:
                 continue
             g = p.grad
-            if g is not None:
-                try:
-                    s = g.untyped_storage()
-                    self.grads.set(id(p), s._cdata, s.nbytes(), device_name(g.device))
-                    self._grad_params[id(p)] = ref
-                except Exception:
-                    pass
+            if g is None:
+                continue
+            s = g.untyped_storage()
+            key = s._cdata
+            owners[pid] = key
+            alive[pid] = ref
+            entry = storages.get(key)
+            if entry is None:
+                nbytes = s.nbytes()
+                storages[key] = [1, nbytes, dev]
+                totals[dev] = totals.get(dev, 0) + nbytes
+            else:  # views of one buffer (DDP's gradient buckets, tied weights): the storage counts once
+                entry[0] += 1
+        self._grad_params = alive
+        if not self.grads.holds(owners, storages):
+            self.grads.replace(owners, storages, totals)
+
+    def sync_grads(self) -> None:
+        """Drop the gradients that are gone (zero_grad(set_to_none)); training thread only, no backward running.
+
+        Looks only at the parameters that have a gradient entry: after `zero_grad()` all of them are gone
+        and the ledger is emptied at once."""
+        held = self._grad_params
+        if not held:
+            return
+        gone = [pid for pid, ref in list(held.items()) if (p := ref()) is None or p.grad is None]
+        if not gone:
+            return
+        if len(gone) == len(held):
+            self._grad_params = {}
+            self.grads.clear()
+            return
+        for pid in gone:
+            held.pop(pid, None)
+            self.grads.drop(pid)
+
+    def refresh_grads(self) -> None:
+        """Re-read every .grad of the watched parameters; training thread only, no backward running."""
+        self.read_grads()
 
     # ------------------------------------------------------------------ optimizer states
 
@@ -360,7 +416,23 @@ class Accountant:
         return self.assemble()
 
     def assemble(self) -> Breakdown:
-        """The breakdown from the caches as they are (any thread)."""
+        """The breakdown from the caches as they are (any thread).
+
+        Cached: recomputed only when a source changed (its version). The
+        result is shared with the cache: read it, never change it.
+        """
+        saved = self.saved
+        ledgers = [entry[0] for entry in list(self._opt_ledgers.values())]
+        key = (self._params_version, self.grads.version, saved.version if saved is not None else 0,
+               *[ledger.version for ledger in ledgers])
+        bd = self._bd
+        if bd is not None and key == self._bd_key:
+            return bd
+        bd = self._assemble(ledgers)
+        self._bd, self._bd_key = bd, key
+        return bd
+
+    def _assemble(self, ledgers: list[StorageLedger]) -> Breakdown:
         pbd = self._param_bd
         bd = Breakdown(devices={d: dict(b) for d, b in pbd.devices.items()}, trainable=pbd.trainable,
                        frozen=pbd.frozen, quantized=pbd.quantized)
@@ -371,7 +443,7 @@ class Accountant:
             if nbytes:
                 bd.add(dev, "gradients", nbytes)
         opt_keys: list = []
-        for ledger, _, _ in list(self._opt_ledgers.values()):
+        for ledger in ledgers:
             for dev, nbytes in ledger.totals(pkeys, gkeys, *opt_keys).items():
                 if nbytes:
                     bd.add(dev, "optimizer", nbytes)

@@ -19,6 +19,12 @@ the picture: the first steps, a new input shape, a new model or optimizer,
 and one step in `track_every`; on the steps in between no hook runs per op
 and they are derived (tracking.py). Every sample and step says which.
 
+Gradients are read once per backward, at its end (autograd's final callback),
+in one pass over the parameters. Only on tracked steps does a hook run per
+parameter as its gradient lands (mid-backward samples then show gradients
+growing while activations are freed); on the steps in between no Python runs
+per parameter in backward.
+
 Every hook body runs under `_guard`: an exception inside vramtop is counted,
 reported in the stream and swallowed; the training job never sees it.
 """
@@ -41,7 +47,7 @@ from vramtop_agent.accounting import Accountant, Breakdown
 from vramtop_agent.attribution import Attribution
 from vramtop_agent.autodetect import defer_to_closure, watch_root
 from vramtop_agent.compile_guard import skip_our_frames
-from vramtop_agent.hooks import remove_hooks
+from vramtop_agent.hooks import HookHandle, remove_hooks
 from vramtop_agent.saved import SavedTensorTracker
 from vramtop_agent.schema import BLOCK_KEYS, PHASES, SCHEMA_VERSION
 from vramtop_agent.sinks import MessageSink, Sink, as_sink, sink_name
@@ -153,7 +159,8 @@ class Agent:
         self._eseq = 0
         self._seq = 0
         self._outbox: collections.deque = collections.deque()
-        self._hooks: list = []
+        self._hooks: list[HookHandle] = []
+        self._grad_hooks: list[HookHandle] = []  # per-parameter post-accumulate-grad hooks: tracked steps only
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_at = time.time()
@@ -260,17 +267,13 @@ class Agent:
         if getattr(model, "_compiled_call_impl", None) is not None:
             # Compiled in place (`model.compile()`): its own hooks run inside the compiled region, where
             # ours would be traced away. Ours go around the compiled call instead, eagerly.
-            handles = [_CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
+            handles: list[HookHandle] = [_CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
         else:
             h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
             # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
             h2 = model.register_forward_hook(self._on_forward_post, always_call=True)
-            handles = [h1, h2]
-        for p in model.parameters():
-            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
-                handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        for h in handles:
-            h._vramtop_model = True
+            handles = [_ModelHook(h1), _ModelHook(h2)]
+        self._grad_hooks_on(False)  # the old model's; a tracked forward of this one registers its own
         self._hooks += handles
         from vramtop_agent import oom
 
@@ -289,15 +292,16 @@ class Agent:
             self.tracking.changed()
             self._queue_hello()
 
-    def take_hooks(self, which: Callable[[Any], bool]) -> list:
+    def take_hooks(self, which: Callable[[HookHandle], bool]) -> list[HookHandle]:
         """Hand over the hook handles `which` selects: the agent forgets them, the caller removes or replaces them."""
-        keep, taken = [], []
+        keep: list[HookHandle] = []
+        taken: list[HookHandle] = []
         for h in self._hooks:
             (taken if which(h) else keep).append(h)
         self._hooks = keep
         return taken
 
-    def adopt_hook(self, handle) -> None:
+    def adopt_hook(self, handle: HookHandle) -> None:
         """Hold a hook handle (anything with `remove()`) that stop() removes with the agent's own."""
         self._hooks.append(handle)
 
@@ -316,7 +320,7 @@ class Agent:
             sizes[d] = sizes.get(d, 0) + p.numel() * p.element_size()
         if not sizes:
             return "cpu"
-        return max(sizes, key=sizes.get)
+        return max(sizes, key=lambda d: sizes[d])
 
     # ------------------------------------------------------------------ guard
 
@@ -436,12 +440,12 @@ class Agent:
         """Queue an event (a map with its `type`) for the sinks; returns the message as queued, or None when
         nothing was queued (no sinks, or the queue full). Never blocks, never grows without bound."""
         if not self._sinks:
-            return
+            return None
         if len(self._outbox) >= OUTBOX_LIMIT:
             # Counted here (`dropped` in every sample) and given no eseq, so a viewer's gap count
             # (frames lost on the wire) does not count it twice.
             self.dropped += 1
-            return
+            return None
         msg = self._base(fields["type"])
         msg.update(fields)
         self._eseq += 1
@@ -502,7 +506,8 @@ class Agent:
     # ------------------------------------------------------------------ measuring
 
     def breakdown(self) -> Breakdown:
-        """The memory blocks per device now (re-read off the I/O thread; its caches on it)."""
+        """The memory blocks per device now (re-read off the I/O thread; its caches on it). Read-only: shared
+        with the accountant's cache."""
         return self.acct.breakdown(fresh=threading.current_thread() is not self._thread)
 
     def _on_training_thread(self) -> bool:
@@ -524,7 +529,7 @@ class Agent:
             blocks["activations"] = self.tracking.derive(blocks, allocated, edge)
         elif edge is not None:
             self.tracking.learn(blocks, allocated, edge)
-        if self._cuda_index is not None:
+        if self._cuda_index is not None and allocated is not None:  # (on CUDA it always is, read above)
             four = sum(blocks[k] for k in BLOCK_KEYS if k != "other")
             blocks["other"] = max(allocated - four, 0)
             return allocated, blocks
@@ -648,13 +653,28 @@ class Agent:
 
     def _note_level(self, level: int, blocks: dict, phase: str) -> None:
         this = self._this_step
-        if self._cuda_index is None:
-            if level > this.phase_peak.get(phase, -1):
-                this.phase_peak[phase] = level
+        if self._cuda_index is None and level > this.phase_peak.get(phase, -1):
+            this.phase_peak[phase] = level
         if level > this.best_level:
             this.best_level, this.best_blocks = level, blocks
 
+    def _grad_hooks_on(self, on: bool) -> None:
+        """Per-parameter gradient hooks for a tracked step (training thread, at a forward start, no backward
+        running), removed at the next untracked one: their cost is paid on tracked steps only."""
+        if on == bool(self._grad_hooks):
+            return
+        if not on:
+            hooks, self._grad_hooks = self._grad_hooks, []
+            remove_hooks(hooks)
+            return
+        model = self.model
+        if model is None:
+            return
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in model.parameters()
+                            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook")]
+
     def _on_grad(self, param) -> None:
+        """A gradient landed (tracked steps): count it now, and sample if one is due (inside a long backward)."""
         if _is_compiling():
             return
         try:
@@ -694,6 +714,7 @@ class Agent:
         tracked = self.tracking.begin_forward(self.step, self.batch, self.saved.enabled)
         if tracked:
             skip_our_frames(self.saved.hot_functions() + self.attribution.hot_functions())
+        self._grad_hooks_on(tracked)
         self.phase = "forward"
         self._edge("forward", "start")
         if tracked and self.saved.enter():
@@ -747,6 +768,8 @@ class Agent:
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_backward_end(self):
+        # Every gradient of this backward has landed and none of its nodes runs any more: read them all once.
+        self.run_guarded("grad-read", self.acct.read_grads)
         self.run_guarded("backward-end", self._backward_end)
 
     def _backward_end(self) -> None:
@@ -924,6 +947,7 @@ class Agent:
         self.attribution.exit()
         remove_hooks(self._hooks)
         self._hooks = []
+        self._grad_hooks_on(False)
         self.emit_event({"type": "bye", "reason": reason})
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -971,6 +995,7 @@ class Agent:
         self._outbox.clear()  # no sampler thread here; its Event's lock may have been held at fork: untouched
         remove_hooks(self._hooks)  # only this process's copy of the module
         self._hooks = []
+        self._grad_hooks_on(False)
 
     def __enter__(self) -> Agent:
         return self
@@ -983,7 +1008,7 @@ class Agent:
         self.stop("exception" if exc_type else "finished")
 
 
-def _is_model_hook(handle) -> bool:
+def _is_model_hook(handle: HookHandle) -> bool:
     """A hook handle on the watched model (marked when registered): it goes when another model is attached."""
     return getattr(handle, "_vramtop_model", False)
 
@@ -994,8 +1019,22 @@ def _safe_argv() -> list[str]:
     return safe_argv()
 
 
+class _ModelHook:
+    """A hook handle on the watched model, marked as such (`_is_model_hook`)."""
+
+    _vramtop_model = True
+
+    def __init__(self, handle: HookHandle) -> None:
+        self._handle = handle
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 class _CompiledCallWrap:
     """Our forward pre/post hooks around an in-place compiled module's call; `remove()` undoes it."""
+
+    _vramtop_model = True  # always a hook of the watched model (_is_model_hook)
 
     def __init__(self, module, pre, post):
         self._module = weakref.ref(module)

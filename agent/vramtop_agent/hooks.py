@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 
-def remove_hooks(handles: Iterable) -> None:
+class HookHandle(Protocol):
+    """What the agent holds for every hook it installs: torch's RemovableHandle, or one of its own."""
+
+    def remove(self) -> None: ...
+
+
+def remove_hooks(handles: Iterable[HookHandle]) -> None:
     """Remove every handle; one that fails (a module already gone, interpreter shutdown) never stops the rest."""
     for h in handles:
         try:

@@ -60,6 +60,7 @@ class _Saved:
 
 
 def _count(tracker, entry, delta: int) -> None:
+    tracker.version += 1  # the accountant's cached breakdown is stale now
     dev, unit = entry[2], entry[3]
     totals = tracker._device_bytes
     totals[dev] = totals.get(dev, 0) + delta
@@ -89,6 +90,7 @@ class SavedTensorTracker:
         self.unit = ROOT_UNIT  # set by the agent's per-module pre hooks on tracked steps
         self.exclude: frozenset = frozenset()  # parameter storages: never activations
         self.job_hooks_seen = 0  # forwards during which the job had its own hook pair (chained)
+        self.version = 0  # bumped whenever the live bytes change
 
     # ------------------------------------------------------------------ hooks
 
