@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # only a type: a source is imported before (and without) any 
     from rich.console import RenderableType
 
 
-class Source(abc.ABC):
-    """One agent's stream, as the dashboard reads it."""
+class _Described:
+    """What both kinds of source show in the header and the footer."""
 
     if TYPE_CHECKING:
         # Read-only to the app, so a source may compute it (a property: RemoteSource, ReplaySource,
@@ -35,11 +35,16 @@ class Source(abc.ABC):
         # at run time it is a plain "" default, which a property replaces and an instance may set.
         @property
         def describe(self) -> str:
-            """Where the stream comes from, for the header ("" when there is nothing to say)."""
+            """Where the stream (or the members) come from, for the header ("" when there is nothing to say)."""
             return ""
     else:
         describe = ""
     status: str = ""  # one line for the footer; the app writes a polling error here
+
+
+class Source(_Described, abc.ABC):
+    """One agent's stream, as the dashboard reads it."""
+
     choices: Sequence[dict] = ()  # agents to pick from when discovery found several (the app shows its picker)
 
     @abc.abstractmethod
@@ -85,17 +90,9 @@ class Source(abc.ABC):
             self.status = none_yet
 
 
-class KeyedSource(abc.ABC):
+class KeyedSource(_Described, abc.ABC):
     """Every member of a job: messages as (member key, message) pairs."""
 
-    if TYPE_CHECKING:
-        @property
-        def describe(self) -> str:
-            """Where the members are, for the header (read-only to the app, as Source.describe)."""
-            return ""
-    else:
-        describe = ""
-    status: str = ""
     members: Mapping[str, Any] = MappingProxyType({})  # key -> something with `.info` (the agent's listing)
     gone: Collection[str] = frozenset()  # members whose process has exited (they stay in the view, marked)
 
