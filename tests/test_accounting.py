@@ -165,3 +165,38 @@ def test_a_model_adopted_during_a_parameter_walk_is_walked_again():
     bd = acct.breakdown()
     assert bd.frozen == storage_bytes(model[0].parameters())
     assert bd.trainable == storage_bytes(model[1].parameters())
+
+
+def test_the_gradient_ledger_read_in_bulk_behaves_as_one_built_entry_by_entry():
+    """read_grads hands the ledger parallel lists (no dict entry per storage on an untracked step); every
+    later use (a tracked step's per-gradient hooks, a partial zero_grad, the overlaps the breakdown
+    subtracts) must see the same state as a ledger built one owner at a time."""
+    from vramtop_agent.ledger import StorageLedger
+
+    owners = ["w1", "w2", "b1", "b2"]
+    keys = [10, 11, 12, 12]  # b1 and b2 are views of one storage: it counts once
+    sizes = [400, 800, 64, 64]
+    devs = ["cpu", "cpu", "cuda:0", "cuda:0"]
+    bulk, one_by_one = StorageLedger(), StorageLedger()
+    bulk.replace_bulk(owners, keys, sizes, devs, {"cpu": 1200, "cuda:0": 64})
+    for o, k, n, d in zip(owners, keys, sizes, devs):
+        one_by_one.set(o, k, n, d)
+    assert bulk.totals() == one_by_one.totals() == {"cpu": 1200, "cuda:0": 64}
+    assert set(bulk.keys()) == set(one_by_one.keys()) == {10, 11, 12}
+    assert len(bulk) == len(one_by_one) == 4
+    assert sorted(bulk.owners()) == sorted(one_by_one.owners())
+    assert bulk.totals({11, 99}) == one_by_one.totals({11, 99}) == {"cpu": 400, "cuda:0": 64}  # 11 is elsewhere
+    assert bulk.holds_bulk(owners, keys) and one_by_one.holds_bulk(owners, keys)
+    assert not bulk.holds_bulk(owners, [10, 11, 12, 13])
+    version = bulk.version
+    bulk.drop("b1")  # one view gone: the storage stays (b2 holds it)
+    one_by_one.drop("b1")
+    assert bulk.version != version
+    assert bulk.totals() == one_by_one.totals() == {"cpu": 1200, "cuda:0": 64}
+    bulk.drop("b2")
+    one_by_one.drop("b2")
+    bulk.set("w1", 20, 400, "cpu")  # a new storage for w1 (a tracked step's hook saw it land)
+    one_by_one.set("w1", 20, 400, "cpu")
+    assert bulk.totals() == one_by_one.totals() == {"cpu": 1200, "cuda:0": 0}
+    assert set(bulk.keys()) == set(one_by_one.keys()) == {20, 11}
+    assert not bulk.holds_bulk(owners, keys)

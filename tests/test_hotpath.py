@@ -287,3 +287,46 @@ def test_a_fault_in_the_gradient_read_is_contained(list_sink, monkeypatch):
     # The rest of the step went on: every backward ended, every step was summarized.
     assert [s["step"] for s in list_sink.of("step")] == [0, 1, 2, 3, 4]
     assert [e["where"] for e in list_sink.of("error")] == ["grad-read"] * 5
+
+
+def _tracked_steps(policy, now: list, steps: range, seconds_per_step: float, shape=(4, 128)) -> list[int]:
+    tracked = []
+    for step in steps:
+        if policy.begin_forward(step, list(shape), True):
+            tracked.append(step)
+        policy.learn({"activations": 1}, None, ("backward", "start"))  # the shape is known once tracked
+        policy.end_step()
+        now[0] += seconds_per_step
+    return tracked
+
+
+def test_the_default_tracking_schedule_is_one_step_in_20_or_one_every_10_s_whichever_is_rarer():
+    from vramtop_agent.tracking import TrackingPolicy
+
+    # Fast steps (1/64 s): 20 steps are 0.3 s, so the 10 s floor decides: one tracked step in 640.
+    now = [0.0]
+    fast = TrackingPolicy(clock=lambda: now[0])
+    assert _tracked_steps(fast, now, range(0, 2000), 1 / 64) == [0, 1, 2, 642, 1282, 1922]
+    fast.changed()  # a new model or optimizer: the next step is tracked at once, whatever the interval
+    assert _tracked_steps(fast, now, range(2000, 2002), 1 / 64) == [2000]
+    # A new input shape is tracked at once, too.
+    assert _tracked_steps(fast, now, range(2002, 2004), 1 / 64, shape=(4, 256)) == [2002]
+    # Slow steps (2 s): 10 s pass in 5 steps, so "one in 20" decides.
+    now = [0.0]
+    slow = TrackingPolicy(clock=lambda: now[0])
+    assert _tracked_steps(slow, now, range(0, 60), 2.0) == [0, 1, 2, 22, 42]
+    # An explicit `every` is taken as it is: no time floor.
+    now = [0.0]
+    explicit = TrackingPolicy(every=20, clock=lambda: now[0])
+    assert _tracked_steps(explicit, now, range(0, 60), 1 / 64) == [0, 1, 2, 22, 42]
+
+
+def test_watch_without_track_every_gets_the_default_schedule_and_the_env_overrides_it(monkeypatch):
+    model = nn.Linear(4, 4)
+    agent = vramtop_agent.watch(model, publish=False)
+    assert (agent.tracking.every, agent.tracking.interval_s) == (20, 10.0)
+    agent.stop()
+    monkeypatch.setenv("VRAMTOP_TRACK_EVERY", "5")
+    agent = vramtop_agent.watch(nn.Linear(4, 4), publish=False)
+    assert (agent.tracking.every, agent.tracking.interval_s) == (5, 0.0)
+    agent.stop()

@@ -15,12 +15,15 @@ every allocation).
 
 from __future__ import annotations
 
+import itertools
+import operator
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from vramtop_agent.ledger import StorageLedger
+from vramtop_agent.ledger import StorageLedger, latest_version
 from vramtop_agent.schema import BLOCK_KEYS
 
 
@@ -141,10 +144,13 @@ class Accountant:
         # refreshing while the training thread adopts the model) stays dirty.
         self._params_gen = 0
         self._param_refs: list = []  # weakrefs to the parameter objects
-        self._grad_slots: list = []  # (weakref, id, device name) of every parameter: what read_grads walks
+        # (weakrefs, ids, device names) of every parameter: what read_grads walks
+        self._grad_slots: tuple[list, list, list] = ([], [], [])
+        self._grad_devices: frozenset = frozenset()
         self._params_version = 0  # bumped when refresh_params found another parameter set or layout
         self._bd_key: tuple | None = None  # the versions the cached breakdown was assembled from
         self._bd: Breakdown | None = None
+        self._by_content: dict[tuple, Breakdown] = {}  # recent breakdowns by what they were made of
         self._param_ids: frozenset = frozenset()
         self._param_bd = Breakdown()
         self.param_keys: frozenset = frozenset()
@@ -189,9 +195,13 @@ class Accountant:
         if opt is not None:
             self.add_optimizer(opt)
 
+    def has_optimizer(self, opt) -> bool:
+        """True when `opt` is adopted (O(1): the ledgers are keyed by id, and a dead optimizer's is removed)."""
+        return id(opt) in self._opt_ledgers
+
     def add_optimizer(self, opt) -> bool:
         """Count this optimizer's states too; False when it was already counted."""
-        if any(ref() is opt for ref in self._opt_refs):
+        if self.has_optimizer(opt):
             return False
         key = id(opt)
 
@@ -228,7 +238,7 @@ class Accountant:
     def invalidate(self) -> None:
         """The model or an optimizer changed: rebuild every cache on next use."""
         self.mark_params_dirty()
-        self._bd_key = None
+        self.forget_breakdown()
         self.grads.clear()
         self._grad_params = {}
         for key, (ledger, _, _) in list(self._opt_ledgers.items()):
@@ -251,6 +261,8 @@ class Accountant:
         return params
 
     def refresh_params(self) -> None:
+        if not _FAST_BOUND:
+            _bind_fast_paths()
         gen = self._params_gen
         objs = self.param_objects()
         bd = Breakdown()
@@ -278,7 +290,9 @@ class Accountant:
                     bd.quantized += qbytes
         refs = [weakref.ref(p) for p in objs]
         self._param_refs = refs
-        self._grad_slots = [(r, id(p), device_name(p.device)) for r, p in zip(refs, objs)]  # grad.device == p.device
+        # What read_grads walks, as parallel lists for its C-level maps (grad.device == p.device).
+        self._grad_slots = (refs, [id(p) for p in objs], [device_name(p.device) for p in objs])
+        self._grad_devices = frozenset(self._grad_slots[2])
         self._param_ids = frozenset(id(p) for p in objs)
         # A replaced parameter's gradient is no longer ours.
         for pid in [pid for pid in self._grad_params if pid not in self._param_ids]:
@@ -332,33 +346,39 @@ class Accountant:
         running) or on the training thread with no backward running. Builds
         the whole gradient ledger in one go; when it finds what the ledger
         already holds (the per-parameter hooks of a tracked step saw every
-        gradient land) the ledger, and so the cached breakdown, stay as they are.
+        gradient land, or `zero_grad(set_to_none=False)` kept the tensors)
+        the ledger, and so the cached breakdown, stay as they are.
+
+        This runs once per backward on the training thread of a launch-bound
+        job, so the per-parameter work is done by C-level `map`s over method
+        descriptors rather than by a Python loop body per parameter.
         """
-        owners: dict = {}
-        storages: dict = {}
-        totals: dict[str, int] = {}
-        alive: dict = {}
-        for ref, pid, dev in self._grad_slots:
-            p = ref()
-            if p is None:
-                continue
-            g = p.grad
-            if g is None:
-                continue
-            s = g.untyped_storage()
-            key = s._cdata
-            owners[pid] = key
-            alive[pid] = ref
-            entry = storages.get(key)
-            if entry is None:
-                nbytes = s.nbytes()
-                storages[key] = [1, nbytes, dev]
-                totals[dev] = totals.get(dev, 0) + nbytes
-            else:  # views of one buffer (DDP's gradient buckets, tied weights): the storage counts once
-                entry[0] += 1
-        self._grad_params = alive
-        if not self.grads.holds(owners, storages):
-            self.grads.replace(owners, storages, totals)
+        refs, pids, devs = self._grad_slots
+        params = list(map(_call, refs))
+        if any(map(_is, params, _NONES)):  # a parameter died since the last walk: skip it
+            keep = [i for i, p in enumerate(params) if p is not None]
+            refs, pids, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
+            params = [params[i] for i in keep]
+        grads = list(map(_get_grad, params))
+        if any(map(_is, grads, _NONES)):  # (not `None in grads`: that would compare tensors with ==)
+            keep = [i for i, g in enumerate(grads) if g is not None]
+            refs, pids, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
+            grads = [grads[i] for i in keep]
+        storages = list(map(_untyped_storage, grads))
+        keys = list(map(_cdata, storages))
+        self._grad_params = dict(zip(pids, refs))
+        if self.grads.holds_bulk(pids, keys):
+            return  # the storages the ledger holds already (the tracked step's hooks saw them land)
+        sizes = list(map(_storage_nbytes, storages))
+        # Views of one buffer (DDP's gradient buckets, tied weights): the storage counts once.
+        shared = len(set(keys)) != len(keys)
+        if not shared and len(self._grad_devices) == 1:
+            totals = {devs[0]: sum(sizes)} if devs else {}
+        else:
+            totals = {}
+            for n, d in (dict(zip(keys, zip(sizes, devs))).values() if shared else zip(sizes, devs)):
+                totals[d] = totals.get(d, 0) + n
+        self.grads.replace_bulk(pids, keys, sizes, devs, totals)
 
     def sync_grads(self) -> None:
         """Drop the gradients that are gone (zero_grad(set_to_none)); training thread only, no backward running.
@@ -368,16 +388,22 @@ class Accountant:
         held = self._grad_params
         if not held:
             return
-        gone = [pid for pid, ref in list(held.items()) if (p := ref()) is None or p.grad is None]
-        if not gone:
+        params = list(map(_call, held.values()))
+        if any(map(_is, params, _NONES)):
+            grads = [None if p is None else p.grad for p in params]
+        else:
+            grads = list(map(_get_grad, params))
+        gone_n = sum(map(_is, grads, _NONES))
+        if not gone_n:
             return
-        if len(gone) == len(held):
+        if gone_n == len(grads):
             self._grad_params = {}
             self.grads.clear()
             return
-        for pid in gone:
-            held.pop(pid, None)
-            self.grads.drop(pid)
+        for pid, g in zip(list(held), grads):
+            if g is None:
+                held.pop(pid, None)
+                self.grads.drop(pid)
 
     def refresh_grads(self) -> None:
         """Re-read every .grad of the watched parameters; training thread only, no backward running."""
@@ -422,15 +448,47 @@ class Accountant:
         result is shared with the cache: read it, never change it.
         """
         saved = self.saved
-        ledgers = [entry[0] for entry in list(self._opt_ledgers.values())]
-        key = (self._params_version, self.grads.version, saved.version if saved is not None else 0,
-               *[ledger.version for ledger in ledgers])
+        key = (self._params_version, latest_version(), saved.version if saved is not None else 0)
         bd = self._bd
         if bd is not None and key == self._bd_key:
             return bd
-        bd = self._assemble(ledgers)
+        ledgers = [entry[0] for entry in list(self._opt_ledgers.values())]
+        content = self._content_key(ledgers)
+        bd = self._by_content.get(content) if content is not None else None
+        if bd is None:
+            bd = self._assemble(ledgers)
+            if content is not None:
+                if len(self._by_content) >= 8:
+                    self._by_content.clear()
+                self._by_content[content] = bd
         self._bd, self._bd_key = bd, key
         return bd
+
+    def forget_breakdown(self) -> None:
+        """Assemble the next breakdown from the sources again (nothing cached is reused)."""
+        self._bd_key = None
+        self._by_content = {}
+
+    def _content_key(self, ledgers: list[StorageLedger]) -> tuple | None:
+        """What the breakdown depends on, by content rather than by version; None when it cannot be said cheaply.
+
+        The gradient ledger gets new storages every step (emptied by zero_grad, refilled at backward end), so
+        its version changes twice a step while the breakdown only alternates between two values. When no
+        gradient storage is also a parameter, optimizer state or saved tensor (the usual case), the gradients
+        contribute their totals per device and nothing else.
+        """
+        grads = self.grads
+        gkeys = grads.keys()
+        if gkeys:
+            if not gkeys.isdisjoint(self.param_keys):
+                return None
+            for ledger in ledgers:
+                if not gkeys.isdisjoint(ledger.keys()):
+                    return None
+            if self.saved is not None and not gkeys.isdisjoint(self.saved._live.keys()):
+                return None
+        return (self._params_version, self.saved.version if self.saved is not None else 0,
+                tuple(ledger.version for ledger in ledgers), tuple(grads.totals().items()))
 
     def _assemble(self, ledgers: list[StorageLedger]) -> Breakdown:
         pbd = self._param_bd
@@ -457,6 +515,41 @@ class Accountant:
             if key not in pkeys:
                 bd.add(dev, "other", nbytes if dev == "cpu" else 0)
         return bd
+
+
+_call = weakref.ref.__call__  # (operator.call is 3.11+)
+_is = operator.is_
+_NONES = itertools.repeat(None)
+_get_grad = operator.attrgetter("grad")
+_cdata = operator.attrgetter("_cdata")
+
+
+def _py_untyped_storage(t: Any) -> Any:
+    return t.untyped_storage()
+
+
+def _py_storage_nbytes(s: Any) -> int:
+    return s.nbytes()
+
+
+_untyped_storage: Callable[[Any], Any] = _py_untyped_storage
+_storage_nbytes: Callable[[Any], int] = _py_storage_nbytes
+
+
+_FAST_BOUND = False
+
+
+def _bind_fast_paths() -> None:
+    """C-level method descriptors for read_grads' maps (torch is imported only once a model is watched)."""
+    global _untyped_storage, _storage_nbytes, _FAST_BOUND
+    try:
+        import torch
+
+        _untyped_storage = torch.Tensor.untyped_storage
+        _storage_nbytes = torch.UntypedStorage.nbytes
+    except Exception:
+        pass
+    _FAST_BOUND = True
 
 
 def _walk_states(opt, ledger: StorageLedger) -> None:

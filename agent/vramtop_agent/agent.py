@@ -16,8 +16,9 @@ Threads:
 
 Activations are tracked (saved-tensor hooks, exact) on the steps that decide
 the picture: the first steps, a new input shape, a new model or optimizer,
-and one step in `track_every`; on the steps in between no hook runs per op
-and they are derived (tracking.py). Every sample and step says which.
+and one step in `track_every` (by default no more often than every 10 s); on
+the steps in between no hook runs per op and they are derived (tracking.py).
+Every sample and step says which.
 
 Gradients are read once per backward, at its end (autograd's final callback),
 in one pass over the parameters. Only on tracked steps does a hook run per
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -58,6 +60,18 @@ AGENT_VERSION = "0.1.0"
 OUTBOX_LIMIT = 10_000
 FALLBACK_TICK_S = 1.0  # the I/O thread samples only when the training thread has not for this long
 HELLO_REBUILD_S = 30.0  # the re-sent hello is a copy; rebuilt (model walk) this rarely
+
+
+_BACKWARD_START = ("backward", "start")
+_OPTIMIZER_END = ("optimizer", "end")
+
+
+@functools.cache
+def _estimate_key() -> Callable:
+    """estimator.live.estimate_key, imported once (the forward pre hook asks for it every step)."""
+    from vramtop_agent.estimator.live import estimate_key
+
+    return estimate_key
 
 
 def _is_compiling() -> bool:
@@ -127,8 +141,9 @@ class Agent:
         self.saved = SavedTensorTracker()
         self.saved.enabled = track_activations
         self.acct = Accountant(None, None, self.saved)
-        self.tracking = TrackingPolicy(track_every if track_every is not None
-                                       else _env_int("VRAMTOP_TRACK_EVERY", TrackingPolicy.DEFAULT_EVERY))
+        if track_every is None and os.environ.get("VRAMTOP_TRACK_EVERY"):
+            track_every = _env_int("VRAMTOP_TRACK_EVERY", TrackingPolicy.DEFAULT_EVERY)
+        self.tracking = TrackingPolicy(track_every)  # None: the default, with its time floor
         self.attribution = Attribution(self.saved)
         self._train_thread: int | None = None  # ident of the thread running the watched model's forward
         self._in_opt = None  # the optimizer whose step is the optimizer phase now
@@ -608,7 +623,10 @@ class Agent:
     # ------------------------------------------------------------------ phases
 
     def _edge(self, phase: str, edge: str) -> None:
-        if self.injected and self.step < self.injected.get("first_step", 1 << 62):
+        # Five times a step on the training thread: kept to a few dict operations when nothing changed
+        # (the breakdown comes from the accountant's cache; see accounting.py), one call per helper.
+        injected = self.injected
+        if injected and self.step < injected.get("first_step", 1 << 62):
             return  # a step that began before the agent was injected: its edges are not known
         allocated = None
         if self._cuda_index is not None:
@@ -624,7 +642,7 @@ class Agent:
         # Gradients change under zero_grad (before forward), optimizer states in step(): bring the
         # caches up to date there, incrementally, and only on the watched model's training thread.
         acct = self.acct
-        if self._on_training_thread():
+        if threading.get_ident() == self._train_thread:
             if phase == "forward":
                 acct.sync_grads()
             elif phase == "optimizer" and edge == "end":
@@ -633,9 +651,10 @@ class Agent:
         elif acct._params_dirty:
             acct.refresh_params()
         bd = acct.assemble()
-        level, blocks = self._level(bd, allocated=allocated, edge=(phase, edge))
-        if phase == "backward" and edge == "start":
-            this = self._this_step
+        where = (phase, edge)
+        level, blocks = self._level(bd, allocated=allocated, edge=where)
+        this = self._this_step
+        if where == _BACKWARD_START:
             this.forward_end_level = max(this.forward_end_level, level)
             this.forward_end_blocks = blocks
             this.forward_end_by_module = self.attribution.live() if self.tracking.tracked else None
@@ -643,9 +662,15 @@ class Agent:
             self._note_level(level, blocks, "backward")  # backward starts from the forward's level
         else:
             self._note_level(level, blocks, phase)
+        if not self._sinks:
+            return
+        # The job view compares ranks block by block at the edges. `blocks` is this edge's own dict (the
+        # accountant's are copied by _level) and nothing changes it after this: the event shares it.
         event = self.emit_event({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level,
-                            "blocks": dict(blocks)})  # the job view compares ranks block by block at the edges
-        if self._sample_due() and (phase, edge) != ("optimizer", "end"):  # that one: after the step ends
+                                 "blocks": blocks})
+        if where != _OPTIMIZER_END and self.sample_hz > 0 and \
+                time.monotonic() - self._last_sample_at >= 1.0 / self.sample_hz:
+            # (optimizer end: sampled after the step ends, as the next step's)
             sample = self._sample(bd, "edge", (level, blocks))
             if event is not None:
                 sample["t"] = event["t"]  # it measures the edge: the same instant (a replay seeking it finds it)
@@ -705,9 +730,7 @@ class Agent:
         if self._step_started is None:
             self._step_started = time.time()
         self.batch = _batch_shape(args, kwargs) or self.batch
-        from vramtop_agent.estimator.live import estimate_key
-
-        key = estimate_key(self.model, self.optimizer, self.batch)
+        key = _estimate_key()(self.model, self.optimizer, self.batch)
         if key != self._estimated_for:  # model, optimizer or input shape became known or changed
             self._estimated_for = key
             self.run_guarded("estimate", self._update_estimate)
@@ -787,7 +810,7 @@ class Agent:
 
     def _adopt(self, optimizer) -> bool:
         """Follow an optimizer that steps the watched model's parameters (and only such a one)."""
-        if any(o is optimizer for o in self.acct.optimizers()):
+        if self.acct.has_optimizer(optimizer):
             return True
         if self.model is None or not self.acct.steps_params_of_model(optimizer):
             return False  # another model's optimizer (another thread's job): not ours to read
@@ -795,7 +818,7 @@ class Agent:
         return True
 
     def _opt_pre(self, optimizer) -> None:
-        newly = not any(o is optimizer for o in self.acct.optimizers())
+        newly = not self.acct.has_optimizer(optimizer)
         if not self._adopt(optimizer):
             return
         if newly and self.injected and "first_step" not in self.injected:
@@ -815,7 +838,7 @@ class Agent:
 
     def _opt_post(self, optimizer) -> None:
         if optimizer is not self._in_opt:
-            if self._on_training_thread() and any(o is optimizer for o in self.acct.optimizers()):
+            if self._on_training_thread() and self.acct.has_optimizer(optimizer):
                 self.acct.sync_optimizers()  # its states changed: keep the optimizer block current
             return
         self._in_opt = None

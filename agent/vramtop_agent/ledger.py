@@ -12,6 +12,12 @@ derived from the ledger (the Accountant's breakdown) recomputes only then.
 Writers: one thread at a time in practice (the training thread, or autograd's
 thread during backward). Readers on other threads copy small dicts, which is
 atomic under the GIL.
+
+`replace_bulk` takes a whole state as parallel lists (the gradient read at
+every backward end): the per-storage tables are built only if a writer later
+needs them (a tracked step's per-gradient hooks, a partial zero_grad), so an
+untracked step pays for a set and a sum, not for a dict entry per storage.
+Readers never build them: they use the key set and totals set with the lists.
 """
 
 from __future__ import annotations
@@ -19,22 +25,61 @@ from __future__ import annotations
 import itertools
 
 _VERSIONS = itertools.count(1)  # one sequence for every ledger: two ledgers never show the same version
+_LATEST = [0]  # the newest version any ledger took: one read tells a cache whether any ledger changed
+
+
+def latest_version() -> int:
+    return _LATEST[0]
 
 
 class StorageLedger:
-    __slots__ = ("_owners", "_storages", "_totals", "version")
+    __slots__ = ("_owners", "_storages", "_totals", "_bulk", "_keyset", "version")
 
     def __init__(self) -> None:
         self._owners: dict = {}  # owner -> storage key
         self._storages: dict = {}  # storage key -> [owners, nbytes, device name]
         self._totals: dict[str, int] = {}  # device name -> bytes
-        self.version = next(_VERSIONS)  # a new value at every change
+        self._bulk: tuple | None = None  # (owners, keys, nbytes, devices) lists not yet in the tables
+        self._keyset: set | None = None  # the storage keys while _bulk is pending
+        self.version = _LATEST[0] = next(_VERSIONS)  # a new value at every change
+
+    def replace_bulk(self, owners: list, keys: list, sizes: list, devs: list, totals: dict[str, int]) -> None:
+        """Take over a whole state given as parallel lists (keys may repeat: views of one storage)."""
+        self._keyset = set(keys)
+        self._bulk = (owners, keys, sizes, devs)
+        self._totals = totals
+        self.version = _LATEST[0] = next(_VERSIONS)
+
+    def holds_bulk(self, owners: list, keys: list) -> bool:
+        """True when the ledger holds exactly these owners on these storages (nothing new)."""
+        bulk = self._bulk
+        if bulk is not None:
+            return bulk[0] == owners and bulk[1] == keys
+        return len(owners) == len(self._owners) and dict(zip(owners, keys)) == self._owners
+
+    def _tables(self) -> None:
+        """Build the per-storage tables from a pending bulk state (writers only)."""
+        bulk = self._bulk
+        if bulk is None:
+            return
+        owners: dict = {}
+        storages: dict = {}
+        for owner, key, nbytes, dev in zip(*bulk):
+            owners[owner] = key
+            entry = storages.get(key)
+            if entry is None:
+                storages[key] = [1, nbytes, dev]
+            else:
+                entry[0] += 1
+        self._owners, self._storages = owners, storages
+        self._bulk = self._keyset = None
 
     def set(self, owner, key, nbytes: int, dev: str) -> None:
+        self._tables()
         old = self._owners.get(owner)
         if old == key:
             return
-        self.version = next(_VERSIONS)
+        self.version = _LATEST[0] = next(_VERSIONS)
         if old is not None:
             self._release(old)
         self._owners[owner] = key
@@ -46,9 +91,10 @@ class StorageLedger:
             entry[0] += 1
 
     def drop(self, owner) -> None:
+        self._tables()
         key = self._owners.pop(owner, None)
         if key is not None:
-            self.version = next(_VERSIONS)
+            self.version = _LATEST[0] = next(_VERSIONS)
             self._release(key)
 
     def _release(self, key) -> None:
@@ -62,37 +108,47 @@ class StorageLedger:
 
     def clear(self) -> None:
         self._owners, self._storages, self._totals = {}, {}, {}
-        self.version = next(_VERSIONS)
+        self._bulk = self._keyset = None
+        self.version = _LATEST[0] = next(_VERSIONS)
 
     def replace(self, owners: dict, storages: dict, totals: dict[str, int]) -> None:
         """Take over a whole state built elsewhere (one pass over many owners, no per-owner calls)."""
         self._owners, self._storages, self._totals = owners, storages, totals
-        self.version = next(_VERSIONS)
+        self._bulk = self._keyset = None
+        self.version = _LATEST[0] = next(_VERSIONS)
 
     def holds(self, owners: dict, storages: dict) -> bool:
         """True when the ledger already holds exactly this state (a re-read that found nothing new)."""
+        self._tables()
         return owners == self._owners and storages == self._storages
 
     def owners(self) -> list:
+        bulk = self._bulk
+        if bulk is not None:
+            return list(dict.fromkeys(bulk[0]))
         return list(self._owners)
 
     def keys(self):
-        """The storage keys (a live view: intersect it, do not iterate it from another thread)."""
-        return self._storages.keys()
+        """The storage keys (a set, or a live view: intersect it, do not iterate it from another thread)."""
+        keyset = self._keyset
+        return keyset if keyset is not None else self._storages.keys()
 
     def totals(self, *less) -> dict[str, int]:
         """Bytes per device, without the storages in any of the sets `less` (blocks that take precedence)."""
         out = dict(self._totals)
+        bulk, mine = self._bulk, self.keys()
         overlap: set = set()
         for keys in less:
             if keys:
-                overlap |= self._storages.keys() & keys  # C-level over the smaller side; usually empty
+                overlap |= mine & keys  # C-level over the smaller side; usually empty
         if overlap:
+            table = self._storages if bulk is None else {k: (0, n, d) for k, n, d in zip(*bulk[1:])}
             for key in overlap:
-                entry = self._storages.get(key)
+                entry = table.get(key)
                 if entry is not None:
                     out[entry[2]] = out.get(entry[2], 0) - entry[1]
         return out
 
     def __len__(self) -> int:
-        return len(self._owners)
+        bulk = self._bulk
+        return len(set(bulk[0])) if bulk is not None else len(self._owners)

@@ -6,6 +6,15 @@ costs per op. It runs on the steps that decide the picture: the first
 step after a new model or optimizer, and one step in `every` (VRAMTOP_TRACK_EVERY,
 `watch(track_every=N)`; 1 tracks every step).
 
+By default (no `every` given) the periodic step is also at least
+`DEFAULT_INTERVAL_S` after the last tracked one: one step in 20, or one every
+10 s, whichever is rarer. A tracked step costs a launch-bound job about a
+quarter of a step (bench/bench_agent.py); at 100 steps a second one in 20
+would be 1.3 % of the run, one every 10 s is 0.03 %. A screen refreshed a few
+times a second gains nothing from five exact counts a second, and what makes
+a new count worth having (a new shape, model or optimizer) is tracked at once
+whatever the interval. An explicit `every` is taken as it is.
+
 On the steps in between, activations are derived at each phase edge:
 - CUDA: allocated − parameters − gradients − optimizer − the `other` that
   the last tracked step of this shape showed at the same edge;
@@ -17,16 +26,22 @@ the derivation would have said and reports both (`derived_check`).
 
 from __future__ import annotations
 
+import time
+
 BLOCKS_OF_STATE = ("parameters", "gradients", "optimizer")
 
 
 class TrackingPolicy:
     DEFAULT_EVERY = 20
+    DEFAULT_INTERVAL_S = 10.0
     FIRST_STEPS = 3
     MAX_SHAPES = 256
 
-    def __init__(self, every: int = DEFAULT_EVERY) -> None:
-        self.every = max(1, int(every))
+    def __init__(self, every: int | None = None, clock=time.monotonic) -> None:
+        self.every = max(1, int(every)) if every is not None else self.DEFAULT_EVERY
+        self.interval_s = self.DEFAULT_INTERVAL_S if every is None else 0.0
+        self._clock = clock
+        self._last_tracked_at = -1e18
         self.tracked = False  # the current (or last) forward's activations are tracked
         self.step_tracked = False
         self._force = True
@@ -51,14 +66,16 @@ class TrackingPolicy:
         if not self._decided:
             self._decided = True
             last = self._last_tracked_step
-            self.step_tracked = (self.every <= 1 or self._force or step < self.FIRST_STEPS
-                                 or last is None or step - last >= self.every)
+            self.step_tracked = (self.every <= 1 or self._force or step < self.FIRST_STEPS or last is None
+                                 or (step - last >= self.every
+                                     and self._clock() - self._last_tracked_at >= self.interval_s))
             self._force = False
         if self._shape not in self._known:
             self.step_tracked = True  # a shape never tracked: track it now
         self.tracked = self.step_tracked
         if self.tracked:
             self._last_tracked_step = step
+            self._last_tracked_at = self._clock()
         return self.tracked
 
     def end_step(self) -> None:
