@@ -2,9 +2,10 @@
 # The GPU session's checks in one go (see bench/gpu_validate.py). Run from the repo root on a CUDA box:
 #   bash bench/device_run.sh OUTDIR [PART ...]
 # PARTS: validate (blocks, phase peaks, derived activations, overhead ratios: ~5.5 min), tests (~2 min),
-# screenshot (~1 min), alarms (~3.5 min), inject (~4 min), estimator (~5 min). All of them take ~21 min, more
-# than one device session lends (15 min, 10 a command): the default is "validate tests"; run the rest in a
-# second call.
+# screenshot (~1 min), alarms (~3.5 min), inject (~4 min), estimator (~5 min: 8 rows, the execution-only
+# settings and Flan-T5-XL first; `python3 bench/gpu_estimator.py --list --quick` prints them, no GPU needed).
+# All of them take ~21 min, more than one device session lends (15 min, 10 a command): the default is
+# "validate tests"; run the rest in a second call.
 # Expects wheels for what the box lacks in .whl/ (pyzmq, textual, bitsandbytes, ...).
 set -u
 OUT=${1:-/tmp/vramtop-gpu}
@@ -45,5 +46,5 @@ if want inject; then
 fi
 if want estimator; then
   echo "== estimator: three peaks vs max_memory_allocated / max_memory_reserved / NVML =="
-  timeout 300 python3 bench/gpu_estimator.py --quick --budget-s 280 --json "$OUT/gpu_estimator.json" 2>&1 | grep -v -i warn | tail -12
+  timeout 300 python3 bench/gpu_estimator.py --quick --budget-s 280 --json "$OUT/gpu_estimator.json" 2>&1 | grep -v -i warn | tail -16
 fi

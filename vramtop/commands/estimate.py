@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Llama-style models and GPT-2.",
     )
     p.add_argument("model", metavar="MODEL",
-                   help="a preset (llama-2-7b, llama-3-8b, llama-3-70b, qwen2.5-7b, mistral-7b, gpt2), a config.json "
+                   help="a preset (llama-2-7b, llama-3-8b, llama-3-70b, qwen2.5-7b, mistral-7b, gpt2, flan-t5-base, "
+                        "flan-t5-large, flan-t5-xl, t5-base, t5-large, bart-large), a config.json "
                         "or model directory, or a Hugging Face id (org/name) whose config.json is in the local cache")
     _add_method_options(p)
     _add_step_options(p)
@@ -72,7 +73,12 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optim", default="adamw", help="adamw, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, "
                                                      "sgd-momentum, adafactor")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence; for an encoder-decoder model (T5, BART) the encoder's input "
+                        "(default 2048; 512 for encoder-decoder models)")
+    p.add_argument("--target-len", type=int, default=None,
+                   help="encoder-decoder models only: tokens of the decoder's labels (default 128, where "
+                        "transformers' summarization and translation examples cut their targets)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="gradient checkpointing: recompute each layer in backward instead of keeping its activations")
@@ -126,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
     _reject_meaningless(args)
     config, label = _model(args.model)
+    _lengths(args, config, label)
     try:
         card = card_bytes(args.gpu) if args.gpu else None
         setup = validate(_setup(args, parse_bytes, card))
@@ -170,6 +177,23 @@ def _reject_meaningless(args) -> None:
         raise UserError("--rank must be at least 1")
 
 
+def _lengths(args, config: dict, label: str) -> None:
+    """The defaults of --seq-len and --target-len depend on the kind of model."""
+    from vramtop_agent.estimator import seq2seq
+
+    if seq2seq.encoder_decoder(config):
+        if args.seq_len is None:
+            args.seq_len = seq2seq.DEFAULT_SOURCE_LEN
+        if args.target_len is None:
+            args.target_len = seq2seq.DEFAULT_TARGET_LEN
+        return
+    if args.target_len is not None:
+        raise UserError(f"--target-len applies to encoder-decoder models (T5, BART); {label} is decoder-only: "
+                        f"its one length is --seq-len")
+    if args.seq_len is None:
+        args.seq_len = 2048
+
+
 def _context_length(config: dict) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         v = config.get(key)
@@ -194,6 +218,8 @@ def _desc(config: dict, label: str):
     try:
         return from_hf_config(config, name=label)
     except ValueError as exc:
+        if "--engine execute" in str(exc):
+            raise UserError(str(exc)) from None
         raise UserError(f"{exc} (the formula engine knows Llama-style models and GPT-2; install torch, "
                         f"transformers and peft to execute any architecture)") from None
 
@@ -231,7 +257,7 @@ def _setup(args, parse_bytes, card=None):
         world_size=args.world_size, zero=3 if args.fsdp else args.zero,
         cuda_context=parse_bytes(args.cuda_context) if args.cuda_context else None, device="cuda",
         gpu=card[0] if card else None, loss=args.loss, loss_chunk=args.loss_chunk,
-        optim_in_backward=args.optim_in_backward,
+        optim_in_backward=args.optim_in_backward, target_len=args.target_len,
         offload=names(",".join(args.offload)) if args.offload else None,
     )
 
@@ -252,7 +278,8 @@ def describe_setup(est) -> str:
         bits.append(s.wdtype + (" + fp32 masters" if s.masters else ""))
     if s.method != "full":
         bits.append(f"rank {s.lora_rank} on {_targets(est)}")
-    bits += [s.optimizer, f"batch {s.batch} x seq {s.seq_len}", f"grad ckpt {'on' if s.grad_ckpt else 'off'}", s.attn]
+    lengths = f"seq {s.seq_len}" + (f" -> target {s.target_len}" if s.target_len else "")
+    bits += [s.optimizer, f"batch {s.batch} x {lengths}", f"grad ckpt {'on' if s.grad_ckpt else 'off'}", s.attn]
     if s.grad_accum > 1:
         bits.append(f"grad accum {s.grad_accum}")
     if s.world_size > 1:

@@ -40,6 +40,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from vramtop_agent.estimator import seq2seq
+
 if TYPE_CHECKING:   # for annotations only: this module imports torch when it runs, never at import time
     import torch
     from torch import nn
@@ -299,6 +301,7 @@ def _hf_config(cfg: dict, setup):
         raise ExecutionError(f"transformers cannot build model_type {mtype!r}: {exc}") from None
     config._attn_implementation = "eager" if setup.attn == "eager" else "sdpa"
     config.use_cache = False
+    seq2seq.prepare_config(config)
     return config
 
 
@@ -323,20 +326,21 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 def _build(config: Any, setup: Setup) -> PreTrainedModel:
     import torch
-    from transformers import AutoModelForCausalLM
 
     base = setup.odtype if setup.quantized else setup.wdtype
+    auto, kind = seq2seq.auto_class(config)
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(base))
+            model = auto.from_config(config, dtype=_torch_dtype(base))
         except Exception as exc:
             if config._attn_implementation == "eager" or "attention implementation" not in str(exc):
                 first = str(exc).split(". ")[0].splitlines()[0]
-                raise ExecutionError(f"cannot build {type(config).__name__} as a causal LM: {first}") from None
+                raise ExecutionError(f"cannot build {type(config).__name__} as {kind}: {first}") from None
             # Some architectures (Gemma 2's soft-capping) have no SDPA path: transformers runs them eagerly.
             config._attn_implementation = "eager"
-            model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(base))
+            model = auto.from_config(config, dtype=_torch_dtype(base))
             model._vramtop_note = f"{type(config).__name__[:-6]} has no SDPA attention: eager attention assumed"
+    seq2seq.keep_fp32(model, setup)
     if setup.quantized:
         _quantize_4bit(model, setup)
     return model
@@ -354,9 +358,12 @@ def _quantize_4bit(model: PreTrainedModel, setup: Setup) -> None:
         raise ExecutionError("QLoRA execution needs bitsandbytes installed (pip install bitsandbytes)")
     head = model.get_output_embeddings()
     compute = _torch_dtype(setup.cdtype)
-    for mod in list(model.modules()):
+    keep = seq2seq.not_quantized(model)
+    for prefix, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if type(child) is not torch.nn.Linear or child is head:
+                continue
+            if seq2seq.skip_quantizing(f"{prefix}.{child_name}" if prefix else child_name, keep):
                 continue
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                   compute_dtype=compute, compress_statistics=setup.double_quant,
@@ -425,7 +432,7 @@ def _lora(model: PreTrainedModel, setup: Setup) -> nn.Module:
         targets = "all-linear"
     extra = getattr(setup, "modules_to_save", None)
     cfg = LoraConfig(r=setup.lora_rank, lora_alpha=16, lora_dropout=setup.lora_dropout, target_modules=targets,
-                     task_type="CAUSAL_LM", modules_to_save=list(extra) if extra else None)
+                     task_type=seq2seq.task_type(model), modules_to_save=list(extra) if extra else None)
     try:
         return get_peft_model(model, cfg, autocast_adapter_dtype=setup.lora_dtype == "fp32")
     except ValueError as exc:
@@ -464,7 +471,9 @@ def _meta_patches(setup: Setup) -> Iterator[None]:
     cuda = setup.device.startswith("cuda")
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if not q.is_meta or (not cuda and dropout_p > 0):
+        # CPU: dropout, or a mask that trains (T5's relative-position bias), sends torch to the math kernel.
+        cpu_math = not cuda and (dropout_p > 0 or (attn_mask is not None and attn_mask.requires_grad))
+        if not q.is_meta or cpu_math:
             return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa)
         if not cuda:
@@ -489,7 +498,8 @@ def _meta_patches(setup: Setup) -> Iterator[None]:
     F.scaled_dot_product_attention = sdpa
     torch.autocast = autocast  # type: ignore[misc]  # patched for the step, restored below
     try:
-        yield
+        with seq2seq.no_padding():
+            yield
     finally:
         F.scaled_dot_product_attention = orig
         torch.autocast = orig_autocast  # type: ignore[misc]
@@ -544,9 +554,11 @@ def run_step(config: dict, setup: Setup, routing: str = "balanced") -> Measured:
             # From here on, as if the weights had been loaded straight into place (building on the meta
             # device allocates and frees full-size weights that a real from_pretrained never has).
             rec.attach(alloc)
-        b, s = setup.batch, setup.seq_len
-        ids = torch.zeros((b, s), dtype=torch.long, device="meta")
-        batch = {"input_ids": ids, "labels": ids.clone()}
+        if hf.is_encoder_decoder:
+            batch = seq2seq.batch(setup)
+        else:
+            ids = torch.zeros((setup.batch, setup.seq_len), dtype=torch.long, device="meta")
+            batch = {"input_ids": ids, "labels": ids.clone()}
         rec.memo = True
         _warm_up(model, opt, setup)
         m.start = rec.level
@@ -868,6 +880,9 @@ def measure(config: dict, setup, routing: str = "balanced", exact: bool = False)
     """Execute the model, or (deep models with repeating layers) two truncations of it, 2 and 3 periods
     deep, and extend the difference linearly: every layer of a period adds the same tensors, so blocks
     and phase peaks are exact whenever the layer count is a whole number of periods."""
+    hf = _hf_config(config, setup)
+    if seq2seq.check(hf, setup):
+        return seq2seq.measure(config, hf, setup, routing, exact)
     plan = None if exact else layer_plan(config)
     if plan is None or plan[0] <= 3 * plan[1]:
         return run_step(config, setup, routing)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from vramtop_agent.estimator.seq2seq import encoder_decoder
+
 
 @dataclass(frozen=True)
 class Linear:
@@ -101,6 +103,10 @@ def from_hf_config(cfg: dict, name: str | None = None) -> ModelDesc:
             resid_dropout=float(cfg.get("resid_pdrop") or 0.0),
             embd_dropout=float(cfg.get("embd_pdrop") or 0.0),
         )
+    if encoder_decoder(cfg):
+        raise ValueError(f"{name}: {mtype or 'this'} is an encoder-decoder model: the formula engine models "
+                         f"decoder-only Llama-style models and GPT-2; use --engine execute (torch, transformers "
+                         f"and peft installed)")
     if mtype and mtype not in FORMULA_TYPES:
         raise ValueError(f"{name}: the formula models {', '.join(FORMULA_TYPES)} and gpt2, not {mtype!r} "
                          f"(the execution engine covers it)")
@@ -135,13 +141,14 @@ def describe_any(cfg: dict, name: str | None = None) -> ModelDesc:
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     get = lambda *keys, default=0: next((int(cfg[k]) for k in keys if isinstance(cfg.get(k), int)), default)  # noqa: E731
     h = get("hidden_size", "n_embd", "d_model")
-    heads = get("num_attention_heads", "n_head", default=1)
+    heads = get("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", default=1)
     return ModelDesc(
         name=name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "model"),
         arch=str(cfg.get("model_type") or "unknown"), vocab_size=get("vocab_size"), hidden_size=h,
-        intermediate_size=get("intermediate_size", "ffn_dim", "n_inner", default=4 * h),
-        num_layers=get("num_hidden_layers", "n_layer", "num_layers"), num_heads=heads,
-        num_kv_heads=get("num_key_value_heads", default=heads), head_dim=get("head_dim", default=h // max(heads, 1)),
+        intermediate_size=get("intermediate_size", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim", default=4 * h),
+        num_layers=get("num_hidden_layers", "n_layer", "num_layers", "encoder_layers"), num_heads=heads,
+        num_kv_heads=get("num_key_value_heads", default=heads),
+        head_dim=get("head_dim", "d_kv", default=h // max(heads, 1)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_positions=get("max_position_embeddings", "n_positions", "max_seq_len", default=0),
         hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or ""),

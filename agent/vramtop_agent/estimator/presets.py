@@ -3,7 +3,9 @@
 Numbers are copied from the models' published config.json files on the
 Hugging Face Hub (meta-llama/Llama-2-7b-hf, meta-llama/Meta-Llama-3-8B,
 meta-llama/Meta-Llama-3-70B, Qwen/Qwen2.5-7B, mistralai/Mistral-7B-v0.1,
-openai-community/gpt2). No weights are involved.
+openai-community/gpt2, google/flan-t5-base, google/flan-t5-large, google/flan-t5-xl,
+google-t5/t5-base, google-t5/t5-large, facebook/bart-large). No weights are involved.
+The encoder-decoder ones (T5, BART) run on the execution engine only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,25 @@ _CONFIGS = {
                  embd_pdrop=0.1),
 }
 
+# T5 v1.1 / Flan-T5: gated-GELU feed-forward, a config that says tie_word_embeddings false (the original T5
+# scales the decoder's output instead), vocabulary 32128, relative positions (n_positions is informational).
+_T5 = dict(model_type="t5", vocab_size=32128, d_kv=64, relative_attention_num_buckets=32,
+           relative_attention_max_distance=128, dropout_rate=0.1, layer_norm_epsilon=1e-6, n_positions=512,
+           decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, is_encoder_decoder=True)
+_FLAN = dict(_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+_CONFIGS.update({
+    "flan-t5-base": dict(_FLAN, d_model=768, d_ff=2048, num_heads=12, num_layers=12, num_decoder_layers=12),
+    "flan-t5-large": dict(_FLAN, d_model=1024, d_ff=2816, num_heads=16, num_layers=24, num_decoder_layers=24),
+    "flan-t5-xl": dict(_FLAN, d_model=2048, d_ff=5120, num_heads=32, num_layers=24, num_decoder_layers=24),
+    "t5-base": dict(_T5, d_model=768, d_ff=3072, num_heads=12, num_layers=12),
+    "t5-large": dict(_T5, d_model=1024, d_ff=4096, num_heads=16, num_layers=24),
+    "bart-large": dict(model_type="bart", vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12,
+                       encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
+                       decoder_ffn_dim=4096, max_position_embeddings=1024, activation_function="gelu", dropout=0.1,
+                       attention_dropout=0.1, activation_dropout=0.1, scale_embedding=False, pad_token_id=1,
+                       bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, is_encoder_decoder=True),
+})
+
 _ALIASES = {
     "llama2-7b": "llama-2-7b", "llama-2-7b-hf": "llama-2-7b", "meta-llama/llama-2-7b-hf": "llama-2-7b",
     "llama2-13b": "llama-2-13b",
@@ -44,6 +65,8 @@ _ALIASES = {
     "qwen2.5-7b-instruct": "qwen2.5-7b", "qwen-2.5-7b": "qwen2.5-7b",
     "mistral-7b-v0.1": "mistral-7b", "mistral-7b-instruct": "mistral-7b",
     "gpt2-small": "gpt2", "gpt-2": "gpt2", "gpt-2-small": "gpt2", "openai-community/gpt2": "gpt2",
+    "google/flan-t5-base": "flan-t5-base", "google/flan-t5-large": "flan-t5-large", "google/flan-t5-xl": "flan-t5-xl",
+    "google-t5/t5-base": "t5-base", "google-t5/t5-large": "t5-large", "facebook/bart-large": "bart-large",
 }
 
 PRESET_NAMES = tuple(_CONFIGS)

@@ -61,6 +61,8 @@ class Setup:
     loss_chunk: int = 1024                 # tokens of the flattened batch (b·s) per loss chunk
     optim_in_backward: bool = False        # per-parameter optimizers stepped from post-accumulate-grad hooks
     offload: tuple | None = None           # ("activations", "optimizer"): moved to host RAM
+    # Encoder-decoder models (T5, BART): the decoder's length (labels); seq_len is the encoder's.
+    target_len: int | None = None          # None: 128 (seq2seq.DEFAULT_TARGET_LEN); refused for decoder-only models
 
     # ------------------------------------------------------------- resolved values
 
@@ -159,6 +161,8 @@ def validate(setup: Setup) -> Setup:
 def _validate_execution_only(setup: Setup) -> Setup:
     if setup.loss not in LOSSES:
         raise SetupError(f"unknown loss {setup.loss!r}: use one of {', '.join(LOSSES)}")
+    if setup.target_len is not None and int(setup.target_len) < 1:
+        raise SetupError("target len must be at least 1")
     if setup.loss_chunk < 1:
         raise SetupError("the loss chunk must be at least 1 token")
     offload = tuple(dict.fromkeys(setup.offload or ()))
