@@ -1,7 +1,8 @@
 """Agent overhead, measured side by side in one run.
 
 1. Step-time ratios watched/bare (median of interleaved pairs of blocks of
-   steps), for two jobs:
+   steps, each block at least 0.25 s, with a 95 % confidence interval of the
+   median; a new agent runs 0.6 s before its block is timed), for two jobs:
    - the tiny LoRA fine-tune (vramtop.tiny), batch 4 x seq 128;
    - a launch-bound CPU proxy: 48 layers of width 64, batch 1, where the
      per-op Python cost of hooks dominates, as on a launch-bound GPU;
@@ -18,7 +19,7 @@
    edge) and with the breakdown re-assembled (a source changed: a phase edge
    after the gradients were read or freed).
 
-    python bench/bench_agent.py [--pairs 15] [--steps 10]
+    python bench/bench_agent.py [--pairs 60] [--steps 10]   (about 8 minutes)
 
 Targets (issue 11): tiny LoRA <= 1.01, proxy <= 1.03; one 7B-shaped sample < 1 ms.
 """
@@ -26,6 +27,7 @@ Targets (issue 11): tiny LoRA <= 1.01, proxy <= 1.03; one 7B-shaped sample < 1 m
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -35,6 +37,9 @@ import torch
 import vramtop_agent
 from vramtop.tiny import add_lora, build_model, make_batch
 from vramtop_agent.tracking import TrackingPolicy
+
+BLOCK_S = 0.25
+SETTLE_S = 0.6
 
 
 def _train_block(step, steps: int) -> float:
@@ -75,9 +80,25 @@ def proxy_job(layers: int = 48, width: int = 64):
     return model, opt, step
 
 
-def step_time_ratio(job, pairs: int, steps: int, **options) -> tuple[float, float, float]:
+def median_ci(values: list[float]) -> tuple[float, float, float]:
+    """The median and a 95 % confidence interval for it (order statistics: no assumption about the
+    distribution). Two blocks of the same bare job differ by +-5 % (interquartile) on this shared box,
+    so one pair says little; the interval says how much the median of all of them does."""
+    v = sorted(values)
+    n = len(v)
+    half = 1.96 * math.sqrt(n) / 2
+    lo, hi = max(int(n / 2 - half), 0), min(int(math.ceil(n / 2 + half)), n - 1)
+    return statistics.median(v), v[lo], v[hi]
+
+
+def step_time_ratio(job, pairs: int, steps: int, **options) -> tuple[float, float, list[float]]:
+    """Interleaved (bare, watched) block pairs. A block lasts at least `steps` steps and BLOCK_S seconds
+    (short blocks on a shared 2-core box are mostly scheduler noise); a new agent first runs for SETTLE_S
+    (its tracked first steps, its first hello) so that the watched block is steady state, as in a run
+    that lasts more than a few seconds."""
     model, opt, step = job
     _train_block(step, 3)  # warm-up
+    steps = max(steps, math.ceil(BLOCK_S / _train_block(step, 5)))
     bare, watched, ratios = [], [], []
     for i in range(pairs):
         order = (False, True) if i % 2 == 0 else (True, False)  # alternate which goes first
@@ -85,7 +106,9 @@ def step_time_ratio(job, pairs: int, steps: int, **options) -> tuple[float, floa
         for with_agent in order:
             if with_agent:
                 agent = vramtop_agent.watch(model, opt, **options)
-                _train_block(step, 3)  # the first (tracked) steps of a new agent are not steady state
+                settle = time.perf_counter() + SETTLE_S
+                while time.perf_counter() < settle:
+                    step()
                 times[True] = _train_block(step, steps)
                 agent.stop()
             else:
@@ -93,7 +116,7 @@ def step_time_ratio(job, pairs: int, steps: int, **options) -> tuple[float, floa
         bare.append(times[False])
         watched.append(times[True])
         ratios.append(times[True] / times[False])
-    return statistics.median(bare), statistics.median(watched), statistics.median(ratios)
+    return statistics.median(bare), statistics.median(watched), ratios
 
 
 def sample_cost(model, opt, repeat: int = 200, rebuild: bool = False) -> float:
@@ -127,7 +150,9 @@ def llama7b_on_meta():
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--pairs", type=int, default=60)
+    ap.add_argument("--job", choices=("all", "tiny", "proxy"), default="all", help="which job's step-time ratios")
+    ap.add_argument("--no-sample-cost", action="store_true", help="skip the one-sample timings")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -137,25 +162,33 @@ def main() -> None:
     rec_dir = tempfile.mkdtemp(prefix="vramtop-bench-")
     configs = [("default", {}), ("track every step", {"track_every": 1}),
                ("recording on", {"record": os.path.join(rec_dir, "bench.vramtop")})]
-    print(f"step-time ratio watched/bare, median of {args.pairs} interleaved pairs of {args.steps} steps (CPU)")
-    print(f"{'job':44s} {'agent':18s} {'bare ms':>9s} {'watched ms':>11s} {'ratio':>7s}")
+    print(f"step-time ratio watched/bare, median of {args.pairs} interleaved pairs of blocks of >= {args.steps} steps "
+          f"and >= {BLOCK_S} s (CPU)")
+    print(f"{'job':44s} {'agent':18s} {'bare ms':>9s} {'watched ms':>11s} {'ratio':>7s}  [95 % CI of the median]")
     for name, make, target in (("tiny LoRA, batch 4 x seq 128", lora_job, 1.01),
                                ("launch-bound proxy, 48 x width 64, batch 1", proxy_job, 1.03)):
+        if args.job != "all" and (make is proxy_job) != (args.job == "proxy"):
+            continue
         job = make()
         ratios: dict[str, float] = {}
+        bares: dict[str, float] = {}
         for label, options in configs:
             if "record" in options:
                 options = {"record": options["record"] + f".{make.__name__}"}
-            bare, watched, ratio = step_time_ratio(job, args.pairs, args.steps, **options)
-            ratios[label] = ratio
-            print(f"{name:44s} {label:18s} {bare * 1000:9.2f} {watched * 1000:11.2f} {ratio:7.3f}", flush=True)
+            bare, watched, pair_ratios = step_time_ratio(job, args.pairs, args.steps, **options)
+            ratio, lo, hi = median_ci(pair_ratios)
+            ratios[label], bares[label] = ratio, bare
+            print(f"{name:44s} {label:18s} {bare * 1000:9.2f} {watched * 1000:11.2f} {ratio:7.3f}"
+                  f"  [{lo:.3f}, {hi:.3f}]", flush=True)
         # The default's measured blocks hold no tracked step (they come 1 in 20 steps, and at least 10 s
         # apart: tracking.py); charge them at their measured cost (the track-every-step run) and rate.
-        every = max(TrackingPolicy.DEFAULT_EVERY, TrackingPolicy.DEFAULT_INTERVAL_S / bare)
+        every = max(TrackingPolicy.DEFAULT_EVERY, TrackingPolicy.DEFAULT_INTERVAL_S / bares["default"])
         amortized = ratios["default"] + (ratios["track every step"] - ratios["default"]) / every
         print(f"{name:44s} {'default, amortized':18s} {'':9s} {'':11s} {amortized:7.3f}   (target <= {target}; "
               f"a tracked step 1 in {every:.0f} at this step time)", flush=True)
 
+    if args.no_sample_cost:
+        return
     model = add_lora(build_model(vocab_size=512))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     model(**make_batch(model, 4, 128)).loss.backward()

@@ -40,7 +40,7 @@ def main() -> int:
             raise RuntimeError("injected fault in a gradient hook")
         agent.acct.note_grad = broken_grad
     elif inject == "grad-read":  # the one gradient read at the end of every backward raises (autograd calls it)
-        def broken_read():
+        def broken_read(*_args):
             raise RuntimeError("injected fault in the gradient read")
         agent.acct.read_grads = broken_read
 

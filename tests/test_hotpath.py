@@ -270,7 +270,7 @@ def test_a_fault_in_the_gradient_read_is_contained(list_sink, monkeypatch):
     x = torch.randn(4, 8)
     agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0, track_every=100)
 
-    def broken():
+    def broken(*_args):
         raise RuntimeError("injected fault in the gradient read")
 
     monkeypatch.setattr(agent.acct, "read_grads", broken)
@@ -330,3 +330,62 @@ def test_watch_without_track_every_gets_the_default_schedule_and_the_env_overrid
     agent = vramtop_agent.watch(nn.Linear(4, 4), publish=False)
     assert (agent.tracking.every, agent.tracking.interval_s) == (5, 0.0)
     agent.stop()
+
+
+def test_a_gradient_reread_reuses_sizes_only_while_every_gradient_is_a_tensor_of_its_own(list_sink, monkeypatch):
+    """Between full reads, a backward's gradients are re-read without a storage lookup each, when the same
+    parameters have gradients of the same sizes, none a view. Exact on every step, and anything unusual
+    (a view of a flat buffer, a gradient missing, the full-read interval gone by) takes the full read."""
+    from helpers import storage_bytes
+
+    from vramtop_agent.accounting import Accountant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.01)
+    x = torch.randn(8, 16)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0, track_every=1000)
+
+    def step(before_backward=None) -> int:
+        """The gradient block as read at backward end; asserts it equals the gradients' own storages."""
+        loss = model(x).sum()
+        if before_backward:
+            before_backward()
+        loss.backward()
+        read = agent.acct.grads.totals().get("cpu", 0)
+        assert read == storage_bytes([p.grad for p in params if p.grad is not None])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return read
+
+    for _ in range(3):  # tracked: full reads
+        step()
+    reused = agent.acct.reused_reads
+    for _ in range(4):  # untracked: the first re-read is full, the next ones reuse its sizes
+        assert step() > 0
+    assert agent.acct.reused_reads == reused + 3
+
+    def views_of_one_buffer():
+        flat = torch.zeros(sum(p.numel() for p in params))
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    reused = agent.acct.reused_reads
+    want = sum(p.numel() for p in params) * 4
+    assert step(views_of_one_buffer) == want  # views: the buffer once, by a full read
+    assert agent.acct.reused_reads == reused
+    params[0].requires_grad_(False)  # a parameter without a gradient: a full read
+    assert step() == want - params[0].numel() * 4
+    assert agent.acct.reused_reads == reused
+    params[0].requires_grad_(True)
+    step()
+    monkeypatch.setattr(Accountant, "GRAD_FULL_READ_S", 0.0)  # the interval gone by: full reads only
+    reused = agent.acct.reused_reads
+    for _ in range(3):
+        step()
+    assert agent.acct.reused_reads == reused
+    agent.stop()
+    assert agent.errors == 0

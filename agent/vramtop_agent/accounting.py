@@ -130,6 +130,7 @@ class Accountant:
 
     PARAM_REFRESH_S = 1.0
     OPT_REFRESH_S = 1.0
+    GRAD_FULL_READ_S = 1.0  # re-reads that reuse the last full read's storage sizes, for at most this long
 
     def __init__(self, model=None, optimizer=None, saved=None):
         self._model_ref = None
@@ -147,6 +148,9 @@ class Accountant:
         # (weakrefs, ids, device names) of every parameter: what read_grads walks
         self._grad_slots: tuple[list, list, list] = ([], [], [])
         self._grad_devices: frozenset = frozenset()
+        self._plain_grads: tuple | None = None  # what read_grads may reuse from its last full read
+        self.reused_reads = 0  # gradient reads that reused the last full read's sizes (tests, bench)
+        self._grads_named_version = -1  # the gradient ledger's version when a re-read filled it with names
         self._params_version = 0  # bumped when refresh_params found another parameter set or layout
         self._bd_key: tuple | None = None  # the versions the cached breakdown was assembled from
         self._bd: Breakdown | None = None
@@ -241,6 +245,7 @@ class Accountant:
         self.forget_breakdown()
         self.grads.clear()
         self._grad_params = {}
+        self._plain_grads = None
         for key, (ledger, _, _) in list(self._opt_ledgers.items()):
             self._opt_ledgers[key] = (ledger, -1, -1e9)
 
@@ -292,6 +297,7 @@ class Accountant:
         self._param_refs = refs
         # What read_grads walks, as parallel lists for its C-level maps (grad.device == p.device).
         self._grad_slots = (refs, [id(p) for p in objs], [device_name(p.device) for p in objs])
+        self._plain_grads = None
         self._grad_devices = frozenset(self._grad_slots[2])
         self._param_ids = frozenset(id(p) for p in objs)
         # A replaced parameter's gradient is no longer ours.
@@ -339,7 +345,7 @@ class Accountant:
         s = g.untyped_storage()
         self.grads.set(pid, s._cdata, s.nbytes(), device_name(g.device))
 
-    def read_grads(self) -> None:
+    def read_grads(self, full: bool = False) -> None:
         """Read every watched parameter's .grad once, in one pass.
 
         At the end of a backward (autograd's final callback: no node of it is
@@ -351,7 +357,13 @@ class Accountant:
 
         This runs once per backward on the training thread of a launch-bound
         job, so the per-parameter work is done by C-level `map`s over method
-        descriptors rather than by a Python loop body per parameter.
+        descriptors rather than by a Python loop body per parameter. Between
+        full reads (`full`, and at least once a second) a re-read that finds
+        the same parameters with gradients, each a tensor of its own (no
+        `_base`: not a view of a bucket) of the same size as at the last full
+        read, keeps that read's totals without looking up every storage: such
+        a gradient is a new allocation of the same bytes (zero_grad freed the
+        last one). Anything else takes the full read.
         """
         refs, pids, devs = self._grad_slots
         params = list(map(_call, refs))
@@ -360,25 +372,57 @@ class Accountant:
             refs, pids, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
             params = [params[i] for i in keep]
         grads = list(map(_get_grad, params))
+        plain = self._plain_grads
+        if plain is not None and not full and plain[0] is pids and time.monotonic() - plain[4] < self.GRAD_FULL_READ_S:
+            present = list(map(_is_not, grads, _NONES))
+            if present == plain[1]:
+                live = list(itertools.compress(grads, present))
+                if not any(map(_is_not, map(_get_base, live), _NONES)) and list(map(_get_nbytes, live)) == plain[2]:
+                    self._grad_params = dict(plain[3])  # (sync_grads may drop entries from it)
+                    self.reused_reads += 1
+                    if self.grads.version != plain[6]:  # (unchanged since that read: nothing to do)
+                        self.grads.replace_bulk(*plain[5])
+                        self._plain_grads = (*plain[:6], self.grads.version)
+                        self._grads_named_version = self.grads.version
+                    return
         if any(map(_is, grads, _NONES)):  # (not `None in grads`: that would compare tensors with ==)
             keep = [i for i, g in enumerate(grads) if g is not None]
-            refs, pids, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
-            grads = [grads[i] for i in keep]
-        storages = list(map(_untyped_storage, grads))
-        keys = list(map(_cdata, storages))
-        self._grad_params = dict(zip(pids, refs))
-        if self.grads.holds_bulk(pids, keys):
-            return  # the storages the ledger holds already (the tracked step's hooks saw them land)
-        sizes = list(map(_storage_nbytes, storages))
-        # Views of one buffer (DDP's gradient buckets, tied weights): the storage counts once.
-        shared = len(set(keys)) != len(keys)
-        if not shared and len(self._grad_devices) == 1:
-            totals = {devs[0]: sum(sizes)} if devs else {}
+            refs, pids_kept, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
+            grads_kept = [grads[i] for i in keep]
         else:
-            totals = {}
-            for n, d in (dict(zip(keys, zip(sizes, devs))).values() if shared else zip(sizes, devs)):
-                totals[d] = totals.get(d, 0) + n
-        self.grads.replace_bulk(pids, keys, sizes, devs, totals)
+            pids_kept, grads_kept = pids, grads
+        storages = list(map(_untyped_storage, grads_kept))
+        keys = list(map(_cdata, storages))
+        self._grad_params = dict(zip(pids_kept, refs))
+        if not self.grads.holds_bulk(pids_kept, keys):
+            sizes = list(map(_storage_nbytes, storages))
+            # Views of one buffer (DDP's gradient buckets, tied weights): the storage counts once.
+            shared = len(set(keys)) != len(keys)
+            if not shared and len(self._grad_devices) == 1:
+                totals = {devs[0]: sum(sizes)} if devs else {}
+            else:
+                totals = {}
+                for n, d in (dict(zip(keys, zip(sizes, devs))).values() if shared else zip(sizes, devs)):
+                    totals[d] = totals.get(d, 0) + n
+            self.grads.replace_bulk(pids_kept, keys, sizes, devs, totals)
+        self._plain_grads = self._plain_read(pids, grads, pids_kept, keys, devs)
+
+    def _plain_read(self, pids: list, grads: list, pids_kept: list, keys: list, devs: list) -> tuple | None:
+        """What a later re-read may reuse from this full read, or None when these gradients are not each
+        a tensor owning exactly its storage (views, shared storages, padding): then every read is full."""
+        live = [g for g in grads if g is not None]
+        if any(map(_is_not, map(_get_base, live), _NONES)) or len(set(keys)) != len(keys):
+            return None
+        nbytes = list(map(_get_nbytes, live))
+        bulk = self.grads._bulk
+        if bulk is None or bulk[2] != nbytes:
+            return None  # a storage larger than its tensor: its size can't be told from the tensor
+        # The ledger keeps this read's storage keys: later re-reads reuse them as names only (negative:
+        # never a live storage's address, so no false overlap with parameters, states or saved tensors).
+        names = [-1 - i for i in range(len(keys))]
+        state = (pids_kept, names, bulk[2], devs, dict(self.grads.totals()))
+        present = list(map(_is_not, grads, _NONES))
+        return (pids, present, nbytes, dict(self._grad_params), time.monotonic(), state, -1)
 
     def sync_grads(self) -> None:
         """Drop the gradients that are gone (zero_grad(set_to_none)); training thread only, no backward running.
@@ -407,7 +451,7 @@ class Accountant:
 
     def refresh_grads(self) -> None:
         """Re-read every .grad of the watched parameters; training thread only, no backward running."""
-        self.read_grads()
+        self.read_grads(full=True)
 
     # ------------------------------------------------------------------ optimizer states
 
@@ -479,7 +523,8 @@ class Accountant:
         """
         grads = self.grads
         gkeys = grads.keys()
-        if gkeys:
+        # (filled with names by a re-read: new storages of their own, see read_grads, so no overlap)
+        if gkeys and grads.version != self._grads_named_version:
             if not gkeys.isdisjoint(self.param_keys):
                 return None
             for ledger in ledgers:
@@ -519,6 +564,9 @@ class Accountant:
 
 _call = weakref.ref.__call__  # (operator.call is 3.11+)
 _is = operator.is_
+_is_not = operator.is_not
+_get_base = operator.attrgetter("_base")
+_get_nbytes = operator.attrgetter("nbytes")
 _NONES = itertools.repeat(None)
 _get_grad = operator.attrgetter("grad")
 _cdata = operator.attrgetter("_cdata")

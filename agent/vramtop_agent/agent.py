@@ -773,7 +773,11 @@ class Agent:
         self._bwd_started = False
         for t in _output_tensors(output):
             if t.requires_grad:
-                t.register_hook(self._on_backward_first)
+                fn = t.grad_fn
+                if fn is not None:
+                    fn.register_prehook(self._on_backward_first)  # a C++ node hook: cheaper than a tensor hook
+                else:
+                    t.register_hook(self._on_backward_first)  # a leaf output (no node)
 
     def _on_backward_first(self, grad):
         self.run_guarded("backward-start", self._backward_start)
@@ -792,7 +796,8 @@ class Agent:
 
     def _on_backward_end(self):
         # Every gradient of this backward has landed and none of its nodes runs any more: read them all once.
-        self.run_guarded("grad-read", self.acct.read_grads)
+        # (a full read on tracked steps: their per-gradient hooks have the storages already)
+        self.run_guarded("grad-read", self.acct.read_grads, self.tracking.tracked)
         self.run_guarded("backward-end", self._backward_end)
 
     def _backward_end(self) -> None:
