@@ -96,6 +96,10 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
                    help="move saved activations (torch's save_on_cpu) and/or the optimizer (an fp32 copy of the "
                         "weights, gradient copies, states and the step: ZeRO-Offload) to host RAM; repeat or "
                         "comma-separate for both; the host RAM needed is reported (execution engine)")
+    p.add_argument("--compile", action="store_true",
+                   help="the model trained under torch.compile (inductor, default mode): inductor's partitioner "
+                        "decides what is saved for backward; its kernels' buffers are approximated (execution "
+                        "engine)")
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -258,7 +262,7 @@ def _setup(args, parse_bytes, card=None):
         cuda_context=parse_bytes(args.cuda_context) if args.cuda_context else None, device="cuda",
         gpu=card[0] if card else None, loss=args.loss, loss_chunk=args.loss_chunk,
         optim_in_backward=args.optim_in_backward, target_len=args.target_len,
-        offload=names(",".join(args.offload)) if args.offload else None,
+        offload=names(",".join(args.offload)) if args.offload else None, compile=args.compile,
     )
 
 
@@ -290,6 +294,8 @@ def describe_setup(est) -> str:
         bits.append("optimizer in backward")
     if s.offload:
         bits.append(f"{' + '.join(s.offload)} offloaded")
+    if s.compile:
+        bits.append("torch.compile")
     return " · ".join(bits)
 
 

@@ -540,12 +540,15 @@ def run_step(config: dict, setup: Setup, routing: str = "balanced") -> Measured:
     hf = _hf_config(config, setup)
     moe = _moe(hf)
     alloc = CachingAllocator() if setup.device.startswith("cuda") else None
-    rec = _recorder_class()(moe=moe, routing=routing)
+    compiled = _compiled() if setup.compile else None
+    rec = (compiled.recorder_class(_recorder_class()) if compiled else _recorder_class())(moe=moe, routing=routing)
     m = Measured()
     m.moe = moe
     with rec, _meta_patches(setup):
         with torch.device("meta"):   # only while building: the device mode's per-call cost is too high for the steps
             model = _prepare(_build(hf, setup), setup)
+        if compiled:
+            model = compiled.compile_model(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ExecutionError("nothing to train: no parameter requires grad")
@@ -573,6 +576,12 @@ def run_step(config: dict, setup: Setup, routing: str = "balanced") -> Measured:
     if setup.offload and "optimizer" in setup.offload:
         _host_optimizer(params, setup, m)
     return m
+
+
+def _compiled() -> ModuleType:
+    from vramtop_agent.estimator import compiled
+
+    return compiled
 
 
 class _InBackward:
@@ -1026,6 +1035,8 @@ def _setting_notes(setup: Setup) -> list[str]:
     if setup.optim_in_backward:
         out.append("optimizer in backward: one optimizer per parameter, stepped by a post-accumulate-grad hook "
                    "that frees the gradient (gradients block = the largest single gradient)")
+    if setup.compile:
+        out.append(_compiled().NOTE)
     offload = setup.offload or ()
     if "activations" in offload:
         out.append("activations offloaded (torch.autograd.graph.save_on_cpu): every saved tensor copied to host "

@@ -63,6 +63,7 @@ class Setup:
     offload: tuple | None = None           # ("activations", "optimizer"): moved to host RAM
     # Encoder-decoder models (T5, BART): the decoder's length (labels); seq_len is the encoder's.
     target_len: int | None = None          # None: 128 (seq2seq.DEFAULT_TARGET_LEN); refused for decoder-only models
+    compile: bool = False                  # torch.compile (inductor): its partitioner decides what is saved
 
     # ------------------------------------------------------------- resolved values
 
@@ -178,6 +179,11 @@ def _validate_execution_only(setup: Setup) -> Setup:
                              f"not {setup.optimizer}")
         if setup.optim_in_backward:
             raise SetupError("--offload optimizer and --optim-in-backward: choose one")
+    if setup.compile and setup.loss == "chunked":
+        # The chunked loss runs the decoder stack and the output layer as separate calls, outside the compiled
+        # model's forward: what torch.compile would make of that loop is not modelled.
+        raise SetupError("--compile with --loss chunked is not modelled (the chunked loss runs outside the "
+                         "compiled forward): drop one of them")
     return setup
 
 
@@ -190,4 +196,6 @@ def execution_only(setup: Setup) -> list[str]:
         out.append("--optim-in-backward")
     if setup.offload:
         out.append("--offload " + ",".join(setup.offload))
+    if setup.compile:
+        out.append("--compile")
     return out

@@ -1,0 +1,270 @@
+"""--compile: the model trained under `torch.compile` (default inductor backend), estimated on the meta device.
+
+The engine's model is wrapped in `torch.compile` with a backend that is inductor up to its code generation:
+dynamo's graphs (and graph breaks), AOTAutograd's joint forward+backward graph with inductor's
+decompositions, inductor's joint-graph passes and its partitioner (`min_cut_rematerialization_partition`),
+so what autograd saves is what inductor's partitioner chose: the forward graph's saved outputs reach the
+engine's saved-tensor hooks through the compiled function's `save_for_backward`, as they do in a real run.
+Instead of inductor's kernels, the partitioned forward and backward graphs run op by op on the meta device
+under the engine's recorder.
+
+Three things stand between meta tensors and inductor, each handled here:
+- dynamo does not trace under a dispatch mode unless it declares `ignore_compile_internals`: the recorder
+  is off while compiling and on while the compiled graphs run;
+- torch registers Python meta kernels for some composite ops (`nll_loss`, `dropout`, ...); under the Python
+  dispatcher that tracing uses they shadow the composite's autograd on the meta device, and the loss's
+  backward vanished from the joint graph. They are hidden while the backend traces;
+- inductor leaves meta tensors alone (its pattern matcher skips them): the joint graph's fake tensors are
+  relabelled as CPU tensors while inductor's passes and partitioner run, and back to meta afterwards.
+
+What is approximated: inductor's kernels, their fusion and its buffer reuse. An element-wise op (or a view)
+whose every consumer reads it inside a loop (another element-wise op or a reduction) is taken to be fused
+into its consumers: its output is never allocated, and the tensors it reads stay alive until the consumer
+that inlines it runs. Everything else (matmuls, attention kernels, reductions, scatters, graph outputs) is
+allocated as the graph runs and freed after its last use. Inductor's multi-output kernels, its in-place
+buffer reuse and its memory planning are not modelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from vramtop_agent.estimator.execute import ExecutionError
+
+NOTE = ("torch.compile (inductor, default mode, static shapes): what is saved for backward comes from "
+        "inductor's own partitioner (min-cut recomputation on the joint graph); its kernels are not generated: "
+        "element-wise chains are assumed fused (their intermediates never allocated), inductor's buffer reuse and "
+        "memory planning are not modelled (peak approximate)")
+
+_FUSED = [0]   # > 0 while an op that inductor would fuse away runs: its outputs are not counted
+_RAN = [0]     # compiled graphs run since the last reset (0 after a forward: dynamo fell back to eager)
+
+
+class CompileError(ExecutionError):
+    """torch.compile could not trace the model on the meta device (one line for the user)."""
+
+
+def recorder_class(base: type) -> type:
+    """The engine's recorder, on while compiled graphs run (off while dynamo compiles), blind to fused ops."""
+
+    class CompiledRecorder(base):
+        @classmethod
+        def ignore_compile_internals(cls) -> bool:
+            return True
+
+        def note(self, t: Any) -> None:
+            if not _FUSED[0]:
+                super().note(t)
+
+    return CompiledRecorder
+
+
+def compile_model(model: Any) -> Any:
+    """`torch.compile(model)` with the estimating backend; dynamo's failures become one line."""
+    import torch
+
+    compiled: Any = torch.compile(model, backend=_backend, dynamic=False)
+    inner = compiled.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        from torch._dynamo.exc import TorchDynamoException
+
+        _RAN[0] = 0
+        # Every estimate builds a new model: without a higher limit dynamo would stop compiling after 8
+        # and run the rest eagerly.
+        with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
+            try:
+                out = inner(*args, **kwargs)
+            except TorchDynamoException as exc:
+                raise CompileError(f"torch.compile cannot trace this model on the meta device: "
+                                   f"{_first_line(exc)}") from None
+        if not _RAN[0]:
+            raise CompileError("torch.compile ran this model eagerly (no graph was compiled): "
+                               "nothing to estimate under --compile")
+        return out
+
+    compiled.forward = forward
+    return compiled
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("backend="):
+            return line[:300]
+    return type(exc).__name__
+
+
+# ------------------------------------------------------------------ the backend
+
+
+def _backend(gm: Any, example_inputs: Any) -> Any:
+    """inductor's compile_fx up to code generation: its decompositions, joint passes and partitioner."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch import config as functorch_config
+    from torch._inductor import compile_fx
+    from torch._inductor import config as inductor_config
+
+    # Constant folding evaluates the constant part of the joint graph with real kernels: on the meta device
+    # it folds everything. What it folds are constants (never saved), so it is left out.
+    with functorch_config.patch(unlift_effect_tokens=True, force_non_lazy_backward_lowering=True), \
+            inductor_config.patch(joint_graph_constant_folding=False), _composite_meta_kernels_hidden():
+        return aot_autograd(fw_compiler=_runner, bw_compiler=_runner,
+                            decompositions=compile_fx.select_decomp_table(), partition_fn=_partition,
+                            keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+@contextlib.contextmanager
+def _composite_meta_kernels_hidden() -> Iterator[None]:
+    """Python meta kernels registered for composite ops run instead of the composite (and its autograd) when
+    the Python dispatcher sees a meta tensor; hidden, the composite decomposes as it does on a real device."""
+    import torch
+    from torch._decomp import global_decomposition_table
+
+    meta = torch._C.DispatchKey.Meta
+    hidden: dict = {}
+    for table in ("meta", "post_autograd", "pre_autograd"):
+        for op in global_decomposition_table[table]:
+            if (isinstance(op, torch._ops.OpOverload) and op not in hidden and meta in op.py_kernels
+                    and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")):
+                hidden[op] = op.py_kernels.pop(meta)
+                op._dispatch_cache.clear()
+    try:
+        yield
+    finally:
+        for op, fn in hidden.items():
+            op.py_kernels[meta] = fn
+            op._dispatch_cache.clear()
+
+
+def _fakes(graphs: list, extra: Any = ()) -> list:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _pytree as pytree
+
+    out = [t for t in extra if isinstance(t, FakeTensor)]
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            out += [t for t in pytree.tree_leaves(node.meta.get("val")) if isinstance(t, FakeTensor)]
+    return out
+
+
+def _partition(gm: Any, joint_inputs: Any, **kwargs: Any) -> tuple:
+    """inductor's partition_fn (joint-graph passes, then the min-cut partitioner) on the joint graph relabelled
+    as CPU tensors (inductor skips meta ones); the two graphs it returns relabelled back to meta."""
+    import torch
+    from torch._inductor import compile_fx
+    from torch.utils import _pytree as pytree
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    relabelled = [t for t in _fakes([gm], joint_inputs) if t.fake_device == meta]
+    for t in relabelled:
+        t.fake_device = cpu
+    try:
+        fw, bw = compile_fx.partition_fn(gm, joint_inputs, **kwargs)
+    finally:
+        for t in relabelled:
+            t.fake_device = meta
+    for t in _fakes([fw, bw]):
+        if t.fake_device == cpu:
+            t.fake_device = meta
+    for g in (fw, bw):   # ops the passes inserted were told the CPU: they run on the meta device
+        for node in g.graph.nodes:
+            node.args, node.kwargs = pytree.tree_map_only(torch.device, lambda _: meta, (node.args, node.kwargs))
+        g.recompile()
+    return fw, bw
+
+
+def _runner(gm: Any, example_inputs: Any) -> Callable:
+    """The partitioned graph, run op by op under the recorder with inductor's fusion approximated."""
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    _approximate_fusion(gm)
+    gm.recompile()
+    run = boxed_nop(gm, example_inputs)
+
+    def counted(args: list) -> Any:
+        _RAN[0] += 1
+        return run(args)
+
+    counted._boxed_call = True  # type: ignore[attr-defined]  # AOTAutograd's calling convention
+    return counted
+
+
+# ------------------------------------------------------------------ inductor's fusion, approximated
+
+
+def _loop_ops() -> set:
+    """Ops inductor lowers to loops (fusible into their consumers) without the pointwise tag."""
+    import torch
+
+    aten, prims = torch.ops.aten, torch.ops.prims
+    return {aten.constant_pad_nd.default, prims.iota.default, aten.scalar_tensor.default, aten.full.default,
+            aten.gather.default, aten.index.Tensor, aten._unsafe_index.Tensor, aten._to_copy.default,
+            aten.slice_scatter.default, aten.select_scatter.default, aten._unsafe_view.default}
+
+
+def _tags(target: Any) -> tuple:
+    return tuple(getattr(target, "tags", ()))
+
+
+def _approximate_fusion(gm: Any) -> None:
+    """Mark the ops inductor would fuse away (see the module docstring) and keep what they read alive."""
+    import torch
+
+    loops = _loop_ops()
+    pointwise, reduction = torch.Tag.pointwise, torch.Tag.reduction
+
+    def is_view(node: Any) -> bool:
+        return bool(getattr(node.target, "is_view", False))
+
+    def fusible(node: Any) -> bool:
+        return node.op == "call_function" and (pointwise in _tags(node.target) or node.target in loops
+                                               or is_view(node))
+
+    def reads_in_loop(node: Any) -> bool:
+        return node.op == "call_function" and not is_view(node) and (
+            pointwise in _tags(node.target) or reduction in _tags(node.target) or node.target in loops)
+
+    fused: set = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if fusible(node) and all(reads_in_loop(u) or u in fused for u in node.users):
+            fused.add(node)
+    reads: dict = {}   # node -> the allocated tensors it reads, through fused ops
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        reads[node] = set().union(*(reads[a] if a in fused else {a} for a in inputs)) if inputs else set()
+        if node in fused:
+            node.target = _fused(node.target)
+            continue
+        keep = reads[node] - set(inputs)
+        if keep and node.op == "call_function":
+            node.target = _keeping(node.target)
+            node.kwargs = {**node.kwargs, "_keep": tuple(keep)}
+
+
+def _fused(op: Any) -> Callable:
+    def fused(*args: Any, **kwargs: Any) -> Any:
+        _FUSED[0] += 1
+        try:
+            return op(*args, **kwargs)
+        finally:
+            _FUSED[0] -= 1
+
+    fused.__name__ = "fused_" + str(op).replace(".", "_")
+    return fused
+
+
+def _keeping(op: Any) -> Callable:
+    """op, with extra arguments that only keep tensors alive until it runs (the graph frees a value after its
+    last use): a fused op is computed inside this one's kernel, so what it reads is read now."""
+
+    def keeping(*args: Any, _keep: tuple = (), **kwargs: Any) -> Any:
+        return op(*args, **kwargs)
+
+    keeping.__name__ = "keeping_" + str(op).replace(".", "_")
+    return keeping
