@@ -64,16 +64,75 @@ class ExecutionError(ValueError):
 
 def available(light: bool = False) -> bool:
     """torch, transformers and peft importable. `light` (processes that only estimate: the CLI, the agent's
-    estimator subprocess): bitsandbytes is imported without building its torch.compile'd CPU kernels."""
+    estimator subprocess): imported the cheap way, see `_light_imports`."""
     try:
-        import torch  # noqa: F401
+        with _light_imports() if light else contextlib.nullcontext():
+            import torch  # noqa: F401
 
-        import_bitsandbytes(light)   # before peft, which imports it
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
+            import_bitsandbytes(light)   # before transformers and peft, which import it
+            import transformers  # noqa: F401
+
+            with _one_models_scan() if light else contextlib.nullcontext():
+                import peft  # noqa: F401
     except Exception:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _light_imports() -> Iterator[None]:
+    """No cyclic garbage collection while torch, transformers and peft import, then their objects frozen out of
+    every later collection: ~3,000 modules' objects would otherwise be walked by dozens of collections while
+    they import, and again by each full collection after (the last one at exit), about a fifth of a cold
+    estimate's CPU time. Only in a process that has not imported torch yet (the CLI, the agent's estimator
+    subprocess): a frozen object is never collected, which a long-lived process that imported torch itself
+    (a test session, a training job) should not be subjected to. The estimate runs with the collector on;
+    its numbers do not depend on it."""
+    import gc
+    import sys
+
+    if "torch" in sys.modules:
+        yield
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _one_models_scan() -> Iterator[None]:
+    """transformers' package init reads every file under transformers/models for its `__all__` (~2,600 files)
+    through an lru_cache'd `create_import_structure_from_path(folder)`; transformers/models/__init__.py then
+    calls it again with its own file name, which the function turns into the same folder, but the cache sees a
+    new argument and reads every file again. While peft imports (it is what first imports transformers.models),
+    a file is passed to the cache as its folder, so the second scan is the first one's result."""
+    import os
+    from pathlib import Path
+
+    try:
+        from transformers.utils import import_utils
+    except ImportError:
+        yield
+        return
+    scan = getattr(import_utils, "create_import_structure_from_path", None)
+    if scan is None or not hasattr(scan, "cache_info"):   # not the lru_cache'd function this was written for
+        yield
+        return
+
+    def by_folder(module_path: Any) -> Any:
+        return scan(Path(os.path.dirname(module_path)) if os.path.isfile(module_path) else module_path)
+
+    # A plain function stands in for the lru_cache wrapper (what mypy sees) until peft is imported.
+    import_utils.create_import_structure_from_path = by_folder  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        import_utils.create_import_structure_from_path = scan
 
 
 _BNB_NOISE = "Failed to load CPU gemm_4bit_forward from kernels-community"
