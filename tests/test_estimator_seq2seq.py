@@ -286,6 +286,7 @@ def test_seq2seq_presets_have_the_published_parameter_counts():
     (["llama-2-7b", "--target-len", "64"], "--target-len applies to encoder-decoder models"),
     (["flan-t5-base", "--target-len", "0"], "target len must be at least 1"),
     (["flan-t5-base", "--loss", "chunked"], "--loss chunked is executed for causal LMs"),
+    (["flan-t5-base", "--compile"], "--compile is executed for causal LMs"),
     (["flan-t5-base", "--engine", "formula"], "encoder-decoder model: the formula engine"),
 ])
 def test_seq2seq_mistakes_are_one_line_errors(capsys, argv, message):
