@@ -94,8 +94,16 @@ def _train_real(family: str, method: str, ckpt: bool) -> dict:
 
 def _compare(family: str, method: str, ckpt: bool) -> list[str]:
     est = execute(FAMILIES[family], _setup(family, method, ckpt))
-    got = _train_real(family, method, ckpt)
-    case = f"{family} {method} ckpt={'on' if ckpt else 'off'}"
+    problems, _ = compare_with_real(f"{family} {method} ckpt={'on' if ckpt else 'off'}", est,
+                                    lambda: _train_real(family, method, ckpt))
+    return problems
+
+
+def compare_with_real(case: str, est, train) -> tuple[list[str], str]:
+    """An estimate against a real run (`train()`, measured by test_estimator_accuracy.measure): the three
+    state blocks and the end-of-forward activations byte for byte, the peak within PEAK_TOLERANCE. Returns
+    the problems and a one-line summary."""
+    got = train()
     problems = [f"{case}: {block} measured {got['blocks'][block]} != estimated {est.blocks[block]}"
                 for block in ("parameters", "gradients", "optimizer") if got["blocks"][block] != est.blocks[block]]
     acts = got["step"]["eof_blocks"]["activations"]
@@ -107,13 +115,16 @@ def _compare(family: str, method: str, ckpt: bool) -> list[str]:
         # Mixtral peak from the profiler's events came out 533 KB (11%) below its usual value, which every
         # other run reproduces to within 12 bytes. Cause not found yet (see the stop-9 note): measure the
         # real run once more before calling the estimate wrong, and say so.
-        again = _train_real(family, method, ckpt)["real_peak"]
+        again = train()["real_peak"]
         warnings.warn(f"{case}: real peak {real} re-measured as {again}", stacklevel=2)
         real = again
-    if abs(est.peak_allocated - real) > PEAK_TOLERANCE * real:
-        problems.append(f"{case}: peak measured {real}, estimated {est.peak_allocated} "
-                        f"({(est.peak_allocated - real) / real:+.1%})")
-    return problems
+    err = (est.peak_allocated - real) / real
+    if abs(err) > PEAK_TOLERANCE:
+        problems.append(f"{case}: peak measured {real}, estimated {est.peak_allocated} ({err:+.1%})")
+    line = (f"{case}: params {est.blocks['parameters']} grads {est.blocks['gradients']} optim "
+            f"{est.blocks['optimizer']} acts {est.blocks['activations']} (real {acts}); peak {est.peak_allocated} "
+            f"vs real {real} ({err:+.2%})")
+    return problems, line
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 
 import pytest
 
@@ -22,13 +21,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from test_estimator_accuracy import _set_ckpt, measure  # noqa: E402
+from test_estimator_execute import compare_with_real  # noqa: E402
 
 from vramtop.cli import main  # noqa: E402
 from vramtop_agent.estimator import Setup, SetupError, estimate  # noqa: E402
 from vramtop_agent.estimator.execute import execute  # noqa: E402
 from vramtop_agent.estimator.model_desc import from_hf_config  # noqa: E402
 
-PEAK_TOLERANCE = 0.03
 BATCH, SEQ, TARGET = 2, 32, 16
 # Tiny copies of: Flan-T5 (gated GELU, tie_word_embeddings false so no output scaling, dropout 0.1 as
 # published; eager attention), T5 v1.0 (ReLU, the decoder's output scaled by d_model^-0.5; no dropout, so
@@ -107,26 +106,8 @@ def _train_real(variant: str, method: str, ckpt: bool) -> dict:
 
 def _compare(variant: str, method: str, ckpt: bool) -> tuple[list[str], str]:
     est = execute(MODELS[variant], _setup(variant, method, ckpt))
-    got = _train_real(variant, method, ckpt)
-    case = f"{variant} {method} ckpt={'on' if ckpt else 'off'}"
-    problems = [f"{case}: {block} measured {got['blocks'][block]} != estimated {est.blocks[block]}"
-                for block in ("parameters", "gradients", "optimizer") if got["blocks"][block] != est.blocks[block]]
-    acts = got["step"]["eof_blocks"]["activations"]
-    if acts != est.blocks["activations"]:
-        problems.append(f"{case}: activations measured {acts} != estimated {est.blocks['activations']}")
-    real = got["real_peak"]
-    if abs(est.peak_allocated - real) > PEAK_TOLERANCE * real:
-        # As in test_estimator_execute: the reference has been seen to vary once under load; measure again.
-        again = _train_real(variant, method, ckpt)["real_peak"]
-        warnings.warn(f"{case}: real peak {real} re-measured as {again}", stacklevel=2)
-        real = again
-    err = (est.peak_allocated - real) / real
-    if abs(err) > PEAK_TOLERANCE:
-        problems.append(f"{case}: peak measured {real}, estimated {est.peak_allocated} ({err:+.1%})")
-    line = (f"{case}: params {est.blocks['parameters']} grads {est.blocks['gradients']} optim "
-            f"{est.blocks['optimizer']} acts {est.blocks['activations']} (real {acts}); peak {est.peak_allocated} "
-            f"vs real {real} ({err:+.2%})")
-    return problems, line
+    return compare_with_real(f"{variant} {method} ckpt={'on' if ckpt else 'off'}", est,
+                             lambda: _train_real(variant, method, ckpt))
 
 
 @pytest.mark.parametrize("variant,method", [(v, m) for v in ("flan", "v1", "bart") for m in ("full", "lora", "qlora")]
