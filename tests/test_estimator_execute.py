@@ -212,3 +212,39 @@ def test_remembered_op_results_never_leak_between_estimates():
     warm = execute(cfg, lora)
     assert warm.blocks == cold.blocks and warm.phase_peaks == cold.phase_peaks
     assert set(warm.params_by_dtype) == {"fp16", "fp32"}   # fp16 base, fp32 adapters
+
+
+_LIGHT_PROBE = """
+import gc, sys
+from vramtop_agent.estimator.execute import available
+assert available(light=True)
+import transformers.models as models
+from transformers.utils import import_utils
+scan = import_utils.create_import_structure_from_path
+assert scan.cache_info().hits >= 1, scan.cache_info()       # models/ read once: the second reading was a hit
+assert gc.isenabled() and gc.get_freeze_count() > 100_000, gc.get_freeze_count()
+# A second, independent reading of models/ (the restored function, a key it has not cached) gives the same namespace.
+again = import_utils._LazyModule("transformers.models", models.__file__,
+                                 import_utils.define_import_structure(models.__file__))
+assert again._class_to_module == models._class_to_module and again._modules == models._modules
+assert sorted(again.__all__) == sorted(models.__all__)
+assert again._object_missing_backend == models._object_missing_backend
+print("ok")
+"""
+
+
+def test_light_imports_read_transformers_models_once_and_freeze_only_a_fresh_process():
+    """available(light=True), what the CLI calls in a fresh process: transformers' models/ folder is read once
+    instead of twice, with the same lazy namespace as a reading of its own; the reading function is put back;
+    the collector is on again, the imported objects frozen out of it. A process that had imported torch before
+    (this one) gets nothing frozen: a frozen object is never collected."""
+    import gc
+    import subprocess
+    import sys
+
+    from vramtop_agent.estimator.execute import available
+
+    done = subprocess.run([sys.executable, "-c", _LIGHT_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    frozen = gc.get_freeze_count()
+    assert available(light=True) and gc.get_freeze_count() == frozen and gc.isenabled()
