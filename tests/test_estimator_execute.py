@@ -47,15 +47,19 @@ BATCH, SEQ = 2, 32
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: why one thread
 
 
-def _real_model(cfg: dict, method: str, tmpdir: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _real_model(cfg: dict, method: str, tmpdir: str, attn: str = "eager", auto: str = "AutoModelForCausalLM"):
+    """The real model of a tiny config (`auto`: transformers' class that builds it), 4-bit as transformers loads
+    it for QLoRA (saved, reloaded with bitsandbytes NF4, prepared for kbit training)."""
+    import transformers
+    from transformers import AutoConfig
 
+    auto_class = getattr(transformers, auto)
     cfg = dict(cfg)
     hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    hf._attn_implementation = "eager"
+    hf._attn_implementation = attn
     hf.use_cache = False
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf)
+    model = auto_class.from_config(hf)
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
         from peft import prepare_model_for_kbit_training
@@ -64,8 +68,8 @@ def _real_model(cfg: dict, method: str, tmpdir: str):
         model.save_pretrained(tmpdir)
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(tmpdir, quantization_config=bnb, device_map="cpu",
-                                                     attn_implementation="eager")
+        model = auto_class.from_pretrained(tmpdir, quantization_config=bnb, device_map="cpu",
+                                           attn_implementation=attn)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 

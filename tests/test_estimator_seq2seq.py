@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from test_estimator_accuracy import _set_ckpt, measure  # noqa: E402
+from test_estimator_execute import _real_model as real_model  # noqa: E402
 from test_estimator_execute import compare_with_real  # noqa: E402
 
 from vramtop.cli import main  # noqa: E402
@@ -62,26 +63,7 @@ def _setup(variant: str, method: str, ckpt: bool) -> Setup:
 
 
 def _real_model(cfg: dict, method: str, tmpdir: str, attn: str = "eager"):
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-    cfg = dict(cfg)
-    hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    hf._attn_implementation = attn
-    hf.use_cache = False
-    torch.manual_seed(0)
-    model = AutoModelForSeq2SeqLM.from_config(hf)
-    if method == "qlora":
-        pytest.importorskip("bitsandbytes")
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
-        model.save_pretrained(tmpdir)
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForSeq2SeqLM.from_pretrained(tmpdir, quantization_config=bnb, device_map="cpu",
-                                                      attn_implementation=attn)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
+    return real_model(cfg, method, tmpdir, attn, auto="AutoModelForSeq2SeqLM")
 
 
 def _batch():

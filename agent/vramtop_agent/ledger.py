@@ -111,17 +111,6 @@ class StorageLedger:
         self._bulk = self._keyset = None
         self.version = _LATEST[0] = next(_VERSIONS)
 
-    def replace(self, owners: dict, storages: dict, totals: dict[str, int]) -> None:
-        """Take over a whole state built elsewhere (one pass over many owners, no per-owner calls)."""
-        self._owners, self._storages, self._totals = owners, storages, totals
-        self._bulk = self._keyset = None
-        self.version = _LATEST[0] = next(_VERSIONS)
-
-    def holds(self, owners: dict, storages: dict) -> bool:
-        """True when the ledger already holds exactly this state (a re-read that found nothing new)."""
-        self._tables()
-        return owners == self._owners and storages == self._storages
-
     def owners(self) -> list:
         bulk = self._bulk
         if bulk is not None:
