@@ -1,17 +1,17 @@
 """--compile against real `torch.compile` training runs on the CPU (default inductor backend, C++ kernels).
 
-The real run compiles the same tiny Llama the other estimator tests build (full and LoRA, checkpointing
-off and on), trains two steps and measures the second: the bytes autograd saved in forward (every
-storage the compiled function hands to saved_tensors_hooks, alive at the end of forward, parameters
+The real run compiles the tiny models the other estimator tests build (Llama full and LoRA, checkpointing
+off and on; Gemma 2 full), trains two steps and measures the second: the bytes autograd saved in forward
+(every storage the compiled function hands to saved_tensors_hooks, alive at the end of forward, parameters
 excluded) and the peak of each phase (the CPU allocator's alloc/free events on top of what was alive at the
 step's start).
 
-What is compared, and how tightly (docs/estimator.md, "torch.compile"):
+What is compared, and how tightly (docs/estimator.md, "--compile"):
 - activations: byte for byte (the estimate runs inductor's own partitioner);
 - the peak of each phase (forward, backward, optimizer step): within 3 % without checkpointing (measured:
-  exact to 240 bytes); with checkpointing within 7 % (measured in backward: full +2.0 %, LoRA -5.4 %:
-  inductor's multi-output kernels in the recomputed layers hold buffers together that the estimate's
-  fusion model allocates and frees one at a time; see compiled.py).
+  within 0.01 %); with checkpointing within 7 % (measured in backward: full +2.0 %, LoRA -5.4 %). The
+  difference is inductor's reordering of the backward graph for peak memory, which the estimate does not
+  replay: with torch._inductor.config.reorder_for_peak_memory off, the real runs come to +0.3 % and -0.02 %.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from test_estimator_execute import BATCH, FAMILIES, SEQ, _real_model, _setup  # 
 from vramtop_agent.estimator import SetupError, estimate, from_hf_config  # noqa: E402
 from vramtop_agent.estimator.execute import ExecutionError, execute  # noqa: E402
 
-CASES = [("full", False), ("full", True), ("lora", False), ("lora", True)]
+# Llama full/LoRA x checkpointing; Gemma 2 (soft-capped logits: its loss's backward is written in place of a
+# saved tensor, which the estimate's in-place rule has to see to get the peak).
+CASES = [("llama", "full", False), ("llama", "full", True), ("llama", "lora", False), ("llama", "lora", True),
+         ("gemma2", "full", False)]
 PEAK_TOLERANCE = {False: 0.03, True: 0.07}   # by checkpointing (module docstring: the measured errors)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: why one thread
@@ -57,14 +60,14 @@ def _alive_bytes(refs: dict, exclude: set) -> int:
     return sum(st.nbytes() for st in alive if st is not None)
 
 
-def _train_compiled(method: str, ckpt: bool) -> dict:
+def _train_compiled(family: str, method: str, ckpt: bool) -> dict:
     """Two steps of the compiled model; the second measured phase by phase (forward, backward, optimizer)."""
     with tempfile.TemporaryDirectory() as tmp:
-        model = _real_model(FAMILIES["llama"], method, tmp)
+        model = _real_model(FAMILIES[family], method, tmp)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = _setup("llama", method, ckpt).lora_targets
+        targets = _setup(family, method, ckpt).lora_targets
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, task_type="CAUSAL_LM",
                                                  target_modules=list(targets)))
     _set_ckpt(model, ckpt)
@@ -109,22 +112,23 @@ def runs():
     (compiling is the slow part)."""
     made: dict = {}
 
-    def get(method: str, ckpt: bool) -> dict:
-        if (method, ckpt) not in made:
-            setup = _setup("llama", method, ckpt)
-            made[method, ckpt] = {"eager": execute(FAMILIES["llama"], setup),
-                                  "compiled": execute(FAMILIES["llama"], setup.with_(compile=True)),
-                                  "real": _train_compiled(method, ckpt)}
-        return made[method, ckpt]
+    def get(family: str, method: str, ckpt: bool) -> dict:
+        case = family, method, ckpt
+        if case not in made:
+            setup = _setup(family, method, ckpt)
+            made[case] = {"eager": execute(FAMILIES[family], setup),
+                          "compiled": execute(FAMILIES[family], setup.with_(compile=True)),
+                          "real": _train_compiled(family, method, ckpt)}
+        return made[case]
 
     return get
 
 
-@pytest.mark.parametrize("method,ckpt", CASES)
-def test_compiled_estimate_matches_a_real_compiled_run(runs, method, ckpt):
-    got = runs(method, ckpt)
+@pytest.mark.parametrize("family,method,ckpt", CASES)
+def test_compiled_estimate_matches_a_real_compiled_run(runs, family, method, ckpt):
+    got = runs(family, method, ckpt)
     est, real = got["compiled"], got["real"]
-    case = f"llama {method} ckpt={'on' if ckpt else 'off'} compiled"
+    case = f"{family} {method} ckpt={'on' if ckpt else 'off'} compiled"
     assert est.blocks["activations"] == real["activations"], case
     problems = []
     for phase, measured in real["phase_peaks"].items():
@@ -137,11 +141,11 @@ def test_compiled_estimate_matches_a_real_compiled_run(runs, method, ckpt):
     assert abs(est.peak_allocated - top) <= PEAK_TOLERANCE[ckpt] * top
 
 
-@pytest.mark.parametrize("method,ckpt", CASES)
-def test_compile_saves_less_than_eager(runs, method, ckpt):
+@pytest.mark.parametrize("family,method,ckpt", CASES)
+def test_compile_saves_less_than_eager(runs, family, method, ckpt):
     """What compile buys: inductor's partitioner recomputes cheap element-wise ops in backward instead of
     saving their outputs (and fuses the loss), so fewer bytes are saved than eager autograd saves."""
-    got = runs(method, ckpt)
+    got = runs(family, method, ckpt)
     eager, compiled = got["eager"], got["compiled"]
     assert compiled.blocks["activations"] < eager.blocks["activations"]
     assert compiled.peak_allocated <= eager.peak_allocated

@@ -17,12 +17,15 @@ Three things stand between meta tensors and inductor, each handled here:
 - inductor leaves meta tensors alone (its pattern matcher skips them): the joint graph's fake tensors are
   relabelled as CPU tensors while inductor's passes and partitioner run, and back to meta afterwards.
 
-What is approximated: inductor's kernels, their fusion and its buffer reuse. An element-wise op (or a view)
-whose every consumer reads it inside a loop (another element-wise op or a reduction) is taken to be fused
-into its consumers: its output is never allocated, and the tensors it reads stay alive until the consumer
-that inlines it runs. Everything else (matmuls, attention kernels, reductions, scatters, graph outputs) is
-allocated as the graph runs and freed after its last use. Inductor's multi-output kernels, its in-place
-buffer reuse and its memory planning are not modelled.
+What is approximated: inductor's kernels, their fusion and its memory planning. An element-wise op (or a
+view) whose every consumer reads it inside a loop (another element-wise op or a reduction) is taken to be
+fused into its consumers: its output is never allocated, and the tensors it reads stay alive until the
+consumer that inlines it runs. An element-wise kernel writes its output in a buffer it reads that dies with it
+and has the output's size and dtype (inductor's in-place reuse; in backward, of the saved tensors AOTAutograd
+donates). Everything else (matmuls, attention kernels, reductions, scatters, graph outputs) is allocated as
+the graph runs, in the partitioner's order, and freed after its last use. Not modelled: inductor's
+reordering of a graph for peak memory (it changes backward peaks with checkpointing by a few percent either
+way), its multi-output kernels, the CUDA backend's own fusion choices.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from vramtop_agent.estimator.execute import ExecutionError
 
 NOTE = ("torch.compile (inductor, default mode, static shapes): what is saved for backward comes from "
         "inductor's own partitioner (min-cut recomputation on the joint graph); its kernels are not generated: "
-        "element-wise chains are assumed fused (their intermediates never allocated), inductor's buffer reuse and "
-        "memory planning are not modelled (peak approximate)")
+        "element-wise chains are taken as fused and written in place where inductor can, its reordering for peak "
+        "memory is not modelled (peaks approximate, a few percent with checkpointing)")
 
 _FUSED = [0]   # > 0 while an op that inductor would fuse away runs: its outputs are not counted
 _RAN = [0]     # compiled graphs run since the last reset (0 after a forward: dynamo fell back to eager)
+_RECORDER: list = [None]   # the recorder in use (in-place reuse moves bytes between its storages)
 
 
 class CompileError(ExecutionError):
@@ -55,9 +59,30 @@ def recorder_class(base: type) -> type:
         def ignore_compile_internals(cls) -> bool:
             return True
 
+        def __enter__(self) -> Any:
+            _RECORDER[0] = self
+            return super().__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            _RECORDER[0] = None
+            return super().__exit__(*exc)
+
         def note(self, t: Any) -> None:
             if not _FUSED[0]:
                 super().note(t)
+
+        def adopt(self, old: Any, new: Any) -> None:
+            """`new` is written in `old`'s buffer (inductor's in-place reuse): old's bytes become new's, freed
+            when new is."""
+            key, st = old.untyped_storage()._cdata, new.untyped_storage()
+            if key not in self.live or st._cdata in self.live:
+                self.note(new)
+                return
+            self.level -= self.live.pop(key)
+            self._refs.pop(key, None)   # the dropped weak reference never calls back
+            if self.allocator is not None:
+                self.allocator.free(key)
+            self.note(new)
 
     return CompiledRecorder
 
@@ -183,7 +208,7 @@ def _runner(gm: Any, example_inputs: Any) -> Callable:
     """The partitioned graph, run op by op under the recorder with inductor's fusion approximated."""
     from torch._dynamo.backends.debugging import boxed_nop
 
-    _approximate_fusion(gm)
+    _approximate_fusion(gm, _donated(gm))
     gm.recompile()
     run = boxed_nop(gm, example_inputs)
 
@@ -212,8 +237,20 @@ def _tags(target: Any) -> tuple:
     return tuple(getattr(target, "tags", ()))
 
 
-def _approximate_fusion(gm: Any) -> None:
-    """Mark the ops inductor would fuse away (see the module docstring) and keep what they read alive."""
+def _donated(gm: Any) -> set:
+    """The backward graph's inputs AOTAutograd donates to inductor (saved tensors nothing else holds): inductor
+    may write its outputs in their buffers."""
+    from torch._inductor.utils import get_donated_idxs
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not any(n.name.startswith("tangents") for n in placeholders):
+        return set()
+    return {placeholders[i] for i in get_donated_idxs() or () if i < len(placeholders)}
+
+
+def _approximate_fusion(gm: Any, donated: set) -> None:
+    """Mark the ops inductor would fuse away, keep what they read alive until their consumer runs, and let a
+    kernel write its output in a same-sized buffer that dies with it (see the module docstring)."""
     import torch
 
     loops = _loop_ops()
@@ -230,41 +267,78 @@ def _approximate_fusion(gm: Any) -> None:
         return node.op == "call_function" and not is_view(node) and (
             pointwise in _tags(node.target) or reduction in _tags(node.target) or node.target in loops)
 
+    nodes = list(gm.graph.nodes)
     fused: set = set()
-    for node in reversed(list(gm.graph.nodes)):
+    for node in reversed(nodes):
         if fusible(node) and all(reads_in_loop(u) or u in fused for u in node.users):
             fused.add(node)
     reads: dict = {}   # node -> the allocated tensors it reads, through fused ops
-    for node in gm.graph.nodes:
+    keep: dict = {}
+    for node in nodes:
         inputs = node.all_input_nodes
         reads[node] = set().union(*(reads[a] if a in fused else {a} for a in inputs)) if inputs else set()
+        if node not in fused and node.op == "call_function":
+            keep[node] = reads[node] - set(inputs)
+    owner: dict = {}   # node -> the node whose buffer it is (views share their base's)
+    last: dict = {}    # buffer owner -> index of its last reader
+    for i, node in enumerate(nodes):
+        owner[node] = owner.get(node.args[0], node) if is_view(node) and node.args else node
+        for a in set(node.all_input_nodes) | keep.get(node, set()):
+            last[owner.get(a, a)] = i
+    taken: set = set()
+    for i, node in enumerate(nodes):
         if node in fused:
-            node.target = _fused(node.target)
+            node.target = _wrap(node.target, fused=True)
             continue
-        keep = reads[node] - set(inputs)
-        if keep and node.op == "call_function":
-            node.target = _keeping(node.target)
-            node.kwargs = {**node.kwargs, "_keep": tuple(keep)}
+        into = None
+        if node.op == "call_function" and (pointwise in _tags(node.target) or node.target in loops):
+            into = _reusable(node, reads[node], owner, last, i, fused, donated, taken)
+        if into is not None:
+            taken.add(into)
+            node.target = _wrap(node.target, into=True)
+            node.kwargs = {**node.kwargs, "_into": into}
+        if keep.get(node):
+            if into is None:
+                node.target = _wrap(node.target)
+            node.kwargs = {**node.kwargs, "_keep": tuple(keep[node])}
 
 
-def _fused(op: Any) -> Callable:
-    def fused(*args: Any, **kwargs: Any) -> Any:
+def _reusable(node: Any, reads: set, owner: dict, last: dict, index: int, fused: set, donated: set,
+              taken: set) -> Any:
+    """A buffer this kernel reads, dying here, of its output's size and dtype: inductor writes in it."""
+    import torch
+
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return None
+    for a in sorted(reads, key=lambda n: n.name):
+        buf = owner.get(a, a)
+        val = buf.meta.get("val")
+        if (buf in taken or buf in fused or last.get(buf) != index or not isinstance(val, torch.Tensor)
+                or (buf.op == "placeholder" and buf not in donated) or buf.op not in ("placeholder", "call_function")
+                or getattr(buf.target, "is_view", False)):
+            continue
+        if val.dtype == out.dtype and val.untyped_storage().nbytes() == out.untyped_storage().nbytes():
+            return buf
+    return None
+
+
+def _wrap(op: Any, fused: bool = False, into: bool = False) -> Callable:
+    """op, run so the recorder sees what inductor would allocate. `fused`: not at all. `_keep` (extra
+    arguments): tensors a fused op reads are read when this op, which inlines it, runs (the graph frees a value
+    after its last use). `_into`: the output is written in that tensor's buffer."""
+
+    def wrapped(*args: Any, _keep: tuple = (), _into: Any = None, **kwargs: Any) -> Any:
+        if not (fused or into):
+            return op(*args, **kwargs)
         _FUSED[0] += 1
         try:
-            return op(*args, **kwargs)
+            out = op(*args, **kwargs)
         finally:
             _FUSED[0] -= 1
+        if into and _RECORDER[0] is not None:
+            _RECORDER[0].adopt(_into, out)
+        return out
 
-    fused.__name__ = "fused_" + str(op).replace(".", "_")
-    return fused
-
-
-def _keeping(op: Any) -> Callable:
-    """op, with extra arguments that only keep tensors alive until it runs (the graph frees a value after its
-    last use): a fused op is computed inside this one's kernel, so what it reads is read now."""
-
-    def keeping(*args: Any, _keep: tuple = (), **kwargs: Any) -> Any:
-        return op(*args, **kwargs)
-
-    keeping.__name__ = "keeping_" + str(op).replace(".", "_")
-    return keeping
+    wrapped.__name__ = ("fused_" if fused else "inplace_" if into else "keeping_") + str(op).replace(".", "_")
+    return wrapped
