@@ -1,17 +1,26 @@
 """Agent overhead, measured side by side in one run.
 
-1. Step-time ratios watched/bare (median of interleaved pairs of blocks of
-   steps, each block at least 0.25 s, with a 95 % confidence interval of the
-   median; a new agent runs 0.6 s before its block is timed), for two jobs:
+1. Step-time ratios watched/bare, for two jobs:
    - the tiny LoRA fine-tune (vramtop.tiny), batch 4 x seq 128;
    - a launch-bound CPU proxy: 48 layers of width 64, batch 1, where the
      per-op Python cost of hooks dominates, as on a launch-bound GPU;
    each with the default agent (publishing over ipc, 10 Hz edge sampling,
    activations tracked one step in 20 and at least 10 s apart), with
    track-every-step (track_every=1: what the sampling buys), and with
-   recording on (VRAMTOP_RECORD). The default's blocks hold no tracked step;
-   "default, amortized" adds the tracked steps' measured cost at the rate the
-   default schedule has at that step time.
+   recording on (VRAMTOP_RECORD).
+
+   How: two identical copies of the job, one watched, train in alternation,
+   step by step, and every step is timed. On this shared 2-core box the
+   same step's CPU time drifts by +-25 % over seconds (user time, no page
+   faults: the host's contention), so blocks of steps timed a second apart
+   mostly measure the drift; adjacent steps see the same machine. Halfway,
+   the agent moves to the other copy (so neither copy's memory layout
+   favours one side). Reported: the ratio of the summed step times (every
+   step counts: tracked steps at the default schedule, edge samples,
+   collections), with a 95 % bootstrap interval over step pairs, and the
+   median of the pairs' ratios. Work the agent's I/O thread does runs
+   beside the training thread, so part of it can land on either copy's
+   steps: its CPU time is reported too, as a share of the watched run.
 2. The cost of one categorized sample (Agent.snapshot) for the tiny model
    and for a Llama-7B-shaped model on the meta device (no memory used),
    with gradients and AdamW states in place, as in full fine-tuning: as the
@@ -19,7 +28,7 @@
    edge) and with the breakdown re-assembled (a source changed: a phase edge
    after the gradients were read or freed).
 
-    python bench/bench_agent.py [--pairs 60] [--steps 10]   (about 8 minutes)
+    python bench/bench_agent.py [--seconds 60] [--job all|tiny|proxy]   (about 8 minutes)
 
 Targets (issue 11): tiny LoRA <= 1.01, proxy <= 1.03; one 7B-shaped sample < 1 ms.
 """
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import statistics
 import time
 
@@ -36,10 +46,8 @@ import torch
 
 import vramtop_agent
 from vramtop.tiny import add_lora, build_model, make_batch
-from vramtop_agent.tracking import TrackingPolicy
 
-BLOCK_S = 0.25
-SETTLE_S = 0.6
+SETTLE_S = 1.0  # a new agent's first steps (tracked: FIRST_STEPS) and its hello, before timing
 
 
 def _train_block(step, steps: int) -> float:
@@ -82,8 +90,7 @@ def proxy_job(layers: int = 48, width: int = 64):
 
 def median_ci(values: list[float]) -> tuple[float, float, float]:
     """The median and a 95 % confidence interval for it (order statistics: no assumption about the
-    distribution). Two blocks of the same bare job differ by +-5 % (interquartile) on this shared box,
-    so one pair says little; the interval says how much the median of all of them does."""
+    distribution)."""
     v = sorted(values)
     n = len(v)
     half = 1.96 * math.sqrt(n) / 2
@@ -91,32 +98,68 @@ def median_ci(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), v[lo], v[hi]
 
 
-def step_time_ratio(job, pairs: int, steps: int, **options) -> tuple[float, float, list[float]]:
-    """Interleaved (bare, watched) block pairs. A block lasts at least `steps` steps and BLOCK_S seconds
-    (short blocks on a shared 2-core box are mostly scheduler noise); a new agent first runs for SETTLE_S
-    (its tracked first steps, its first hello) so that the watched block is steady state, as in a run
-    that lasts more than a few seconds."""
-    model, opt, step = job
-    _train_block(step, 3)  # warm-up
-    steps = max(steps, math.ceil(BLOCK_S / _train_block(step, 5)))
-    bare, watched, ratios = [], [], []
-    for i in range(pairs):
-        order = (False, True) if i % 2 == 0 else (True, False)  # alternate which goes first
-        times = {}
-        for with_agent in order:
-            if with_agent:
-                agent = vramtop_agent.watch(model, opt, **options)
-                settle = time.perf_counter() + SETTLE_S
-                while time.perf_counter() < settle:
-                    step()
-                times[True] = _train_block(step, steps)
-                agent.stop()
-            else:
-                times[False] = _train_block(step, steps)
-        bare.append(times[False])
-        watched.append(times[True])
-        ratios.append(times[True] / times[False])
-    return statistics.median(bare), statistics.median(watched), ratios
+def sum_ratio_ci(watched: list[float], bare: list[float], rounds: int = 400) -> tuple[float, float, float]:
+    """sum(watched) / sum(bare), and a 95 % bootstrap interval over the pairs."""
+    rng = random.Random(0)
+    n = len(watched)
+    stats = []
+    for _ in range(rounds):
+        idx = [rng.randrange(n) for _ in range(n)]
+        stats.append(sum(watched[i] for i in idx) / sum(bare[i] for i in idx))
+    stats.sort()
+    return sum(watched) / sum(bare), stats[int(0.025 * rounds)], stats[int(0.975 * rounds) - 1]
+
+
+def _thread_cpu(thread) -> float:
+    """CPU seconds a thread has used (Linux), 0.0 where that cannot be read."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except (AttributeError, OSError, TypeError):
+        return 0.0
+
+
+def step_time_ratio(make_job, seconds: float, **options) -> dict:
+    """Two identical copies of the job train in alternation, one watched; every step is timed.
+    The agent moves to the other copy halfway. Returns the figures `main` prints."""
+    jobs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        jobs.append(make_job())
+    for _, _, step in jobs:
+        _train_block(step, 3)  # warm-up
+    clock = time.perf_counter
+    watched, bare = [], []
+    io_cpu = watched_wall = 0.0
+    for half in (0, 1):
+        (w_model, w_opt, w_step), (_, _, b_step) = jobs[half], jobs[1 - half]
+        agent = vramtop_agent.watch(w_model, w_opt, **options)
+        until = clock() + SETTLE_S
+        while clock() < until:
+            w_step()
+            b_step()
+        io0 = _thread_cpu(agent._thread) if agent._thread is not None else 0.0
+        until = clock() + seconds / 2
+        i = 0
+        while clock() < until:
+            first, second = (w_step, b_step) if i % 2 == 0 else (b_step, w_step)  # alternate which goes first
+            t0 = clock()
+            first()
+            t1 = clock()
+            second()
+            t2 = clock()
+            tw, tb = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
+            watched.append(tw)
+            bare.append(tb)
+            watched_wall += tw
+            i += 1
+        if agent._thread is not None:
+            io_cpu += _thread_cpu(agent._thread) - io0
+        agent.stop()
+    ratio, lo, hi = sum_ratio_ci(watched, bare)
+    med, mlo, mhi = median_ci([w / b for w, b in zip(watched, bare)])
+    return {"pairs": len(watched), "bare_ms": statistics.median(bare) * 1e3,
+            "watched_ms": statistics.median(watched) * 1e3, "ratio": ratio, "lo": lo, "hi": hi,
+            "median": med, "median_lo": mlo, "median_hi": mhi, "io_share": io_cpu / watched_wall}
 
 
 def sample_cost(model, opt, repeat: int = 200, rebuild: bool = False) -> float:
@@ -150,10 +193,9 @@ def llama7b_on_meta():
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=60)
+    ap.add_argument("--seconds", type=float, default=60.0, help="timed seconds per job and agent setting")
     ap.add_argument("--job", choices=("all", "tiny", "proxy"), default="all", help="which job's step-time ratios")
     ap.add_argument("--no-sample-cost", action="store_true", help="skip the one-sample timings")
-    ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -162,30 +204,22 @@ def main() -> None:
     rec_dir = tempfile.mkdtemp(prefix="vramtop-bench-")
     configs = [("default", {}), ("track every step", {"track_every": 1}),
                ("recording on", {"record": os.path.join(rec_dir, "bench.vramtop")})]
-    print(f"step-time ratio watched/bare, median of {args.pairs} interleaved pairs of blocks of >= {args.steps} steps "
-          f"and >= {BLOCK_S} s (CPU)")
-    print(f"{'job':44s} {'agent':18s} {'bare ms':>9s} {'watched ms':>11s} {'ratio':>7s}  [95 % CI of the median]")
+    print(f"step-time ratio watched/bare: two copies of the job training in alternation, step by step, one "
+          f"watched, for {args.seconds:.0f} s each (CPU)")
+    print(f"{'job':44s} {'agent':18s} {'pairs':>6s} {'bare ms':>8s} {'watched ms':>10s} {'ratio':>6s} "
+          f"{'[95 % CI]':>15s} {'median pair':>12s} {'I/O thread':>10s}")
     for name, make, target in (("tiny LoRA, batch 4 x seq 128", lora_job, 1.01),
                                ("launch-bound proxy, 48 x width 64, batch 1", proxy_job, 1.03)):
         if args.job != "all" and (make is proxy_job) != (args.job == "proxy"):
             continue
-        job = make()
-        ratios: dict[str, float] = {}
-        bares: dict[str, float] = {}
         for label, options in configs:
             if "record" in options:
                 options = {"record": options["record"] + f".{make.__name__}"}
-            bare, watched, pair_ratios = step_time_ratio(job, args.pairs, args.steps, **options)
-            ratio, lo, hi = median_ci(pair_ratios)
-            ratios[label], bares[label] = ratio, bare
-            print(f"{name:44s} {label:18s} {bare * 1000:9.2f} {watched * 1000:11.2f} {ratio:7.3f}"
-                  f"  [{lo:.3f}, {hi:.3f}]", flush=True)
-        # The default's measured blocks hold no tracked step (they come 1 in 20 steps, and at least 10 s
-        # apart: tracking.py); charge them at their measured cost (the track-every-step run) and rate.
-        every = max(TrackingPolicy.DEFAULT_EVERY, TrackingPolicy.DEFAULT_INTERVAL_S / bares["default"])
-        amortized = ratios["default"] + (ratios["track every step"] - ratios["default"]) / every
-        print(f"{name:44s} {'default, amortized':18s} {'':9s} {'':11s} {amortized:7.3f}   (target <= {target}; "
-              f"a tracked step 1 in {every:.0f} at this step time)", flush=True)
+            r = step_time_ratio(make, args.seconds, **options)
+            print(f"{name:44s} {label:18s} {r['pairs']:6d} {r['bare_ms']:8.2f} {r['watched_ms']:10.2f} "
+                  f"{r['ratio']:6.3f} [{r['lo']:.3f}, {r['hi']:.3f}] {r['median']:12.3f} {r['io_share'] * 100:9.2f}%",
+                  flush=True)
+        print(f"{name:44s} (target <= {target})", flush=True)
 
     if args.no_sample_cost:
         return

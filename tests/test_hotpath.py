@@ -334,8 +334,8 @@ def test_watch_without_track_every_gets_the_default_schedule_and_the_env_overrid
 
 def test_a_gradient_reread_reuses_sizes_only_while_every_gradient_is_a_tensor_of_its_own(list_sink, monkeypatch):
     """Between full reads, a backward's gradients are re-read without a storage lookup each, when the same
-    parameters have gradients of the same sizes, none a view. Exact on every step, and anything unusual
-    (a view of a flat buffer, a gradient missing, the full-read interval gone by) takes the full read."""
+    parameters have gradients, none a view. Exact on every step: a gradient missing, or views of a padded
+    flat buffer set up mid-run, take the full read at once, as does the full-read interval gone by."""
     from helpers import storage_bytes
 
     from vramtop_agent.accounting import Accountant
@@ -366,22 +366,30 @@ def test_a_gradient_reread_reuses_sizes_only_while_every_gradient_is_a_tensor_of
         assert step() > 0
     assert agent.acct.reused_reads == reused + 3
 
+    want = sum(p.numel() for p in params) * 4
+    params[0].requires_grad_(False)  # a parameter without a gradient: a full read at once
+    reused = agent.acct.reused_reads
+    assert step() == want - params[0].numel() * 4
+    assert agent.acct.reused_reads == reused
+    params[0].requires_grad_(True)
+    step()
+
+    padded = want + 4096  # a bucket larger than its gradients (alignment): its storage counts, once
+
     def views_of_one_buffer():
-        flat = torch.zeros(sum(p.numel() for p in params))
+        flat = torch.zeros(padded // 4)
         offset = 0
         for p in params:
             p.grad = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
 
     reused = agent.acct.reused_reads
-    want = sum(p.numel() for p in params) * 4
-    assert step(views_of_one_buffer) == want  # views: the buffer once, by a full read
+    for _ in range(3):  # views: a full read at once, and every read stays full while they are views
+        assert step(views_of_one_buffer) == padded
     assert agent.acct.reused_reads == reused
-    params[0].requires_grad_(False)  # a parameter without a gradient: a full read
-    assert step() == want - params[0].numel() * 4
-    assert agent.acct.reused_reads == reused
-    params[0].requires_grad_(True)
-    step()
+    for _ in range(2):  # plain gradients again: a full read, then re-reads
+        step()
+    assert agent.acct.reused_reads == reused + 1
     monkeypatch.setattr(Accountant, "GRAD_FULL_READ_S", 0.0)  # the interval gone by: full reads only
     reused = agent.acct.reused_reads
     for _ in range(3):

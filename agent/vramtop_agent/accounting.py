@@ -138,6 +138,7 @@ class Accountant:
         self.saved = saved
         self.grads = StorageLedger()  # owner: id(param)
         self._grad_params: dict = {}  # id(param) -> weakref(param), params that have a grad entry
+        self._grad_params_shared: dict | None = None  # the re-read's dict, shared with _plain_grads: copy to change
         self._opt_ledgers: dict = {}  # id(optimizer) -> (ledger, n states, monotonic time of the walk)
         self._params_at = -1e9
         self._params_dirty = True
@@ -302,7 +303,7 @@ class Accountant:
         self._param_ids = frozenset(id(p) for p in objs)
         # A replaced parameter's gradient is no longer ours.
         for pid in [pid for pid in self._grad_params if pid not in self._param_ids]:
-            self._grad_params.pop(pid, None)
+            self._owned_grad_params().pop(pid, None)
             self.grads.drop(pid)
         model = self.model
         entries = []
@@ -337,11 +338,11 @@ class Accountant:
         g = param.grad
         pid = id(param)
         if g is None:
-            self._grad_params.pop(pid, None)
+            self._owned_grad_params().pop(pid, None)
             self.grads.drop(pid)
             return
         if pid not in self._grad_params:
-            self._grad_params[pid] = weakref.ref(param)
+            self._owned_grad_params()[pid] = weakref.ref(param)
         s = g.untyped_storage()
         self.grads.set(pid, s._cdata, s.nbytes(), device_name(g.device))
 
@@ -359,32 +360,44 @@ class Accountant:
         job, so the per-parameter work is done by C-level `map`s over method
         descriptors rather than by a Python loop body per parameter. Between
         full reads (`full`, and at least once a second) a re-read that finds
-        the same parameters with gradients, each a tensor of its own (no
-        `_base`: not a view of a bucket) of the same size as at the last full
-        read, keeps that read's totals without looking up every storage: such
-        a gradient is a new allocation of the same bytes (zero_grad freed the
-        last one). Anything else takes the full read.
+        the same parameters with gradients, none a view (of a bucket), keeps
+        the last full read's totals without looking up every storage, when
+        that read found each gradient a tensor owning exactly its storage:
+        such a gradient is a new allocation of the same bytes (zero_grad
+        freed the last one). A gradient's shape and dtype are its parameter's
+        (autograd and the `.grad` setter refuse others), so its size changes
+        only with the model, which the parameter walk re-reads (at least once
+        a second, and that ends the reuse). Anything else takes the full read.
         """
         refs, pids, devs = self._grad_slots
-        params = list(map(_call, refs))
-        if any(map(_is, params, _NONES)):  # a parameter died since the last walk: skip it
+        try:
+            grads = list(map(_get_grad, map(_call, refs)))  # (one C-level pass)
+        except AttributeError:  # a parameter died since the last walk (its weakref gave None): skip it
+            params = list(map(_call, refs))
             keep = [i for i, p in enumerate(params) if p is not None]
             refs, pids, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
-            params = [params[i] for i in keep]
-        grads = list(map(_get_grad, params))
+            grads = list(map(_get_grad, [params[i] for i in keep]))
         plain = self._plain_grads
         if plain is not None and not full and plain[0] is pids and time.monotonic() - plain[4] < self.GRAD_FULL_READ_S:
-            present = list(map(_is_not, grads, _NONES))
-            if present == plain[1]:
-                live = list(itertools.compress(grads, present))
-                if not any(map(_is_not, map(_get_base, live), _NONES)) and list(map(_get_nbytes, live)) == plain[2]:
-                    self._grad_params = dict(plain[3])  # (sync_grads may drop entries from it)
-                    self.reused_reads += 1
-                    if self.grads.version != plain[6]:  # (unchanged since that read: nothing to do)
-                        self.grads.replace_bulk(*plain[5])
-                        self._plain_grads = (*plain[:6], self.grads.version)
-                        self._grads_named_version = self.grads.version
-                    return
+            # Which parameters have a gradient, and that none is a view (of a bucket: its storage, not its
+            # size, counts), is checked here; not the sizes: a gradient's shape and dtype are its parameter's
+            # (autograd and the .grad setter refuse others), and each attribute read per gradient costs a
+            # launch-bound step about half a percent (bench/bench_agent.py).
+            if plain[7]:  # every parameter had a gradient
+                live = grads
+                same = not any(map(_is, grads, _NONES))
+            else:
+                present = list(map(_is_not, grads, _NONES))
+                same = present == plain[1]
+                live = list(itertools.compress(grads, present)) if same else []
+            if same and not any(map(_is_not, map(_get_base, live), _NONES)):
+                self._grad_params = self._grad_params_shared = plain[3]
+                self.reused_reads += 1
+                if self.grads.version != plain[6]:  # (unchanged since that read: nothing to do)
+                    self.grads.replace_bulk(*plain[5])
+                    self._plain_grads = (*plain[:6], self.grads.version, plain[7])
+                    self._grads_named_version = self.grads.version
+                return
         if any(map(_is, grads, _NONES)):  # (not `None in grads`: that would compare tensors with ==)
             keep = [i for i, g in enumerate(grads) if g is not None]
             refs, pids_kept, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
@@ -420,9 +433,9 @@ class Accountant:
         # The ledger keeps this read's storage keys: later re-reads reuse them as names only (negative:
         # never a live storage's address, so no false overlap with parameters, states or saved tensors).
         names = [-1 - i for i in range(len(keys))]
-        state = (pids_kept, names, bulk[2], devs, dict(self.grads.totals()))
+        state = (pids_kept, names, bulk[2], devs, dict(self.grads.totals()), frozenset(names))
         present = list(map(_is_not, grads, _NONES))
-        return (pids, present, nbytes, dict(self._grad_params), time.monotonic(), state, -1)
+        return (pids, present, nbytes, dict(self._grad_params), time.monotonic(), state, -1, all(present))
 
     def sync_grads(self) -> None:
         """Drop the gradients that are gone (zero_grad(set_to_none)); training thread only, no backward running.
@@ -432,11 +445,10 @@ class Accountant:
         held = self._grad_params
         if not held:
             return
-        params = list(map(_call, held.values()))
-        if any(map(_is, params, _NONES)):
-            grads = [None if p is None else p.grad for p in params]
-        else:
-            grads = list(map(_get_grad, params))
+        try:
+            grads = list(map(_get_grad, map(_call, held.values())))  # (one C-level pass)
+        except AttributeError:  # a parameter died: its gradient with it
+            grads = [None if p is None else p.grad for p in map(_call, held.values())]
         gone_n = sum(map(_is, grads, _NONES))
         if not gone_n:
             return
@@ -444,10 +456,17 @@ class Accountant:
             self._grad_params = {}
             self.grads.clear()
             return
+        held = self._owned_grad_params()
         for pid, g in zip(list(held), grads):
             if g is None:
                 held.pop(pid, None)
                 self.grads.drop(pid)
+
+    def _owned_grad_params(self) -> dict:
+        """`_grad_params` to change in place (a re-read shares the full read's dict with later re-reads)."""
+        if self._grad_params is self._grad_params_shared:
+            self._grad_params = dict(self._grad_params)
+        return self._grad_params
 
     def refresh_grads(self) -> None:
         """Re-read every .grad of the watched parameters; training thread only, no backward running."""

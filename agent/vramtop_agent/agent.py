@@ -64,6 +64,10 @@ HELLO_REBUILD_S = 30.0  # the re-sent hello is a copy; rebuilt (model walk) this
 
 _BACKWARD_START = ("backward", "start")
 _OPTIMIZER_END = ("optimizer", "end")
+# One tuple per phase edge, so that an edge is told by identity (`is`) on the hot path.
+_EDGES = {("forward", "start"): ("forward", "start"), ("forward", "end"): ("forward", "end"),
+          _BACKWARD_START: _BACKWARD_START, ("backward", "end"): ("backward", "end"),
+          ("optimizer", "start"): ("optimizer", "start"), _OPTIMIZER_END: _OPTIMIZER_END}
 
 
 @functools.cache
@@ -79,12 +83,20 @@ def _is_compiling() -> bool:
     return False
 
 
+def _grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
+
+
 def _bind_is_compiling() -> None:
-    global _is_compiling
+    """Bind the torch functions every hook asks (once torch is in use: a model is attached)."""
+    global _is_compiling, _grad_enabled
     try:
         import torch
 
         _is_compiling = torch.compiler.is_compiling
+        _grad_enabled = torch.is_grad_enabled
     except Exception:
         pass
 
@@ -172,6 +184,10 @@ class Agent:
         self.steps: collections.deque = collections.deque(maxlen=10_000)  # step summaries, newest last
 
         self._eseq = 0
+        self._edge_memo: dict = {}  # phase edge -> (breakdown, tracking.version, level, blocks): see _edge
+        self._foreign_optimizers: dict = {}  # id -> (weakref, what was compared): optimizers of other models
+        self._model_gen = 0  # attach_model of another model
+        self._estimate_stale = True  # the live estimate's model or optimizer may have changed
         self._seq = 0
         self._outbox: collections.deque = collections.deque()
         self._hooks: list[HookHandle] = []
@@ -272,6 +288,8 @@ class Agent:
             return
         remove_hooks(self.take_hooks(_is_model_hook))
         self.acct.model = model
+        self._model_gen += 1
+        self._estimate_stale = True
         self.attribution.set_model(model)
         self.tracking.changed()
         self.device = self._primary_device(model)
@@ -282,7 +300,11 @@ class Agent:
         if getattr(model, "_compiled_call_impl", None) is not None:
             # Compiled in place (`model.compile()`): its own hooks run inside the compiled region, where
             # ours would be traced away. Ours go around the compiled call instead, eagerly.
-            handles: list[HookHandle] = [_CompiledCallWrap(model, self._on_forward_pre, self._on_forward_post)]
+            handles: list[HookHandle] = [_CompiledCallWrap(model, self._on_forward_pre,
+                                                                     self._on_compiled_forward_post)]
+            from vramtop_agent import oom
+
+            handles += oom.model_hooks(self, model)  # records an OOM raised inside forward
         else:
             h1 = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
             # always_call: a forward that raises (an OOM) must still pop our saved-tensor hooks.
@@ -290,9 +312,6 @@ class Agent:
             handles = [_ModelHook(h1), _ModelHook(h2)]
         self._grad_hooks_on(False)  # the old model's; a tracked forward of this one registers its own
         self._hooks += handles
-        from vramtop_agent import oom
-
-        self._hooks += oom.model_hooks(self, model)  # records an OOM raised inside forward
         self._queue_hello()
 
     def _write_device_info(self) -> None:
@@ -305,6 +324,7 @@ class Agent:
         """Count this optimizer's states; its step (or any adopted one's) marks the optimizer phase."""
         if self.acct.add_optimizer(optimizer):
             self.tracking.changed()
+            self._estimate_stale = True
             self._queue_hello()
 
     def take_hooks(self, which: Callable[[HookHandle], bool]) -> list[HookHandle]:
@@ -623,8 +643,11 @@ class Agent:
     # ------------------------------------------------------------------ phases
 
     def _edge(self, phase: str, edge: str) -> None:
-        # Five times a step on the training thread: kept to a few dict operations when nothing changed
-        # (the breakdown comes from the accountant's cache; see accounting.py), one call per helper.
+        # Five times a step on the training thread, where a launch-bound job feels every microsecond: when
+        # nothing changed since the last step's same edge (the usual case) this is a few dict operations
+        # and one event. The breakdown comes from the accountant's cache (accounting.py); on an untracked
+        # CPU step the edge's blocks are those of the last step's same edge while the breakdown and the
+        # derivation behind them are the same objects (`_edge_memo`).
         injected = self.injected
         if injected and self.step < injected.get("first_step", 1 << 62):
             return  # a step that began before the agent was injected: its edges are not known
@@ -651,29 +674,43 @@ class Agent:
         elif acct._params_dirty:
             acct.refresh_params()
         bd = acct.assemble()
-        where = (phase, edge)
-        level, blocks = self._level(bd, allocated=allocated, edge=where)
+        where = _EDGES[phase, edge]
+        tracking = self.tracking
+        memo = self._edge_memo.get(where)
+        if (memo is not None and memo[0] is bd and memo[1] == tracking.version and allocated is None
+                and not tracking.tracked):
+            level, blocks = memo[2], memo[3]
+            tracking._last_edge = where  # (what derive() does besides answering)
+        else:
+            level, blocks = self._level(bd, allocated=allocated, edge=where)
+            if allocated is None and not tracking.tracked:
+                self._edge_memo[where] = (bd, tracking.version, level, blocks)
         this = self._this_step
-        if where == _BACKWARD_START:
+        if where is _BACKWARD_START:
             this.forward_end_level = max(this.forward_end_level, level)
             this.forward_end_blocks = blocks
-            this.forward_end_by_module = self.attribution.live() if self.tracking.tracked else None
+            this.forward_end_by_module = self.attribution.live() if tracking.tracked else None
             self._note_level(level, blocks, "forward")
             self._note_level(level, blocks, "backward")  # backward starts from the forward's level
         else:
             self._note_level(level, blocks, phase)
         if not self._sinks:
             return
-        # The job view compares ranks block by block at the edges. `blocks` is this edge's own dict (the
-        # accountant's are copied by _level) and nothing changes it after this: the event shares it.
-        event = self.emit_event({"type": "phase", "step": self.step, "phase": phase, "edge": edge, "level": level,
-                                 "blocks": blocks})
-        if where != _OPTIMIZER_END and self.sample_hz > 0 and \
+        # The job view compares ranks block by block at the edges. `blocks` is never changed after this
+        # (_level builds a new dict; the memo hands the same one to the next step's edge): events share it.
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            self.dropped += 1  # (as emit_event counts it)
+            return
+        self._eseq += 1
+        now = time.time()
+        self._outbox.append({"v": SCHEMA_VERSION, "type": "phase", "t": now, "pid": self.pid, "rank": self.rank,
+                             "step": self.step, "phase": phase, "edge": edge, "level": level, "blocks": blocks,
+                             "eseq": self._eseq})
+        if where is not _OPTIMIZER_END and self.sample_hz > 0 and \
                 time.monotonic() - self._last_sample_at >= 1.0 / self.sample_hz:
             # (optimizer end: sampled after the step ends, as the next step's)
             sample = self._sample(bd, "edge", (level, blocks))
-            if event is not None:
-                sample["t"] = event["t"]  # it measures the edge: the same instant (a replay seeking it finds it)
+            sample["t"] = now  # it measures the edge: the same instant (a replay seeking it finds it)
             self._offer_sample(sample)
 
     def _note_level(self, level: int, blocks: dict, phase: str) -> None:
@@ -716,9 +753,7 @@ class Agent:
         self.run_guarded("forward-pre", self._forward_pre, module, args, kwargs)
 
     def _forward_pre(self, module, args, kwargs) -> None:
-        import torch
-
-        if not torch.is_grad_enabled():
+        if not _grad_enabled():
             return  # evaluation / generation: not a training phase
         self._fwd_depth += 1
         if self._fwd_depth > 1:
@@ -729,11 +764,15 @@ class Agent:
             self._finish_step()  # no optimizer in sight: one forward+backward is a step
         if self._step_started is None:
             self._step_started = time.time()
-        self.batch = _batch_shape(args, kwargs) or self.batch
-        key = _estimate_key()(self.model, self.optimizer, self.batch)
-        if key != self._estimated_for:  # model, optimizer or input shape became known or changed
-            self._estimated_for = key
-            self.run_guarded("estimate", self._update_estimate)
+        batch = _batch_shape(args, kwargs) or self.batch
+        if batch != self.batch or self._estimate_stale:
+            self.batch, self._estimate_stale = batch, False
+            key = _estimate_key()(self.model, self.optimizer, batch)
+            if key != self._estimated_for:  # model, optimizer or input shape became known or changed
+                self._estimated_for = key
+                self.run_guarded("estimate", self._update_estimate)
+        else:
+            self.batch = batch
         tracked = self.tracking.begin_forward(self.step, self.batch, self.saved.enabled)
         if tracked:
             skip_our_frames(self.saved.hot_functions() + self.attribution.hot_functions())
@@ -759,6 +798,18 @@ class Agent:
         if _is_compiling():
             return
         self.run_guarded("forward-post", self._forward_post, output)
+        if output is None:  # always_call: forward raised (or returned None). An OOM there is recorded.
+            exc = sys.exc_info()[1]
+            if exc is not None:
+                from vramtop_agent import oom
+
+                oom.forward_raised(self, exc)
+
+    def _on_compiled_forward_post(self, module, args, output):
+        """Around an in-place compiled module's call (_CompiledCallWrap): its OOMs are oom.model_hooks'."""
+        if _is_compiling():
+            return
+        self.run_guarded("forward-post", self._forward_post, output)
 
     def _forward_post(self, output) -> None:
         if self._fwd_depth == 0:
@@ -766,8 +817,9 @@ class Agent:
         self._fwd_depth -= 1
         if self._fwd_depth > 0:
             return
-        self.saved.exit()
-        self.attribution.exit()
+        if self.tracking.tracked or self.saved._pushed:  # (what enter() began on a tracked forward)
+            self.saved.exit()
+            self.attribution.exit()
         self.tracking.forward_done()
         # The first gradient to reach any output marks the start of backward.
         self._bwd_started = False
@@ -817,8 +869,21 @@ class Agent:
         """Follow an optimizer that steps the watched model's parameters (and only such a one)."""
         if self.acct.has_optimizer(optimizer):
             return True
-        if self.model is None or not self.acct.steps_params_of_model(optimizer):
-            return False  # another model's optimizer (another thread's job): not ours to read
+        if self.model is None:
+            return False
+        # Another model's optimizer (a GAN's discriminator, another thread's job) steps as often as ours:
+        # its parameters are compared with the model's once, again only when its groups or our parameters
+        # change.
+        seen = (len(optimizer.param_groups), self.acct._params_version, self._model_gen)
+        foreign = self._foreign_optimizers.get(id(optimizer))
+        if foreign is not None and foreign[0]() is optimizer and foreign[1] == seen:
+            return False
+        if not self.acct.steps_params_of_model(optimizer):
+            if len(self._foreign_optimizers) >= 64:
+                self._foreign_optimizers.clear()
+            self._foreign_optimizers[id(optimizer)] = (weakref.ref(optimizer), seen)
+            return False  # not ours to read
+        self._foreign_optimizers.pop(id(optimizer), None)
         self.attach_optimizer(optimizer)
         return True
 
@@ -859,8 +924,9 @@ class Agent:
         peaks = {p: int(this.phase_peak.get(p, 0)) for p in PHASES}
         peak_phase = max(PHASES, key=lambda p: peaks[p])
         peak = peaks[peak_phase]
-        blocks = dict(this.best_blocks or dict.fromkeys(BLOCK_KEYS, 0))
+        blocks = this.best_blocks or dict.fromkeys(BLOCK_KEYS, 0)  # (never changed once made: shared)
         if self._cuda_index is not None:
+            blocks = dict(blocks)
             # The allocator knows the peak, not its make-up: the blocks come from the
             # highest edge we measured; the rest of the peak is transient ("other").
             four = sum(blocks[k] for k in BLOCK_KEYS if k != "other")
@@ -877,7 +943,7 @@ class Agent:
             "peak": peak,
             "peak_phase": peak_phase,
             "peak_blocks": blocks,
-            "eof_blocks": dict(this.forward_end_blocks or dict.fromkeys(BLOCK_KEYS, 0)),
+            "eof_blocks": this.forward_end_blocks or dict.fromkeys(BLOCK_KEYS, 0),
             "activations_source": "tracked" if self.tracking.step_tracked else "derived",
         }
         if this.forward_end_by_module:
@@ -886,9 +952,10 @@ class Agent:
         if check is not None:
             summary["derived_check"] = check  # the derivation, checked against this tracked step
         if not self.injected or self.step >= self.injected.get("first_step", 1 << 62):
-            self.emit_event(summary)
-            full = self._base("step")
-            full.update(summary)
+            full = self.emit_event(summary)  # (the queued message: the summary kept is the one sent)
+            if full is None:
+                full = self._base("step")
+                full.update(summary)
             self.steps.append(full)
         self.step += 1
         self.phase = "idle"

@@ -40,14 +40,16 @@ class StorageLedger:
         self._storages: dict = {}  # storage key -> [owners, nbytes, device name]
         self._totals: dict[str, int] = {}  # device name -> bytes
         self._bulk: tuple | None = None  # (owners, keys, nbytes, devices) lists not yet in the tables
-        self._keyset: set | None = None  # the storage keys while _bulk is pending
+        self._keyset: set | frozenset | None = None  # the storage keys while _bulk is pending
         self.version = _LATEST[0] = next(_VERSIONS)  # a new value at every change
 
-    def replace_bulk(self, owners: list, keys: list, sizes: list, devs: list, totals: dict[str, int]) -> None:
-        """Take over a whole state given as parallel lists (keys may repeat: views of one storage)."""
-        self._keyset = set(keys)
+    def replace_bulk(self, owners: list, keys: list, sizes: list, devs: list, totals: dict[str, int],
+                     keyset: frozenset | None = None) -> None:
+        """Take over a whole state given as parallel lists (keys may repeat: views of one storage), and its
+        totals (copied: the ledger changes its own). `keyset`, set(keys) when the caller has it already."""
+        self._keyset = keyset if keyset is not None else set(keys)
         self._bulk = (owners, keys, sizes, devs)
-        self._totals = totals
+        self._totals = dict(totals)
         self.version = _LATEST[0] = next(_VERSIONS)
 
     def holds_bulk(self, owners: list, keys: list) -> bool:

@@ -110,8 +110,24 @@ def install(agent) -> None:
     threading.excepthook = _threading_excepthook
 
 
+def forward_raised(agent, exc: BaseException) -> None:
+    """The watched forward raised `exc` (an always-called forward hook saw it): record it if it is an OOM."""
+    try:
+        oom = find_oom(exc)
+        if oom is not None:
+            record(agent, oom, "forward")
+            # forward will not reach the agent's post hook: unwind its bookkeeping.
+            agent.abandon_forward("oom-unwind")
+    except Exception as err:  # pragma: no cover - never disturb the job
+        try:
+            agent.report_error("oom", err)
+        except Exception:
+            pass
+
+
 def model_hooks(agent, model) -> list:
-    """An always-called forward hook on the root module; marked as a model hook of the agent."""
+    """An always-called forward hook on the root module; marked as a model hook of the agent. (The agent's
+    own always-called forward hook does this where it can: one hook less on every forward.)"""
     ref = weakref.ref(agent)
 
     def hook(module, args, result):
@@ -121,19 +137,8 @@ def model_hooks(agent, model) -> list:
         if exc is None:
             return None
         a = ref()
-        if a is None:
-            return None
-        try:
-            oom = find_oom(exc)
-            if oom is not None:
-                record(a, oom, "forward")
-                # forward will not reach the agent's post hook: unwind its bookkeeping.
-                a.abandon_forward("oom-unwind")
-        except Exception as err:  # pragma: no cover - never disturb the job
-            try:
-                a.report_error("oom", err)
-            except Exception:
-                pass
+        if a is not None:
+            forward_raised(a, exc)
         return None
 
     h = model.register_forward_hook(hook, always_call=True)

@@ -43,7 +43,6 @@ import msgpack
 from vramtop_agent.creep import CreepWatch
 from vramtop_agent.recording_tables import create_statements, insert_sql
 from vramtop_agent.schema import BLOCK_KEYS, SCHEMA_VERSION
-from vramtop_agent.sinks import send_each
 
 FORMAT_NAME = "vramtop-recording"
 # Bump RECORDING_SCHEMA_VERSION on every change of the tables. Bump
@@ -110,6 +109,8 @@ _I64 = (1 << 63) - 1
 
 def _int(x: Any) -> int | None:
     """A column integer: SQLite holds 64-bit signed; anything else is stored as NULL (the BLOB keeps it)."""
+    if type(x) is int:  # (the usual case first: this runs for several columns of every row)
+        return x if -_I64 <= x <= _I64 else None
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     if isinstance(x, float):
@@ -120,6 +121,8 @@ def _int(x: Any) -> int | None:
 
 
 def _num(x: Any) -> float | None:
+    if type(x) is float:
+        return x if x - x == 0.0 else None  # (nan and inf give nan)
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     try:
@@ -301,8 +304,29 @@ class Recorder:
                 self._commit_locked()
 
     def send_many(self, msgs: list[dict]) -> None:
-        """Queue every message; a failed commit is raised once the rest are queued (Sink interface)."""
-        send_each(self.send, msgs)
+        """Queue every message; a failed commit is raised once the rest are queued (Sink interface).
+
+        The agent's I/O thread hands a batch per tick, and everything here holds the GIL the training
+        thread needs: one lock for the batch, and the creep detector only sees what it folds."""
+        if self.disabled or self.closed or not self._mine():
+            return
+        with self._lock:
+            pending = self._pending
+            for msg in msgs:
+                if not isinstance(msg, dict):
+                    self.unwritable += 1
+                    self.dropped += 1
+                    continue
+                kind = msg.get("type", "")
+                if len(pending) >= self.max_pending:
+                    pending.pop(0)
+                    self.dropped += 1
+                pending.append((kind, msg))
+                if kind != "phase" or (msg.get("phase") == "optimizer" and msg.get("edge") == "end"):
+                    for event in self._creep_events(msg):
+                        pending.append(("creep", event))
+            if time.monotonic() - self._last_commit >= self.commit_interval:
+                self._commit_locked()
 
     def _creep_events(self, msg: dict) -> list[dict]:
         key = (msg.get("pid"), msg.get("rank"))
@@ -493,7 +517,12 @@ class Recorder:
     # ------------------------------------------------------------------ rows
 
     def _session_for(self, db: sqlite3.Connection, msg: dict) -> int:
-        pid, rank = _int(msg.get("pid")) or 0, _int(msg.get("rank")) or 0
+        pid, rank = msg.get("pid"), msg.get("rank")
+        if type(pid) is int and type(rank) is int and msg.get("type") != "hello":
+            entry = self._sessions.get((pid, rank))  # (every row asks: the known session first)
+            if entry is not None:
+                return entry[0]
+        pid, rank = _int(pid) or 0, _int(rank) or 0
         key = (pid, rank)
         entry = self._sessions.get(key)
         if msg.get("type") == "hello" and entry is not None and entry[1] is not None:

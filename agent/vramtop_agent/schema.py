@@ -70,6 +70,14 @@ def encode_events(msgs: list[dict[str, Any]], refused: list[str] | None = None) 
     batch: it is sent with such text replaced (U+FFFD) and objects as their str(), or, failing that,
     left out with a reason appended to `refused`.
     """
+    if not msgs:
+        return []
+    try:  # the usual batch: one C call for all of it (the I/O thread holds the GIL while it encodes)
+        whole = msgpack.packb(msgs, use_bin_type=True)
+    except Exception:
+        whole = None
+    if whole is not None and len(whole) <= BATCH_TARGET_BYTES:
+        return [TOPIC_EVENT + whole]  # (an array of the event maps: what _batch_frame builds)
     frames: list[bytes] = []
     chunk: list[bytes] = []
     size = 0

@@ -53,13 +53,19 @@ class TrackingPolicy:
         self._other: dict = {}  # (shape, edge) -> CUDA "other" there
         self._last_edge: tuple | None = None
         self._check: dict | None = None
+        # Changes whenever what derive() answers may change (a tracked edge, a new shape): the agent reuses
+        # an untracked edge's blocks while it holds (and the breakdown is the same object).
+        self.version = 0
 
     def changed(self) -> None:
         """A new model or optimizer: the next step is tracked."""
         self._force = True
 
     def begin_forward(self, step: int, batch, enabled: bool) -> bool:
-        self._shape = tuple(batch) if batch else None
+        shape = tuple(batch) if batch else None
+        if shape != self._shape:
+            self._shape = shape
+            self.version += 1
         if not enabled:
             self.tracked = self.step_tracked = False
             return False
@@ -87,6 +93,7 @@ class TrackingPolicy:
         """A tracked edge: remember its activations (and CUDA `other`) for the derived steps."""
         key = (self._shape, edge)
         act = int(blocks.get("activations", 0))
+        self.version += 1
         if edge == ("backward", "start"):
             if key in self._act:
                 self._check = {"tracked": act, "derived": self._derived(blocks, allocated, key)}
