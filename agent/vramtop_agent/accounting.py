@@ -136,7 +136,7 @@ class Accountant:
         self._model_ref = None
         self._opt_refs: list = []  # weakrefs, oldest first
         self.saved = saved
-        self.grads = StorageLedger()  # owner: id(param)
+        self.grads = StorageLedger(global_latest=False)  # owner: id(param); in the breakdown's key by itself
         self._grad_params: dict = {}  # id(param) -> weakref(param), params that have a grad entry
         self._grad_params_shared: dict | None = None  # the re-read's dict, shared with _plain_grads: copy to change
         self._opt_ledgers: dict = {}  # id(optimizer) -> (ledger, n states, monotonic time of the walk)
@@ -156,6 +156,7 @@ class Accountant:
         self._bd_key: tuple | None = None  # the versions the cached breakdown was assembled from
         self._bd: Breakdown | None = None
         self._by_content: dict[tuple, Breakdown] = {}  # recent breakdowns by what they were made of
+        self._by_key: dict[tuple, Breakdown] = {}  # recent breakdowns by the versions they were made from
         self._param_ids: frozenset = frozenset()
         self._param_bd = Breakdown()
         self.param_keys: frozenset = frozenset()
@@ -394,8 +395,12 @@ class Accountant:
                 self._grad_params = self._grad_params_shared = plain[3]
                 self.reused_reads += 1
                 if self.grads.version != plain[6]:  # (unchanged since that read: nothing to do)
-                    self.grads.replace_bulk(*plain[5])
-                    self._plain_grads = (*plain[:6], self.grads.version, plain[7])
+                    if plain[6] < 0:  # the first re-read of this full read's state: a new version for it
+                        self.grads.replace_bulk(*plain[5])
+                        self._plain_grads = (*plain[:6], self.grads.version, plain[7])
+                    else:  # the same state again: its version again (the cached breakdown still holds)
+                        owners, keys, sizes, devs, totals, keyset = plain[5]
+                        self.grads.replace_bulk(owners, keys, sizes, devs, totals, keyset, version=plain[6])
                     self._grads_named_version = self.grads.version
                 return
         if any(map(_is, grads, _NONES)):  # (not `None in grads`: that would compare tensors with ==)
@@ -511,9 +516,14 @@ class Accountant:
         result is shared with the cache: read it, never change it.
         """
         saved = self.saved
-        key = (self._params_version, latest_version(), saved.version if saved is not None else 0)
+        # (the gradient ledger goes back to its earlier versions as its content does: see ledger.py)
+        key = (self._params_version, self.grads.version, latest_version(), saved.version if saved is not None else 0)
         bd = self._bd
         if bd is not None and key == self._bd_key:
+            return bd
+        bd = self._by_key.get(key)
+        if bd is not None:
+            self._bd, self._bd_key = bd, key
             return bd
         ledgers = [entry[0] for entry in list(self._opt_ledgers.values())]
         content = self._content_key(ledgers)
@@ -524,12 +534,16 @@ class Accountant:
                 if len(self._by_content) >= 8:
                     self._by_content.clear()
                 self._by_content[content] = bd
+        if len(self._by_key) >= 8:
+            self._by_key.clear()
+        self._by_key[key] = bd
         self._bd, self._bd_key = bd, key
         return bd
 
     def forget_breakdown(self) -> None:
         """Assemble the next breakdown from the sources again (nothing cached is reused)."""
         self._bd_key = None
+        self._by_key = {}
         self._by_content = {}
 
     def _content_key(self, ledgers: list[StorageLedger]) -> tuple | None:

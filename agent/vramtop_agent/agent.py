@@ -62,12 +62,15 @@ FALLBACK_TICK_S = 1.0  # the I/O thread samples only when the training thread ha
 HELLO_REBUILD_S = 30.0  # the re-sent hello is a copy; rebuilt (model walk) this rarely
 
 
+# The phase edges: `_edge` tells them by identity (`is`) on the hot path.
+_FORWARD_START = ("forward", "start")
 _BACKWARD_START = ("backward", "start")
+_BACKWARD_END = ("backward", "end")
+_OPTIMIZER_START = ("optimizer", "start")
 _OPTIMIZER_END = ("optimizer", "end")
-# One tuple per phase edge, so that an edge is told by identity (`is`) on the hot path.
-_EDGES = {("forward", "start"): ("forward", "start"), ("forward", "end"): ("forward", "end"),
-          _BACKWARD_START: _BACKWARD_START, ("backward", "end"): ("backward", "end"),
-          ("optimizer", "start"): ("optimizer", "start"), _OPTIMIZER_END: _OPTIMIZER_END}
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
+_time = time.time
 
 
 @functools.cache
@@ -642,12 +645,13 @@ class Agent:
 
     # ------------------------------------------------------------------ phases
 
-    def _edge(self, phase: str, edge: str) -> None:
+    def _edge(self, where: tuple[str, str]) -> None:
         # Five times a step on the training thread, where a launch-bound job feels every microsecond: when
         # nothing changed since the last step's same edge (the usual case) this is a few dict operations
         # and one event. The breakdown comes from the accountant's cache (accounting.py); on an untracked
         # CPU step the edge's blocks are those of the last step's same edge while the breakdown and the
-        # derivation behind them are the same objects (`_edge_memo`).
+        # derivation behind them are the same objects (`_edge_memo`). `where`: _FORWARD_START and the rest.
+        phase, edge = where
         injected = self.injected
         if injected and self.step < injected.get("first_step", 1 << 62):
             return  # a step that began before the agent was injected: its edges are not known
@@ -657,7 +661,7 @@ class Agent:
 
             allocated, peak = devices.allocated_and_peak(devices.raw_cuda_stats(self._cuda_index))
             if edge == "end" or phase == "backward":
-                ended = "forward" if (phase == "backward" and edge == "start") else phase
+                ended = "forward" if where is _BACKWARD_START else phase
                 peaks = self._this_step.phase_peak
                 peaks[ended] = max(peaks.get(ended, 0), peak)
             if edge == "start" and self.reset_peaks:
@@ -665,16 +669,16 @@ class Agent:
         # Gradients change under zero_grad (before forward), optimizer states in step(): bring the
         # caches up to date there, incrementally, and only on the watched model's training thread.
         acct = self.acct
-        if threading.get_ident() == self._train_thread:
-            if phase == "forward":
+        if _get_ident() == self._train_thread:
+            if where is _FORWARD_START:
                 acct.sync_grads()
-            elif phase == "optimizer" and edge == "end":
+            elif where is _OPTIMIZER_END:
                 acct.sync_optimizers()
-            acct._maybe_refresh_params(True)
+            if acct._params_dirty or _monotonic() - acct._params_at > acct.PARAM_REFRESH_S:
+                acct.refresh_params()  # (a walk of the parameters, at most once a second)
         elif acct._params_dirty:
             acct.refresh_params()
         bd = acct.assemble()
-        where = _EDGES[phase, edge]
         tracking = self.tracking
         memo = self._edge_memo.get(where)
         if (memo is not None and memo[0] is bd and memo[1] == tracking.version and allocated is None
@@ -692,8 +696,11 @@ class Agent:
             this.forward_end_by_module = self.attribution.live() if tracking.tracked else None
             self._note_level(level, blocks, "forward")
             self._note_level(level, blocks, "backward")  # backward starts from the forward's level
-        else:
-            self._note_level(level, blocks, phase)
+        else:  # (_note_level, inline: this runs five times a step)
+            if allocated is None and level > this.phase_peak.get(phase, -1):
+                this.phase_peak[phase] = level
+            if level > this.best_level:
+                this.best_level, this.best_blocks = level, blocks
         if not self._sinks:
             return
         # The job view compares ranks block by block at the edges. `blocks` is never changed after this
@@ -702,12 +709,12 @@ class Agent:
             self.dropped += 1  # (as emit_event counts it)
             return
         self._eseq += 1
-        now = time.time()
+        now = _time()
         self._outbox.append({"v": SCHEMA_VERSION, "type": "phase", "t": now, "pid": self.pid, "rank": self.rank,
                              "step": self.step, "phase": phase, "edge": edge, "level": level, "blocks": blocks,
                              "eseq": self._eseq})
-        if where is not _OPTIMIZER_END and self.sample_hz > 0 and \
-                time.monotonic() - self._last_sample_at >= 1.0 / self.sample_hz:
+        hz = self.sample_hz
+        if where is not _OPTIMIZER_END and hz > 0 and _monotonic() - self._last_sample_at >= 1.0 / hz:
             # (optimizer end: sampled after the step ends, as the next step's)
             sample = self._sample(bd, "edge", (level, blocks))
             sample["t"] = now  # it measures the edge: the same instant (a replay seeking it finds it)
@@ -778,7 +785,7 @@ class Agent:
             skip_our_frames(self.saved.hot_functions() + self.attribution.hot_functions())
         self._grad_hooks_on(tracked)
         self.phase = "forward"
-        self._edge("forward", "start")
+        self._edge(_FORWARD_START)
         if tracked and self.saved.enter():
             self.attribution.enter()
         elif tracked:
@@ -843,7 +850,7 @@ class Agent:
 
         self._this_step.micro_steps += 1  # a forward is a micro-step once its backward runs (eval forwards never do)
         self.phase = "backward"
-        self._edge("backward", "start")
+        self._edge(_BACKWARD_START)
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_backward_end(self):
@@ -853,7 +860,7 @@ class Agent:
         self.run_guarded("backward-end", self._backward_end)
 
     def _backward_end(self) -> None:
-        self._edge("backward", "end")
+        self._edge(_BACKWARD_END)
         self.phase = "idle"
         self._this_step.backward_done = True
 
@@ -899,7 +906,7 @@ class Agent:
             return  # a second optimizer of the same step: counted at its end, no new phase
         self._in_opt = optimizer
         self.phase = "optimizer"
-        self._edge("optimizer", "start")
+        self._edge(_OPTIMIZER_START)
 
     def _on_opt_post(self, optimizer, args, kwargs):
         if _is_compiling():
@@ -912,7 +919,7 @@ class Agent:
                 self.acct.sync_optimizers()  # its states changed: keep the optimizer block current
             return
         self._in_opt = None
-        self._edge("optimizer", "end")
+        self._edge(_OPTIMIZER_END)
         self._finish_step()
         if self._sample_due():  # between steps, as the next step's: a replay seeking "step N" lands on it
             self._offer_sample(self._sample(self.acct.assemble(), "edge"))

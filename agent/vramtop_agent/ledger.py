@@ -8,6 +8,11 @@ Storages shared by two owners (gradients as views of one bucket) count once.
 
 `version` changes whenever the totals may have: a reader that caches what it
 derived from the ledger (the Accountant's breakdown) recomputes only then.
+A ledger made with `global_latest=False` (the gradients: emptied by zero_grad
+and refilled by the backward every step) is left out of `latest_version()`,
+and goes back to a version it had when it goes back to that content (empty,
+or a state the caller names), so a reader caching by version finds its
+earlier result instead of recomputing twice a step.
 
 Writers: one thread at a time in practice (the training thread, or autograd's
 thread during backward). Readers on other threads copy small dicts, which is
@@ -33,24 +38,32 @@ def latest_version() -> int:
 
 
 class StorageLedger:
-    __slots__ = ("_owners", "_storages", "_totals", "_bulk", "_keyset", "version")
+    __slots__ = ("_owners", "_storages", "_totals", "_bulk", "_keyset", "version", "_global", "_empty_version")
 
-    def __init__(self) -> None:
+    def __init__(self, global_latest: bool = True) -> None:
         self._owners: dict = {}  # owner -> storage key
         self._storages: dict = {}  # storage key -> [owners, nbytes, device name]
         self._totals: dict[str, int] = {}  # device name -> bytes
         self._bulk: tuple | None = None  # (owners, keys, nbytes, devices) lists not yet in the tables
         self._keyset: set | frozenset | None = None  # the storage keys while _bulk is pending
-        self.version = _LATEST[0] = next(_VERSIONS)  # a new value at every change
+        self._global = global_latest
+        self.version = self._empty_version = self._new_version()  # a new value at every change
+
+    def _new_version(self) -> int:
+        version = next(_VERSIONS)
+        if self._global:
+            _LATEST[0] = version
+        return version
 
     def replace_bulk(self, owners: list, keys: list, sizes: list, devs: list, totals: dict[str, int],
-                     keyset: frozenset | None = None) -> None:
+                     keyset: frozenset | None = None, version: int | None = None) -> None:
         """Take over a whole state given as parallel lists (keys may repeat: views of one storage), and its
-        totals (copied: the ledger changes its own). `keyset`, set(keys) when the caller has it already."""
+        totals (copied: the ledger changes its own). `keyset`, set(keys) when the caller has it already.
+        `version`: the version this ledger had right after it last took this very state (not global only)."""
         self._keyset = keyset if keyset is not None else set(keys)
         self._bulk = (owners, keys, sizes, devs)
         self._totals = dict(totals)
-        self.version = _LATEST[0] = next(_VERSIONS)
+        self.version = version if version is not None and not self._global else self._new_version()
 
     def holds_bulk(self, owners: list, keys: list) -> bool:
         """True when the ledger holds exactly these owners on these storages (nothing new)."""
@@ -81,7 +94,7 @@ class StorageLedger:
         old = self._owners.get(owner)
         if old == key:
             return
-        self.version = _LATEST[0] = next(_VERSIONS)
+        self.version = self._new_version()
         if old is not None:
             self._release(old)
         self._owners[owner] = key
@@ -96,7 +109,7 @@ class StorageLedger:
         self._tables()
         key = self._owners.pop(owner, None)
         if key is not None:
-            self.version = _LATEST[0] = next(_VERSIONS)
+            self.version = self._new_version()
             self._release(key)
 
     def _release(self, key) -> None:
@@ -111,7 +124,7 @@ class StorageLedger:
     def clear(self) -> None:
         self._owners, self._storages, self._totals = {}, {}, {}
         self._bulk = self._keyset = None
-        self.version = _LATEST[0] = next(_VERSIONS)
+        self.version = self._new_version() if self._global else self._empty_version
 
     def owners(self) -> list:
         bulk = self._bulk
