@@ -8,6 +8,11 @@ the process is about to die of an OOM, so that a recording has it on disk.
 A caller of `watch(sinks=[...])` may pass anything with `send(msg)` and
 `close()`; `as_sink` wraps such an object once, when the agent takes it, so
 the agent never has to ask a sink what it can do.
+
+Every sink gets the same message objects, and the agent reuses the nested
+`blocks` maps of a step's phase edges for the next step's while nothing
+behind them changed: a sink reads what it gets, and copies what it would
+change.
 """
 
 from __future__ import annotations
