@@ -170,6 +170,14 @@ def test_event_batches_round_trip_and_bad_items_are_counted_one_by_one():
     assert good == [events[0], events[2]] and len(reasons) == 1
     big = [{**e, "reason": "x" * 400_000} for e in events]
     assert len(encode_events(big)) == 2  # split to stay near the 1 MiB batch target
+    # A batch is encoded in one call; the frame is the one an event at a time builds (an array of the maps).
+    one_by_one = b"E" + msgpack.Packer(use_bin_type=True).pack_array_header(3) + b"".join(
+        msgpack.packb(e, use_bin_type=True) for e in events)
+    assert frame == one_by_one
+    refused: list[str] = []  # an object msgpack cannot take: that event goes as text, the batch as one frame
+    [frame] = encode_events([events[0], {**base, "type": "bye", "eseq": 9, "reason": object()}, events[2]], refused)
+    got = decode_many(frame)[0]
+    assert [m["eseq"] for m in got] == [1, 9, 3] and got[1]["reason"].startswith("<object") and refused == []
 
 
 def test_a_tick_of_events_is_one_frame(free_tcp_endpoint):
