@@ -92,14 +92,22 @@ def _grad_enabled() -> bool:
     return torch.is_grad_enabled()
 
 
+def _queue_callback(callback: Callable[[], None]) -> None:
+    """Run `callback` when the running backward ends (autograd's final callbacks)."""
+    import torch
+
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
 def _bind_is_compiling() -> None:
     """Bind the torch functions every hook asks (once torch is in use: a model is attached)."""
-    global _is_compiling, _grad_enabled
+    global _is_compiling, _grad_enabled, _queue_callback
     try:
         import torch
 
         _is_compiling = torch.compiler.is_compiling
         _grad_enabled = torch.is_grad_enabled
+        _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
     except Exception:
         pass
 
@@ -839,19 +847,18 @@ class Agent:
                     t.register_hook(self._on_backward_first)  # a leaf output (no node)
 
     def _on_backward_first(self, grad):
-        self.run_guarded("backward-start", self._backward_start)
+        if not self._bwd_started:  # (a second output's hook: the backward has started already)
+            self.run_guarded("backward-start", self._backward_start)
         return None
 
     def _backward_start(self) -> None:
         if self._bwd_started:
             return
         self._bwd_started = True
-        import torch
-
         self._this_step.micro_steps += 1  # a forward is a micro-step once its backward runs (eval forwards never do)
         self.phase = "backward"
         self._edge(_BACKWARD_START)
-        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        _queue_callback(self._on_backward_end)
 
     def _on_backward_end(self):
         # Every gradient of this backward has landed and none of its nodes runs any more: read them all once.
