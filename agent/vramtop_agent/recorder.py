@@ -291,17 +291,7 @@ class Recorder:
 
     def send(self, msg: dict) -> None:
         """Queue one message; commit when the interval has passed. Raises RecorderError on a failed commit."""
-        if self.disabled or self.closed or not self._mine():
-            return
-        with self._lock:
-            if len(self._pending) >= self.max_pending:
-                self._pending.pop(0)
-                self.dropped += 1
-            self._pending.append((msg.get("type", ""), msg))
-            for event in self._creep_events(msg):
-                self._pending.append(("creep", event))
-            if time.monotonic() - self._last_commit >= self.commit_interval:
-                self._commit_locked()
+        self.send_many([msg])
 
     def send_many(self, msgs: list[dict]) -> None:
         """Queue every message; a failed commit is raised once the rest are queued (Sink interface).
