@@ -200,3 +200,48 @@ def test_the_gradient_ledger_read_in_bulk_behaves_as_one_built_entry_by_entry():
     assert bulk.totals() == one_by_one.totals() == {"cpu": 1200, "cuda:0": 0}
     assert set(bulk.keys()) == set(one_by_one.keys()) == {20, 11}
     assert not bulk.holds_bulk(owners, keys)
+
+
+def test_the_once_a_second_recheck_walks_the_model_only_when_something_changed():
+    """The periodic re-check compares the last walk's parameters and buffers by C-level maps and walks
+    the module tree only when a storage, a size, requires_grad or an optimizer group changed, a module or
+    parameter was registered (at once), a buffer was registered, or PARAM_WALK_S has passed."""
+    from torch import nn
+
+    from vramtop_agent.accounting import Accountant
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acct = Accountant(model, opt)
+    walks = []
+    walk = acct.param_objects
+    acct.param_objects = lambda: walks.append(1) or walk()
+
+    def recheck() -> int:
+        before = len(walks)
+        acct.recheck_params()
+        return len(walks) - before
+
+    def parameters() -> int:
+        return acct.breakdown().blocks("cpu")["parameters"]
+
+    acct.refresh_params()
+    assert recheck() == 0 and parameters() == storage_bytes(model.parameters())
+    model[0].weight.data = torch.zeros(16, 8)  # a storage swapped under the parameter (FSDP's way)
+    assert recheck() == 1 and parameters() == storage_bytes(model.parameters())
+    assert recheck() == 0
+    model[0].bias.requires_grad_(False)  # frozen: the trainable/frozen split changes
+    assert recheck() == 1 and acct.breakdown().frozen == storage_bytes([model[0].bias])
+    model.add_module("head", nn.Linear(8, 3))  # a module attached with its parameters: no wait
+    assert acct._params_dirty
+    assert parameters() == storage_bytes(model.parameters())
+    model[1].register_buffer("running_mean", torch.zeros(8))  # a buffer re-registered: walked next time
+    assert recheck() == 1 and recheck() == 0
+    old_bias = model.head.bias  # kept alive: a write no hook sees leaves the last walk's objects as they were
+    model.head._parameters["bias"] = nn.Parameter(torch.zeros(300))
+    assert recheck() == 0
+    acct._walked_at -= acct.PARAM_WALK_S + 1  # ... until the module tree is walked again
+    assert recheck() == 1 and parameters() == storage_bytes(model.parameters()) and old_bias is not None
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(50))]})  # trained, owned by no module
+    assert recheck() == 1
+    assert parameters() == storage_bytes([*model.parameters(), *opt.param_groups[1]["params"]])

@@ -260,7 +260,7 @@ def test_gradients_are_exact_at_backward_end_on_an_untracked_step_with_no_hook_p
     assert backward_end_gradients() == storage_bytes([p.grad for p in params])
     agent.stop()
     assert [s["activations_source"] for s in list_sink.of("step")] == ["tracked"] * 3 + ["derived"] * 3
-    assert agent.errors == 0
+    assert agent.errors == 0, agent.last_error
     assert _grad_hooks(params) == 0
 
 
@@ -397,3 +397,41 @@ def test_a_gradient_reread_reuses_sizes_only_while_every_gradient_is_a_tensor_of
     assert agent.acct.reused_reads == reused
     agent.stop()
     assert agent.errors == 0
+
+
+def test_the_forward_start_sees_what_zero_grad_left_freed_kept_or_held_by_the_job(list_sink):
+    """At a forward start the gradients zero_grad freed are gone, told from the weak references to the
+    tensors the last read found (no parameter touched); a gradient the job still holds, or one zero_grad
+    zeroed in place, keeps the exact per-parameter check."""
+    from helpers import storage_bytes
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    x = torch.randn(8, 16)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0, track_every=100)
+
+    def forward_starts(n: int) -> list:
+        deadline = time.monotonic() + 10
+        while True:  # the I/O thread hands the queued phase events to the sink
+            starts = [m for m in list_sink.of("phase") if (m["phase"], m["edge"]) == ("forward", "start")]
+            if len(starts) >= n or time.monotonic() > deadline:
+                return starts
+
+    held = None
+    expected = []
+    # Steps 0-2 tracked, 3-6 not. How each step's zero_grad leaves the gradients for the next forward:
+    for how in ["freed", "freed", "freed", "freed", "one held", "kept", "freed"]:
+        model(x).sum().backward()
+        opt.step()
+        if how == "one held":
+            held = params[1].grad  # the job keeps a gradient (a logging hook, a norm for later)
+        opt.zero_grad(set_to_none=how != "kept")
+        expected.append(storage_bytes([p.grad for p in params if p.grad is not None]))
+    model(x).sum().backward()  # the forward after the last zero_grad
+    starts = forward_starts(len(expected) + 1)
+    agent.stop()
+    got = [m["blocks"]["gradients"] for m in starts[1:]]
+    assert got == expected
+    assert expected[-3] == 0 and expected[-2] == storage_bytes(params) and held is not None
+    assert agent.errors == 0, agent.last_error

@@ -294,3 +294,34 @@ def test_lightning_fit_through_the_callback(tmp_path, list_sink):
     assert len(logged) == 3  # one per optimizer step, through the real logger
     assert float(logged[-1]["vramtop/peak_backward_mib"]) * MIB == pytest.approx(steps[-1]["peaks"]["backward"],
                                                                                   rel=1e-6)
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_a_step_with_a_closure_starts_the_optimizer_phase_when_the_closure_returns(list_sink, how):
+    """`optimizer.step(closure)` (SAM-like optimizers, LBFGS with one evaluation, Lightning by keyword):
+    forward and backward run inside step(), so its optimizer phase begins after them, whichever way the
+    closure is passed."""
+    import vramtop_agent
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0)
+    x = torch.randn(4, 8)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure) if how == "positional" else opt.step(closure=closure) for _ in range(3)]
+    agent.drain()
+    agent.stop()
+    assert all(isinstance(loss, torch.Tensor) for loss in losses)  # step() still returns the closure's loss
+    assert [s["step"] for s in _of(list_sink, "step")] == [0, 1, 2]
+    for step in range(3):
+        edges = [(m["phase"], m["edge"]) for m in _of(list_sink, "phase") if m["step"] == step]
+        assert edges == [("forward", "start"), ("backward", "start"), ("backward", "end"),
+                         ("optimizer", "start"), ("optimizer", "end")]
+    assert agent.errors == 0, agent.last_error

@@ -100,10 +100,14 @@ class Accountant:
     Edge work is incremental: what changes rarely is cached and invalidated
     cheaply, so a phase edge costs a few dict copies, not a walk of every
     parameter and optimizer state.
-    - parameters: the set is rebuilt when a parameter is registered anywhere
-      (PyTorch's global registration hook: a replaced parameter is dropped at
-      once) and re-checked at most once a second on the training thread (a
-      storage swapped under `p.data = ...`, as FSDP does).
+    - parameters: the set is rebuilt when a parameter or a module is
+      registered anywhere (PyTorch's global registration hooks: a replaced
+      parameter is dropped at once) and re-checked at most once a second on
+      the training thread (a storage swapped under `p.data = ...`, as FSDP
+      does): by C-level maps over the parameters and buffers the last walk
+      found, a walk of the module tree only when something differs, a buffer
+      was registered, or 10 s have passed (`module._parameters[name] = p`,
+      as some loaders write, fires no hook).
     - gradients: a ledger (ledger.py), filled by one pass over the watched
       parameters when a backward ends (`read_grads`, from autograd's
       end-of-backward callback) and, on tracked steps only, by the
@@ -129,6 +133,7 @@ class Accountant:
     """
 
     PARAM_REFRESH_S = 1.0
+    PARAM_WALK_S = 10.0  # the module tree is walked again at least this often (writes no hook sees)
     OPT_REFRESH_S = 1.0
     GRAD_FULL_READ_S = 1.0  # re-reads that reuse the last full read's storage sizes, for at most this long
 
@@ -139,8 +144,15 @@ class Accountant:
         self.grads = StorageLedger(global_latest=False)  # owner: id(param); in the breakdown's key by itself
         self._grad_params: dict = {}  # id(param) -> weakref(param), params that have a grad entry
         self._grad_params_shared: dict | None = None  # the re-read's dict, shared with _plain_grads: copy to change
-        self._opt_ledgers: dict = {}  # id(optimizer) -> (ledger, n states, monotonic time of the walk)
+        # Weak references to the gradient tensors the last read found, one per `_grad_params` entry (None when
+        # the entries changed since): when every one is dead, zero_grad freed them all (sync_grads).
+        self._grad_refs: list | None = None
+        self._opt_ledgers: dict = {}  # id(optimizer) -> (ledger, n states, monotonic time of the walk, its print)
         self._params_at = -1e9
+        self._walked_at = -1e9
+        # What the once-a-second re-check compares: the last walk's parameters and buffers (weakly) and what
+        # it read of them; None when the next re-check must walk (a buffer registered, quantized weights).
+        self._params_print: tuple | None = None
         self._params_dirty = True
         # Bumped by every invalidation: a refresh that raced one (the I/O thread
         # refreshing while the training thread adopts the model) stays dirty.
@@ -221,7 +233,7 @@ class Accountant:
                 acct.mark_params_dirty()
 
         self._opt_refs.append(weakref.ref(opt, gone))
-        self._opt_ledgers[key] = (StorageLedger(), -1, -1e9)
+        self._opt_ledgers[key] = (StorageLedger(), -1, -1e9, None)
         self.mark_params_dirty()
         return True
 
@@ -247,9 +259,10 @@ class Accountant:
         self.forget_breakdown()
         self.grads.clear()
         self._grad_params = {}
+        self._grad_refs = None
         self._plain_grads = None
-        for key, (ledger, _, _) in list(self._opt_ledgers.items()):
-            self._opt_ledgers[key] = (ledger, -1, -1e9)
+        for key, (ledger, _, _, _) in list(self._opt_ledgers.items()):
+            self._opt_ledgers[key] = (ledger, -1, -1e9, None)
 
     # ------------------------------------------------------------------ parameters
 
@@ -267,13 +280,45 @@ class Accountant:
                         known.add(id(p))
         return params
 
+    def recheck_params(self) -> None:
+        """The periodic re-check (training thread): the full walk only when the parameters and buffers the
+        last walk found are not all still there on the same storages of the same sizes."""
+        now = time.monotonic()
+        if self._params_dirty or now - self._walked_at > self.PARAM_WALK_S or not self._params_unchanged():
+            self.refresh_params()
+        else:
+            self._params_at = now
+
+    def _params_unchanged(self) -> bool:
+        printed = self._params_print
+        if printed is None:
+            return False
+        refs, buffer_refs, last = printed
+        try:
+            params = list(map(_call, refs))
+            buffers = list(map(_call, buffer_refs))
+            if any(map(_is, params, _NONES)) or any(map(_is, buffers, _NONES)):
+                return False
+            return self._print_params(params, buffers) == last
+        except Exception:
+            return False
+
+    def _print_params(self, params: list, buffers: list) -> tuple:
+        """What a re-check compares (C-level maps): storages, their sizes, requires_grad, optimizer groups."""
+        storages = list(map(_untyped_storage, params + buffers))
+        groups = [len(g.get("params", ())) for opt in self.optimizers() for g in list(opt.param_groups)]
+        return (list(map(_cdata, storages)), list(map(_storage_nbytes, storages)),
+                list(map(_get_requires_grad, params)), groups)
+
     def refresh_params(self) -> None:
+        """Walk the model's (and the optimizers') parameters and the model's buffers."""
         if not _FAST_BOUND:
             _bind_fast_paths()
         gen = self._params_gen
         objs = self.param_objects()
         bd = Breakdown()
         seen: set = set()
+        quantized = False
         for p in objs:
             key, nbytes, dev = storage_key(p)
             if key not in seen:
@@ -286,6 +331,7 @@ class Accountant:
                     if p.dtype.itemsize == 1 or _quant_state_tensors(p):
                         bd.quantized += nbytes
             for q in _quant_state_tensors(p):
+                quantized = True
                 try:
                     qkey, qbytes, qdev = storage_key(q)
                 except Exception:
@@ -308,12 +354,19 @@ class Accountant:
             self.grads.drop(pid)
         model = self.model
         entries = []
+        buffers = []
         if model is not None:
             for b in model.buffers():
                 try:
                     entries.append(storage_key(b))
+                    buffers.append(b)
                 except Exception:
                     pass
+        try:  # (bitsandbytes keeps part of a weight beside it: such a model is walked every time)
+            self._params_print = None if quantized else (
+                refs, [weakref.ref(b) for b in buffers], self._print_params(objs, buffers))
+        except Exception:
+            self._params_print = None
         keys = frozenset(seen)
         old = self._param_bd
         if (keys != self.param_keys or entries != self._buffer_entries or bd.devices != old.devices
@@ -326,11 +379,13 @@ class Accountant:
         if self.saved is not None:
             self.saved.exclude = self.param_keys
         self._params_dirty = gen != self._params_gen
-        self._params_at = time.monotonic()
+        self._params_at = self._walked_at = time.monotonic()
 
     def _maybe_refresh_params(self, training_thread: bool) -> None:
-        if self._params_dirty or (training_thread and time.monotonic() - self._params_at > self.PARAM_REFRESH_S):
+        if self._params_dirty:
             self.refresh_params()
+        elif training_thread and time.monotonic() - self._params_at > self.PARAM_REFRESH_S:
+            self.recheck_params()
 
     # ------------------------------------------------------------------ gradients
 
@@ -393,6 +448,7 @@ class Accountant:
                 live = list(itertools.compress(grads, present)) if same else []
             if same and not any(map(_is_not, map(_get_base, live), _NONES)):
                 self._grad_params = self._grad_params_shared = plain[3]
+                self._grad_refs = _weakrefs(live)
                 self.reused_reads += 1
                 if self.grads.version != plain[6]:  # (unchanged since that read: nothing to do)
                     if plain[6] < 0:  # the first re-read of this full read's state: a new version for it
@@ -412,6 +468,7 @@ class Accountant:
         storages = list(map(_untyped_storage, grads_kept))
         keys = list(map(_cdata, storages))
         self._grad_params = dict(zip(pids_kept, refs))
+        self._grad_refs = _weakrefs(grads_kept)
         if not self.grads.holds_bulk(pids_kept, keys):
             sizes = list(map(_storage_nbytes, storages))
             # Views of one buffer (DDP's gradient buckets, tied weights): the storage counts once.
@@ -446,9 +503,18 @@ class Accountant:
         """Drop the gradients that are gone (zero_grad(set_to_none)); training thread only, no backward running.
 
         Looks only at the parameters that have a gradient entry: after `zero_grad()` all of them are gone
-        and the ledger is emptied at once."""
+        and the ledger is emptied at once. That case, every step's, is told without touching a parameter:
+        the weak references to the gradient tensors the last read found are all dead (zero_grad freed
+        them). A gradient assigned by hand between zero_grad and this forward (`p.grad = t`) is then seen
+        at the next read, as one assigned after a backward is."""
         held = self._grad_params
         if not held:
+            return
+        refs = self._grad_refs
+        if refs is not None and not any(map(_is_not, map(_call, refs), _NONES)):  # (C-level, the weakrefs only)
+            self._grad_params = {}
+            self._grad_refs = None
+            self.grads.clear()
             return
         try:
             grads = list(map(_get_grad, map(_call, held.values())))  # (one C-level pass)
@@ -459,6 +525,7 @@ class Accountant:
             return
         if gone_n == len(grads):
             self._grad_params = {}
+            self._grad_refs = None
             self.grads.clear()
             return
         held = self._owned_grad_params()
@@ -469,6 +536,7 @@ class Accountant:
 
     def _owned_grad_params(self) -> dict:
         """`_grad_params` to change in place (a re-read shares the full read's dict with later re-reads)."""
+        self._grad_refs = None  # (they no longer match the entries one to one)
         if self._grad_params is self._grad_params_shared:
             self._grad_params = dict(self._grad_params)
         return self._grad_params
@@ -483,13 +551,12 @@ class Accountant:
         """Re-walk an optimizer's states when their number changed, or once a second (training thread)."""
         now = time.monotonic()
         for opt in self.optimizers():
-            ledger, n, at = self._opt_ledgers.get(id(opt), (None, -1, 0.0))
+            ledger, n, at, printed = self._opt_ledgers.get(id(opt), (None, -1, 0.0, None))
             if ledger is None:
                 continue
             count = len(opt.state)
             if force or count != n or now - at > self.OPT_REFRESH_S:
-                _walk_states(opt, ledger)
-                self._opt_ledgers[id(opt)] = (ledger, count, now)
+                self._opt_ledgers[id(opt)] = (ledger, count, now, _walk_states(opt, ledger, printed))
 
     refresh_optimizer = sync_optimizers
 
@@ -602,7 +669,16 @@ _get_base = operator.attrgetter("_base")
 _get_nbytes = operator.attrgetter("nbytes")
 _NONES = itertools.repeat(None)
 _get_grad = operator.attrgetter("grad")
+_get_requires_grad = operator.attrgetter("requires_grad")
 _cdata = operator.attrgetter("_cdata")
+
+
+def _weakrefs(tensors: list) -> list | None:
+    """Weak references to these tensors (one C-level pass), or None where a tensor type refuses them."""
+    try:
+        return list(map(weakref.ref, tensors))
+    except TypeError:
+        return None
 
 
 def _py_untyped_storage(t: Any) -> Any:
@@ -633,7 +709,22 @@ def _bind_fast_paths() -> None:
     _FAST_BOUND = True
 
 
-def _walk_states(opt, ledger: StorageLedger) -> None:
+def _walk_states(opt, ledger: StorageLedger, last: tuple | None = None) -> tuple | None:
+    """Put the optimizer's state tensors in the ledger; returns what a later walk compares with (`last`).
+
+    Once a second on the training thread, over hundreds of states: the usual finding, the same tensors
+    on the same storages of the same sizes, is told by C-level maps, and leaves the ledger (and its
+    version, so every cached breakdown) as it is."""
+    try:
+        states = [s for s in list(opt.state.values()) if isinstance(s, dict)]
+        tensors = [v for v in itertools.chain.from_iterable(map(dict.values, states)) if hasattr(v, "untyped_storage")]
+        storages = list(map(_untyped_storage, tensors))
+        printed: tuple | None = (list(map(id, tensors)), list(map(_cdata, storages)),
+                                 list(map(_storage_nbytes, storages)))
+    except Exception:  # (a state that has no storage to read: the walk below skips it)
+        printed = None
+    if printed is not None and printed == last:
+        return printed
     ledger.clear()
     for state in list(opt.state.values()):
         if isinstance(state, dict):
@@ -644,29 +735,44 @@ def _walk_states(opt, ledger: StorageLedger) -> None:
                         ledger.set(id(v), s._cdata, s.nbytes(), device_name(v.device))
                     except Exception:
                         pass
+    return printed
 
 
 _ACCOUNTANTS: weakref.WeakSet = weakref.WeakSet()
-_REGISTRATION_HOOK = None
+_REGISTRATION_HOOK: list | None = None  # the hooks' handles, once registered
 
 
 def _watch_registrations(acct: Accountant) -> None:
-    """One process-wide parameter-registration hook marks every accountant's parameter set stale."""
+    """Process-wide registration hooks: a parameter or module registered anywhere marks every accountant's
+    parameter set stale (walked at the next edge); a buffer registered makes the next once-a-second
+    re-check a walk (some models re-register a buffer every forward: not a walk a step)."""
     global _REGISTRATION_HOOK
     _ACCOUNTANTS.add(acct)
     if _REGISTRATION_HOOK is not None:
         return
     try:
-        from torch.nn.modules.module import register_module_parameter_registration_hook
+        from torch.nn.modules import module as torch_module
     except Exception:
         return
 
-    def registered(module, name, param):
+    def registered(module, name, value):
         for a in list(_ACCOUNTANTS):
             a.mark_params_dirty()
         return None
 
-    _REGISTRATION_HOOK = register_module_parameter_registration_hook(registered)
+    def buffer_registered(module, name, value):
+        for a in list(_ACCOUNTANTS):
+            a._params_print = None
+        return None
+
+    handles = []
+    for register, hook in (("register_module_parameter_registration_hook", registered),
+                           ("register_module_module_registration_hook", registered),
+                           ("register_module_buffer_registration_hook", buffer_registered)):
+        fn = getattr(torch_module, register, None)
+        if fn is not None:
+            handles.append(fn(hook))
+    _REGISTRATION_HOOK = handles
 
 
 def sum_unique(tensors: Iterable) -> int:

@@ -99,12 +99,16 @@ def _queue_callback(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
+_TENSOR: Any = None  # torch.Tensor, once bound: a model output of exactly this type needs no walk
+
+
 def _bind_is_compiling() -> None:
     """Bind the torch functions every hook asks (once torch is in use: a model is attached)."""
-    global _is_compiling, _grad_enabled, _queue_callback
+    global _is_compiling, _grad_enabled, _queue_callback, _TENSOR
     try:
         import torch
 
+        _TENSOR = torch.Tensor
         _is_compiling = torch.compiler.is_compiling
         _grad_enabled = torch.is_grad_enabled
         _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
@@ -682,8 +686,10 @@ class Agent:
                 acct.sync_grads()
             elif where is _OPTIMIZER_END:
                 acct.sync_optimizers()
-            if acct._params_dirty or _monotonic() - acct._params_at > acct.PARAM_REFRESH_S:
-                acct.refresh_params()  # (a walk of the parameters, at most once a second)
+            if acct._params_dirty:
+                acct.refresh_params()  # (a walk of the parameters)
+            elif _monotonic() - acct._params_at > acct.PARAM_REFRESH_S:
+                acct.recheck_params()  # (once a second; a walk only when something changed)
         elif acct._params_dirty:
             acct.refresh_params()
         bd = acct.assemble()
@@ -765,7 +771,10 @@ class Agent:
     def _on_forward_pre(self, module, args, kwargs):
         if _is_compiling():
             return
-        self.run_guarded("forward-pre", self._forward_pre, module, args, kwargs)
+        try:  # (run_guarded, inline in the per-step hooks: a frame less each)
+            self._forward_pre(module, args, kwargs)
+        except Exception as exc:
+            self.report_error("forward-pre", exc)
 
     def _forward_pre(self, module, args, kwargs) -> None:
         if not _grad_enabled():
@@ -812,13 +821,16 @@ class Agent:
     def _on_forward_post(self, module, args, output):
         if _is_compiling():
             return
-        self.run_guarded("forward-post", self._forward_post, output)
+        try:
+            self._forward_post(output)
+        except Exception as exc:
+            self.report_error("forward-post", exc)
         if output is None:  # always_call: forward raised (or returned None). An OOM there is recorded.
-            exc = sys.exc_info()[1]
-            if exc is not None:
+            raised = sys.exc_info()[1]
+            if raised is not None:
                 from vramtop_agent import oom
 
-                oom.forward_raised(self, exc)
+                oom.forward_raised(self, raised)
 
     def _on_compiled_forward_post(self, module, args, output):
         """Around an in-place compiled module's call (_CompiledCallWrap): its OOMs are oom.model_hooks'."""
@@ -838,7 +850,7 @@ class Agent:
         self.tracking.forward_done()
         # The first gradient to reach any output marks the start of backward.
         self._bwd_started = False
-        for t in _output_tensors(output):
+        for t in (output,) if type(output) is _TENSOR else _output_tensors(output):
             if t.requires_grad:
                 fn = t.grad_fn
                 if fn is not None:
@@ -848,7 +860,10 @@ class Agent:
 
     def _on_backward_first(self, grad):
         if not self._bwd_started:  # (a second output's hook: the backward has started already)
-            self.run_guarded("backward-start", self._backward_start)
+            try:
+                self._backward_start()
+            except Exception as exc:
+                self.report_error("backward-start", exc)
         return None
 
     def _backward_start(self) -> None:
@@ -863,8 +878,14 @@ class Agent:
     def _on_backward_end(self):
         # Every gradient of this backward has landed and none of its nodes runs any more: read them all once.
         # (a full read on tracked steps: their per-gradient hooks have the storages already)
-        self.run_guarded("grad-read", self.acct.read_grads, self.tracking.tracked)
-        self.run_guarded("backward-end", self._backward_end)
+        try:
+            self.acct.read_grads(self.tracking.tracked)
+        except Exception as exc:
+            self.report_error("grad-read", exc)
+        try:
+            self._backward_end()
+        except Exception as exc:
+            self.report_error("backward-end", exc)
 
     def _backward_end(self) -> None:
         self._edge(_BACKWARD_END)
@@ -874,10 +895,15 @@ class Agent:
     def _on_opt_pre(self, optimizer, args, kwargs):
         if _is_compiling():
             return None
-        deferred = defer_to_closure(self, optimizer, args, kwargs)  # step(closure): Lightning, LBFGS
-        if deferred is not None:
-            return deferred
-        self.run_guarded("optimizer-pre", self._opt_pre, optimizer)
+        if len(args) > 1 or kwargs:  # (args[0] is the optimizer: step() with no closure needs no look)
+            deferred = defer_to_closure(self, optimizer, args, kwargs)  # step(closure): Lightning, LBFGS
+            if deferred is not None:
+                return deferred
+        try:
+            self._opt_pre(optimizer)
+        except Exception as exc:
+            self.report_error("optimizer-pre", exc)
+        return None
 
     def _adopt(self, optimizer) -> bool:
         """Follow an optimizer that steps the watched model's parameters (and only such a one)."""
@@ -918,7 +944,10 @@ class Agent:
     def _on_opt_post(self, optimizer, args, kwargs):
         if _is_compiling():
             return
-        self.run_guarded("optimizer-post", self._opt_post, optimizer)
+        try:
+            self._opt_post(optimizer)
+        except Exception as exc:
+            self.report_error("optimizer-post", exc)
 
     def _opt_post(self, optimizer) -> None:
         if optimizer is not self._in_opt:
@@ -935,9 +964,14 @@ class Agent:
         now = time.time()
         this = self._this_step
         start = self._last_step_end or self._step_started or now
-        peaks = {p: int(this.phase_peak.get(p, 0)) for p in PHASES}
-        peak_phase = max(PHASES, key=lambda p: peaks[p])
-        peak = peaks[peak_phase]
+        got = this.phase_peak.get  # (once a step on the training thread: no comprehension, no key lambda)
+        peaks = {"forward": int(got("forward", 0)), "backward": int(got("backward", 0)),
+                 "optimizer": int(got("optimizer", 0))}
+        peak_phase, peak = "forward", peaks["forward"]
+        if peaks["backward"] > peak:
+            peak_phase, peak = "backward", peaks["backward"]
+        if peaks["optimizer"] > peak:
+            peak_phase, peak = "optimizer", peaks["optimizer"]
         blocks = this.best_blocks or dict.fromkeys(BLOCK_KEYS, 0)  # (never changed once made: shared)
         if self._cuda_index is not None:
             blocks = dict(blocks)

@@ -244,10 +244,11 @@ def defer_to_closure(agent, optimizer, args, kwargs):
     closure marks the optimizer phase after its first call, or None when there is no closure.
     """
     try:
+        # (the hook gets step()'s own arguments: args[0] is the optimizer, a positional closure args[1])
         closure = kwargs.get("closure") if kwargs else None
         in_kwargs = closure is not None
-        if closure is None and args:
-            closure = args[0]
+        if closure is None and len(args) > 1:
+            closure = args[1]
         if closure is None or not callable(closure):
             return None
         first = [True]
@@ -263,7 +264,7 @@ def defer_to_closure(agent, optimizer, args, kwargs):
             kwargs = dict(kwargs)
             kwargs["closure"] = closure_then_update
         else:
-            args = (closure_then_update, *tuple(args)[1:])
+            args = (args[0], closure_then_update, *tuple(args)[2:])
         return tuple(args), kwargs
     except Exception as exc:
         agent.report_error("optimizer-pre", exc)
