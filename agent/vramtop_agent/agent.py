@@ -788,7 +788,11 @@ class Agent:
             self._finish_step()  # no optimizer in sight: one forward+backward is a step
         if self._step_started is None:
             self._step_started = time.time()
-        batch = _batch_shape(args, kwargs) or self.batch
+        if not kwargs and args and type(args[0]) is _TENSOR:  # model(x): the common call, without the search
+            shape = args[0].shape
+            batch = ([shape[0], shape[1]] if len(shape) >= 2 else [shape[0]] if shape else None) or self.batch
+        else:
+            batch = _batch_shape(args, kwargs) or self.batch
         if batch != self.batch or self._estimate_stale:
             self.batch, self._estimate_stale = batch, False
             key = _estimate_key()(self.model, self.optimizer, batch)
@@ -800,7 +804,8 @@ class Agent:
         tracked = self.tracking.begin_forward(self.step, self.batch, self.saved.enabled)
         if tracked:
             skip_our_frames(self.saved.hot_functions() + self.attribution.hot_functions())
-        self._grad_hooks_on(tracked)
+        if tracked or self._grad_hooks:
+            self._grad_hooks_on(tracked)
         self.phase = "forward"
         self._edge(_FORWARD_START)
         if tracked and self.saved.enter():

@@ -108,7 +108,19 @@ def _host_stats() -> dict:
     import psutil
 
     vm = psutil.virtual_memory()
-    return {"rss": int(psutil.Process().memory_info().rss), "total": int(vm.total), "available": int(vm.available)}
+    return {"rss": int(_this_process().memory_info().rss), "total": int(vm.total), "available": int(vm.available)}
+
+
+_PROCESS: list = [None, None]  # (pid, psutil.Process): made once per process (it reads /proc/<pid>/stat)
+
+
+def _this_process():
+    import psutil
+
+    pid = os.getpid()
+    if _PROCESS[0] != pid:  # (a forked child gets its own)
+        _PROCESS[:] = [pid, psutil.Process(pid)]
+    return _PROCESS[1]
 
 
 @functools.lru_cache(maxsize=16)
