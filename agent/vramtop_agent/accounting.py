@@ -362,7 +362,7 @@ class Accountant:
                     buffers.append(b)
                 except Exception:
                     pass
-        try:  # (bitsandbytes keeps part of a weight beside it: such a model is walked every time)
+        try:  # (bitsandbytes keeps part of a weight beside it: such a model is walked at every re-check)
             self._params_print = None if quantized else (
                 refs, [weakref.ref(b) for b in buffers], self._print_params(objs, buffers))
         except Exception:
