@@ -204,8 +204,8 @@ def test_the_gradient_ledger_read_in_bulk_behaves_as_one_built_entry_by_entry():
 
 def test_the_once_a_second_recheck_walks_the_model_only_when_something_changed():
     """The periodic re-check compares the last walk's parameters and buffers by C-level maps and walks
-    the module tree only when a storage, a size, requires_grad or an optimizer group changed, a module or
-    parameter was registered (at once), a buffer was registered, or PARAM_WALK_S has passed."""
+    the module tree only when a storage, a size, requires_grad or an optimizer group changed, a parameter
+    was registered (at once), a module or buffer was registered, or PARAM_WALK_S has passed."""
     from torch import nn
 
     from vramtop_agent.accounting import Accountant
@@ -232,7 +232,9 @@ def test_the_once_a_second_recheck_walks_the_model_only_when_something_changed()
     assert recheck() == 0
     model[0].bias.requires_grad_(False)  # frozen: the trainable/frozen split changes
     assert recheck() == 1 and acct.breakdown().frozen == storage_bytes([model[0].bias])
-    model.add_module("head", nn.Linear(8, 3))  # a module attached with its parameters: no wait
+    model.add_module("head", nn.Linear(8, 3))  # a module attached with its parameters: walked next time
+    assert recheck() == 1 and parameters() == storage_bytes(model.parameters())
+    model.head.weight = nn.Parameter(torch.zeros(3, 8))  # a parameter registered: walked at once
     assert acct._params_dirty
     assert parameters() == storage_bytes(model.parameters())
     model[1].register_buffer("running_mean", torch.zeros(8))  # a buffer re-registered: walked next time

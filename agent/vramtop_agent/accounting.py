@@ -100,14 +100,14 @@ class Accountant:
     Edge work is incremental: what changes rarely is cached and invalidated
     cheaply, so a phase edge costs a few dict copies, not a walk of every
     parameter and optimizer state.
-    - parameters: the set is rebuilt when a parameter or a module is
-      registered anywhere (PyTorch's global registration hooks: a replaced
-      parameter is dropped at once) and re-checked at most once a second on
-      the training thread (a storage swapped under `p.data = ...`, as FSDP
-      does): by C-level maps over the parameters and buffers the last walk
-      found, a walk of the module tree only when something differs, a buffer
-      was registered, or 10 s have passed (`module._parameters[name] = p`,
-      as some loaders write, fires no hook).
+    - parameters: the set is rebuilt when a parameter is registered anywhere
+      (PyTorch's global registration hook: a replaced parameter is dropped at
+      once) and re-checked at most once a second on the training thread (a
+      storage swapped under `p.data = ...`, as FSDP does): by C-level maps
+      over the parameters and buffers the last walk found, with a walk of the
+      module tree only when something differs, a module or buffer was
+      registered, or 10 s have passed (`module._parameters[name] = p`, as some
+      loaders write, fires no hook).
     - gradients: a ledger (ledger.py), filled by one pass over the watched
       parameters when a backward ends (`read_grads`, from autograd's
       end-of-backward callback) and, on tracked steps only, by the
@@ -151,7 +151,7 @@ class Accountant:
         self._params_at = -1e9
         self._walked_at = -1e9
         # What the once-a-second re-check compares: the last walk's parameters and buffers (weakly) and what
-        # it read of them; None when the next re-check must walk (a buffer registered, quantized weights).
+        # it read of them; None when the next re-check must walk (a module or buffer registered, quantized weights).
         self._params_print: tuple | None = None
         self._params_dirty = True
         # Bumped by every invalidation: a refresh that raced one (the I/O thread
@@ -743,9 +743,10 @@ _REGISTRATION_HOOK: list | None = None  # the hooks' handles, once registered
 
 
 def _watch_registrations(acct: Accountant) -> None:
-    """Process-wide registration hooks: a parameter or module registered anywhere marks every accountant's
-    parameter set stale (walked at the next edge); a buffer registered makes the next once-a-second
-    re-check a walk (some models re-register a buffer every forward: not a walk a step)."""
+    """Process-wide registration hooks: a parameter registered anywhere marks every accountant's parameter
+    set stale (walked at the next edge); a module or buffer registered makes the next once-a-second
+    re-check a walk (transformers builds a ModuleList of the layers in every forward, and some models
+    re-register a buffer: not a walk a step)."""
     global _REGISTRATION_HOOK
     _ACCOUNTANTS.add(acct)
     if _REGISTRATION_HOOK is not None:
@@ -760,15 +761,15 @@ def _watch_registrations(acct: Accountant) -> None:
             a.mark_params_dirty()
         return None
 
-    def buffer_registered(module, name, value):
+    def module_or_buffer_registered(module, name, value):
         for a in list(_ACCOUNTANTS):
             a._params_print = None
         return None
 
     handles = []
     for register, hook in (("register_module_parameter_registration_hook", registered),
-                           ("register_module_module_registration_hook", registered),
-                           ("register_module_buffer_registration_hook", buffer_registered)):
+                           ("register_module_module_registration_hook", module_or_buffer_registered),
+                           ("register_module_buffer_registration_hook", module_or_buffer_registered)):
         fn = getattr(torch_module, register, None)
         if fn is not None:
             handles.append(fn(hook))
