@@ -151,7 +151,8 @@ class Accountant:
         self._params_at = -1e9
         self._walked_at = -1e9
         # What the once-a-second re-check compares: the last walk's parameters and buffers (weakly) and what
-        # it read of them; None when the next re-check must walk (a module or buffer registered, quantized weights).
+        # it read of them, and how many module or buffer registrations the process had seen by then; None
+        # when every re-check must walk (quantized weights).
         self._params_print: tuple | None = None
         self._params_dirty = True
         # Bumped by every invalidation: a refresh that raced one (the I/O thread
@@ -291,9 +292,9 @@ class Accountant:
 
     def _params_unchanged(self) -> bool:
         printed = self._params_print
-        if printed is None:
+        if printed is None or printed[0] != _REGISTRATIONS[0]:  # (a module or buffer registered since)
             return False
-        refs, buffer_refs, last = printed
+        _, refs, buffer_refs, last = printed
         try:
             params = list(map(_call, refs))
             buffers = list(map(_call, buffer_refs))
@@ -315,6 +316,7 @@ class Accountant:
         if not _FAST_BOUND:
             _bind_fast_paths()
         gen = self._params_gen
+        registrations = _REGISTRATIONS[0]
         objs = self.param_objects()
         bd = Breakdown()
         seen: set = set()
@@ -364,7 +366,7 @@ class Accountant:
                     pass
         try:  # (bitsandbytes keeps part of a weight beside it: such a model is walked at every re-check)
             self._params_print = None if quantized else (
-                refs, [weakref.ref(b) for b in buffers], self._print_params(objs, buffers))
+                registrations, refs, [weakref.ref(b) for b in buffers], self._print_params(objs, buffers))
         except Exception:
             self._params_print = None
         keys = frozenset(seen)
@@ -740,6 +742,7 @@ def _walk_states(opt, ledger: StorageLedger, last: tuple | None = None) -> tuple
 
 _ACCOUNTANTS: weakref.WeakSet = weakref.WeakSet()
 _REGISTRATION_HOOK: list | None = None  # the hooks' handles, once registered
+_REGISTRATIONS = [0]  # module and buffer registrations in this process (any module): a re-check walks after one
 
 
 def _watch_registrations(acct: Accountant) -> None:
@@ -762,8 +765,7 @@ def _watch_registrations(acct: Accountant) -> None:
         return None
 
     def module_or_buffer_registered(module, name, value):
-        for a in list(_ACCOUNTANTS):
-            a._params_print = None
+        _REGISTRATIONS[0] += 1  # (one add: transformers registers its layers again in every forward)
         return None
 
     handles = []
