@@ -144,9 +144,10 @@ class Accountant:
         self.grads = StorageLedger(global_latest=False)  # owner: id(param); in the breakdown's key by itself
         self._grad_params: dict = {}  # id(param) -> weakref(param), params that have a grad entry
         self._grad_params_shared: dict | None = None  # the re-read's dict, shared with _plain_grads: copy to change
-        # Weak references to the gradient tensors the last read found, one per `_grad_params` entry (None when
-        # the entries changed since): when every one is dead, zero_grad freed them all (sync_grads).
-        self._grad_refs: list | None = None
+        # Weak references to the gradient tensors the last read found, one per `_grad_params` entry, and the
+        # list each one's death appends it to (None when the entries changed since): when that list is as
+        # long as the first, zero_grad freed them all (sync_grads).
+        self._grad_refs: tuple[list, list] | None = None
         self._opt_ledgers: dict = {}  # id(optimizer) -> (ledger, n states, monotonic time of the walk, its print)
         self._params_at = -1e9
         self._walked_at = -1e9
@@ -513,7 +514,7 @@ class Accountant:
         if not held:
             return
         refs = self._grad_refs
-        if refs is not None and not any(map(_is_not, map(_call, refs), _NONES)):  # (C-level, the weakrefs only)
+        if refs is not None and len(refs[1]) == len(refs[0]):  # every one died: nothing touched but two lists
             self._grad_params = {}
             self._grad_refs = None
             self.grads.clear()
@@ -675,10 +676,13 @@ _get_requires_grad = operator.attrgetter("requires_grad")
 _cdata = operator.attrgetter("_cdata")
 
 
-def _weakrefs(tensors: list) -> list | None:
-    """Weak references to these tensors (one C-level pass), or None where a tensor type refuses them."""
+def _weakrefs(tensors: list) -> tuple[list, list] | None:
+    """Weak references to these tensors (one C-level pass) and the list their deaths append them to (a C
+    method as the callback: no Python runs when zero_grad frees a gradient), or None where a tensor type
+    refuses weak references."""
+    dead: list = []
     try:
-        return list(map(weakref.ref, tensors))
+        return list(map(weakref.ref, tensors, itertools.repeat(dead.append))), dead
     except TypeError:
         return None
 
