@@ -759,6 +759,7 @@ def _watch_registrations(acct: Accountant) -> None:
     if _REGISTRATION_HOOK is not None:
         return
     try:
+        from torch import compiler as torch_compiler
         from torch.nn.modules import module as torch_module
     except Exception:
         return
@@ -769,7 +770,10 @@ def _watch_registrations(acct: Accountant) -> None:
         return None
 
     def module_or_buffer_registered(module, name, value):
-        _REGISTRATIONS[0] += 1  # (one add: transformers registers its layers again in every forward)
+        # (transformers registers its layers again in every forward: one add. Not while Dynamo traces
+        # such a forward: a side effect there would change the compiled graph.)
+        if not torch_compiler.is_compiling():
+            _REGISTRATIONS[0] += 1
         return None
 
     handles = []
