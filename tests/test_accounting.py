@@ -205,7 +205,8 @@ def test_the_gradient_ledger_read_in_bulk_behaves_as_one_built_entry_by_entry():
 def test_the_once_a_second_recheck_walks_the_model_only_when_something_changed():
     """The periodic re-check compares the last walk's parameters and buffers by C-level maps and walks
     the module tree only when a storage, a size, requires_grad or an optimizer group changed, a parameter
-    was registered (at once), a module or buffer was registered, or PARAM_WALK_S has passed."""
+    was registered (at once), a module or buffer was registered on one of the model's modules, or
+    PARAM_WALK_S has passed."""
     from torch import nn
 
     from vramtop_agent.accounting import Accountant
@@ -239,6 +240,10 @@ def test_the_once_a_second_recheck_walks_the_model_only_when_something_changed()
     assert parameters() == storage_bytes(model.parameters())
     model[1].register_buffer("running_mean", torch.zeros(8))  # a buffer re-registered: walked next time
     assert recheck() == 1 and recheck() == 0
+    # A container built around the model's layers and dropped (transformers does this in every forward):
+    # registrations on a module that is not the model's are not counted.
+    nn.ModuleList([model[0], model[1]]).register_buffer("scratch", torch.zeros(4))
+    assert recheck() == 0
     old_bias = model.head.bias  # kept alive: a write no hook sees leaves the last walk's objects as they were
     model.head._parameters["bias"] = nn.Parameter(torch.zeros(300))
     assert recheck() == 0
@@ -247,3 +252,35 @@ def test_the_once_a_second_recheck_walks_the_model_only_when_something_changed()
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(50))]})  # trained, owned by no module
     assert recheck() == 1
     assert parameters() == storage_bytes([*model.parameters(), *opt.param_groups[1]["params"]])
+
+
+def test_a_transformers_forward_leaves_the_once_a_second_recheck_a_comparison():
+    """A real Llama forward registers its layers in a new ModuleList every time; the re-check that
+    follows still finds nothing changed and does not walk the model (it did, once a second, before)."""
+    model = add_lora(build_model(vocab_size=512))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    batch = make_batch(model, 2, 16)
+    agent = vramtop_agent.watch(model, opt, publish=False, sample_hz=0)
+    acct = agent.acct
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # (the optimizer is adopted at its first step: the parameter set is walked again then)
+    step()
+    walks = []
+    walk = acct.param_objects
+    acct.param_objects = lambda: walks.append(1) or walk()
+    for _ in range(3):
+        acct._params_at -= acct.PARAM_REFRESH_S + 1  # a re-check due at the next edge
+        step()
+    assert walks == [] and not acct._params_dirty
+    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+    layer.register_buffer("extra", torch.zeros(1000))  # on one of the model's modules: walked
+    acct._params_at -= acct.PARAM_REFRESH_S + 1
+    step()
+    assert walks == [1]
+    agent.stop()
+    assert agent.errors == 0

@@ -151,6 +151,7 @@ class Accountant:
         self._opt_ledgers: dict = {}  # id(optimizer) -> (ledger, n states, monotonic time of the walk, its print)
         self._params_at = -1e9
         self._walked_at = -1e9
+        self._module_ids: frozenset = frozenset()  # id() of the model's modules at the last walk (registrations)
         # What the once-a-second re-check compares: the last walk's parameters and buffers (weakly) and what
         # it read of them, and how many module or buffer registrations the process had seen by then; None
         # when every re-check must walk (quantized weights).
@@ -358,6 +359,8 @@ class Accountant:
         model = self.model
         entries = []
         buffers = []
+        self._module_ids = frozenset(map(id, model.modules())) if model is not None else frozenset()
+        _share_watched_modules()
         if model is not None:
             for b in model.buffers():
                 try:
@@ -442,16 +445,24 @@ class Accountant:
             # size, counts), is checked here; not the sizes: a gradient's shape and dtype are its parameter's
             # (autograd and the .grad setter refuse others), and each attribute read per gradient costs a
             # launch-bound step about half a percent (bench/bench_agent.py).
-            if plain[7]:  # every parameter had a gradient
+            weak = None
+            if plain[7]:  # every parameter had a gradient: one pass makes the weak references and finds a None
+                dead: list = []
+                try:
+                    weak = list(map(_weakref, grads, itertools.repeat(dead.append))), dead
+                except TypeError:  # (a None: weakref.ref refuses it)
+                    weak = None
+                same = weak is not None
                 live = grads
-                same = not any(map(_is, grads, _NONES))
             else:
                 present = list(map(_is_not, grads, _NONES))
                 same = present == plain[1]
                 live = list(itertools.compress(grads, present)) if same else []
+                if same:
+                    weak = _weakrefs(live)
             if same and not any(map(_is_not, map(_get_base, live), _NONES)):
                 self._grad_params = self._grad_params_shared = plain[3]
-                self._grad_refs = _weakrefs(live)
+                self._grad_refs = weak
                 self.reused_reads += 1
                 if self.grads.version != plain[6]:  # (unchanged since that read: nothing to do)
                     if plain[6] < 0:  # the first re-read of this full read's state: a new version for it
@@ -666,6 +677,7 @@ class Accountant:
 
 
 _call = weakref.ref.__call__  # (operator.call is 3.11+)
+_weakref = weakref.ref
 _is = operator.is_
 _is_not = operator.is_not
 _get_base = operator.attrgetter("_base")
@@ -746,14 +758,22 @@ def _walk_states(opt, ledger: StorageLedger, last: tuple | None = None) -> tuple
 
 _ACCOUNTANTS: weakref.WeakSet = weakref.WeakSet()
 _REGISTRATION_HOOK: list | None = None  # the hooks' handles, once registered
-_REGISTRATIONS = [0]  # module and buffer registrations in this process (any module): a re-check walks after one
+_REGISTRATIONS = [0]  # module and buffer registrations on a watched model's modules: a re-check walks after one
+_WATCHED_MODULES: frozenset = frozenset()  # ids of every watched model's modules, as their last walks found them
+
+
+def _share_watched_modules() -> None:
+    """The module ids the registration hook counts: every live accountant's, as its last walk found them."""
+    global _WATCHED_MODULES
+    _WATCHED_MODULES = frozenset().union(*(a._module_ids for a in list(_ACCOUNTANTS)))
 
 
 def _watch_registrations(acct: Accountant) -> None:
     """Process-wide registration hooks: a parameter registered anywhere marks every accountant's parameter
-    set stale (walked at the next edge); a module or buffer registered makes the next once-a-second
-    re-check a walk (transformers builds a ModuleList of the layers in every forward, and some models
-    re-register a buffer: not a walk a step)."""
+    set stale (walked at the next edge); a module or buffer registered on one of a watched model's modules
+    makes the next once-a-second re-check a walk (some models re-register a buffer in every forward: not
+    a walk a step). Registrations on other modules are not counted: transformers builds a new ModuleList
+    of the layers in every forward, and counting its four registrations made every re-check a walk."""
     global _REGISTRATION_HOOK
     _ACCOUNTANTS.add(acct)
     if _REGISTRATION_HOOK is not None:
@@ -770,9 +790,9 @@ def _watch_registrations(acct: Accountant) -> None:
         return None
 
     def module_or_buffer_registered(module, name, value):
-        # (transformers registers its layers again in every forward: one add. Not while Dynamo traces
-        # such a forward: a side effect there would change the compiled graph.)
-        if not torch_compiler.is_compiling():
+        # (Not while Dynamo traces a forward that registers: a side effect there would change the
+        # compiled graph. A module that died and whose id a new one took: one walk too many.)
+        if not torch_compiler.is_compiling() and id(module) in _WATCHED_MODULES:
             _REGISTRATIONS[0] += 1
         return None
 

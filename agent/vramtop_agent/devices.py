@@ -75,6 +75,22 @@ def _cached(key, fn):
     return value
 
 
+def renew_slow_stats(device_index: int | None, tick: float) -> None:
+    """I/O thread, every `tick` seconds: read what a sample takes from the slow sources (/proc, the driver)
+    within a tick of its cache entry expiring, so a sample taken at a phase edge on the training thread
+    finds it cached (read as often as before, once a second, but not on the training thread)."""
+    import time
+
+    now = time.monotonic()
+    wanted = [("host", _host_stats)]
+    if device_index is not None:
+        wanted.append((("nvml", device_index, None), lambda: _nvml_stats(device_index, None)))
+    for key, fn in wanted:
+        hit = _slow_cache.get(key)
+        if hit is None or now - hit[0] >= SLOW_STATS_TTL - tick:
+            _slow_cache[key] = (now, fn())
+
+
 def nvml_stats(device_index: int, pid: int | None = None) -> dict | None:
     """Device total/used and this process's use, from the driver (cached for a second)."""
     return _cached(("nvml", device_index, pid), lambda: _nvml_stats(device_index, pid))
