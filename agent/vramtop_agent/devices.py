@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 from vramtop_agent import nvml
@@ -82,7 +83,7 @@ def renew_slow_stats(device_index: int | None, tick: float) -> None:
     import time
 
     now = time.monotonic()
-    wanted = [("host", _host_stats)]
+    wanted: list[tuple[Any, Callable[[], dict | None]]] = [("host", _host_stats)]
     if device_index is not None:
         wanted.append((("nvml", device_index, None), lambda: _nvml_stats(device_index, None)))
     for key, fn in wanted:
