@@ -325,3 +325,40 @@ def test_a_step_with_a_closure_starts_the_optimizer_phase_when_the_closure_retur
         assert edges == [("forward", "start"), ("backward", "start"), ("backward", "end"),
                          ("optimizer", "start"), ("optimizer", "end")]
     assert agent.errors == 0, agent.last_error
+
+
+def test_lbfgs_evaluating_its_closure_several_times_is_one_step_with_as_many_micro_steps(list_sink):
+    """LBFGS(max_iter > 1) runs the closure (forward and backward) several times inside one step():
+    every step still ends, each evaluation is a micro-step, and the optimizer phase resumes after each."""
+    import vramtop_agent
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    evaluations = []
+    for _ in range(3):
+        before = len(calls)
+        opt.step(closure)
+        evaluations.append(len(calls) - before)
+    agent.drain()
+    agent.stop()
+    assert max(evaluations) > 1  # the case at hand: several evaluations in one step()
+    steps = _of(list_sink, "step")
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    assert [s["micro_steps"] for s in steps] == evaluations
+    for step, n in enumerate(evaluations):
+        edges = [(m["phase"], m["edge"]) for m in _of(list_sink, "phase") if m["step"] == step]
+        one = [("forward", "start"), ("backward", "start"), ("backward", "end"), ("optimizer", "start")]
+        assert edges == one * n + [("optimizer", "end")]
+    assert agent.errors == 0, agent.last_error

@@ -241,7 +241,7 @@ def defer_to_closure(agent, optimizer, args, kwargs):
     optimization, LBFGS): the optimizer phase starts when the closure returns, not when step() is entered.
 
     Called from the agent's global optimizer step pre hook; returns replacement (args, kwargs) whose
-    closure marks the optimizer phase after its first call, or None when there is no closure.
+    closure marks the optimizer phase after each call, or None when there is no closure.
     """
     try:
         # (the hook gets step()'s own arguments: args[0] is the optimizer, a positional closure args[1])
@@ -251,13 +251,12 @@ def defer_to_closure(agent, optimizer, args, kwargs):
             closure = args[1]
         if closure is None or not callable(closure):
             return None
-        first = [True]
-
         def closure_then_update(*a, **k):
+            # After every evaluation: LBFGS(max_iter > 1) runs the closure several times inside one step(),
+            # and each forward ends the optimizer phase the last evaluation began. The step ends when
+            # step() returns (one step, an evaluation a micro-step).
             result = closure(*a, **k)
-            if first[0]:
-                first[0] = False
-                agent.mark_optimizer_start(optimizer)
+            agent.mark_optimizer_start(optimizer)
             return result
 
         if in_kwargs:
