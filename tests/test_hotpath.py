@@ -435,3 +435,33 @@ def test_the_forward_start_sees_what_zero_grad_left_freed_kept_or_held_by_the_jo
     assert got == expected
     assert expected[-3] == 0 and expected[-2] == storage_bytes(params) and held is not None
     assert agent.errors == 0, agent.last_error
+
+
+def test_the_slow_host_readings_are_renewed_by_the_io_thread_not_at_a_phase_edge(list_sink, monkeypatch):
+    """Host RSS and memory (psutil, ~0.5 ms of /proc parsing) are read once a second by the I/O thread,
+    within a tick of their cache entry expiring: a sample taken at a phase edge on the training thread
+    finds them cached, and every sample still carries them."""
+    from vramtop_agent import devices
+
+    readers = []
+    real = devices._host_stats
+    monkeypatch.setattr(devices, "_host_stats", lambda: readers.append(threading.get_ident()) or real())
+    monkeypatch.delitem(devices._slow_cache, "host", raising=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 32)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=20)
+    time.sleep(0.3)  # (the I/O thread's first tick)
+    until = time.monotonic() + 2.5
+    while time.monotonic() < until:
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        time.sleep(0.005)
+    agent.stop()
+    edge_samples = [m for m in list_sink.of("sample") if m["source"] == "edge"]
+    assert len(edge_samples) > 10 and all(m["host"]["rss"] > 0 for m in edge_samples)
+    assert readers and threading.get_ident() not in readers  # never on the training thread
+    assert len(readers) <= 5  # about once a second (2.8 s), not once a tick (56 ticks)
+    assert agent.errors == 0, agent.last_error

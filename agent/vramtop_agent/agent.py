@@ -1029,8 +1029,8 @@ class Agent:
                     # Re-sent every second: a viewer that joins late learns who this is.
                     self._resend_hello()
                     last_hello = now
-                # (the training thread's edge samples then never wait on /proc or the driver)
-                devices.renew_slow_stats(self._cuda_index, interval)
+                if self.sample_hz > 0:  # (the training thread's edge samples then never wait on /proc or the driver)
+                    devices.renew_slow_stats(self._cuda_index, interval)
                 sample, self._pending_sample = self._pending_sample, None
                 if sample is None and self.sample_hz > 0 and \
                         time.monotonic() - self._last_sample_at >= max(FALLBACK_TICK_S, interval):

@@ -78,8 +78,9 @@ def _cached(key, fn):
 
 def renew_slow_stats(device_index: int | None, tick: float) -> None:
     """I/O thread, every `tick` seconds: read what a sample takes from the slow sources (/proc, the driver)
-    within a tick of its cache entry expiring, so a sample taken at a phase edge on the training thread
-    finds it cached (read as often as before, once a second, but not on the training thread)."""
+    within two ticks of its cache entry expiring (one late tick still comes in time), so a sample taken at
+    a phase edge on the training thread finds it cached: read about as often as before, once a second,
+    but not on the training thread."""
     import time
 
     now = time.monotonic()
@@ -88,8 +89,11 @@ def renew_slow_stats(device_index: int | None, tick: float) -> None:
         wanted.append((("nvml", device_index, None), lambda: _nvml_stats(device_index, None)))
     for key, fn in wanted:
         hit = _slow_cache.get(key)
-        if hit is None or now - hit[0] >= SLOW_STATS_TTL - tick:
-            _slow_cache[key] = (now, fn())
+        if hit is None or now - hit[0] >= SLOW_STATS_TTL - 2 * tick:
+            try:
+                _slow_cache[key] = (now, fn())
+            except Exception:
+                pass  # (the sample that needs it reads it again, and reports what fails there)
 
 
 def nvml_stats(device_index: int, pid: int | None = None) -> dict | None:
