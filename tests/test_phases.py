@@ -127,3 +127,41 @@ def test_a_stopped_agent_lets_its_model_go():
     del model, opt, agent
     gc.collect()
     assert [r() for r in refs] == [None, None]
+
+
+def test_backward_start_is_found_in_a_nested_output_beside_none_and_other_objects(list_sink):
+    """A model may return its loss inside dicts and tuples next to None, ints and objects such as a cache
+    (an HF ModelOutput holds loss, logits and past_key_values): the walk finds the tensors and nothing else,
+    and every step's backward start is seen, whichever output the backward starts from."""
+    from vramtop_agent.agent import _output_tensors
+
+    class Cache:  # not a tensor, not a container: skipped
+        grad_fn = None
+
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return {"out": (None, 3, {"logits": y}), "cache": Cache(), "frozen": x}
+
+    model = Nested()
+    x = torch.randn(2, 4)
+    out = model(x)
+    assert [t is out["out"][2]["logits"] for t in _output_tensors(out)] == [True, False]
+    assert _output_tensors(out)[1] is x
+    assert _output_tensors(Cache()) == [] and _output_tensors(None) == []
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0)
+    for _ in range(3):
+        model(x)["out"][2]["logits"].pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    agent.stop()
+    edges = [(m["step"], m["phase"], m["edge"]) for m in list_sink.of("phase")]
+    assert [(p, e) for s, p, e in edges if s == 2] == EDGES
+    assert [s["micro_steps"] for s in list_sink.of("step")] == [1, 1, 1]
+    assert agent.errors == 0

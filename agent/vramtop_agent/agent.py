@@ -1229,18 +1229,31 @@ def _batch_shape(args, kwargs) -> list[int] | None:
 
 
 def _output_tensors(output: Any, depth: int = 0) -> list:
-    """Tensors in a model output (tensor, tuple, dict or HF ModelOutput)."""
+    """Tensors in a model output (tensor, tuple, dict or HF ModelOutput).
+
+    Once a forward, on the training thread: each item's type is asked first. (An HF output holds a loss,
+    logits and often a cache object or None; a `hasattr` that misses raises an AttributeError inside.)"""
+    tensor = _TENSOR or _bind_tensor_type()
+    if isinstance(output, tensor):
+        return [output]
     if depth > 3:
         return []
-    if hasattr(output, "grad_fn") and hasattr(output, "register_hook"):
-        return [output]
     if isinstance(output, dict):  # ModelOutput is an OrderedDict
-        items = list(output.values())
+        items: Any = output.values()
     elif isinstance(output, (list, tuple)):
-        items = list(output)
+        items = output
     else:
         return []
     out = []
     for item in items:
-        out.extend(_output_tensors(item, depth + 1))
+        if isinstance(item, tensor):
+            out.append(item)
+        elif isinstance(item, (dict, list, tuple)):
+            out.extend(_output_tensors(item, depth + 1))
     return out
+
+
+def _bind_tensor_type() -> type:
+    import torch
+
+    return torch.Tensor
