@@ -465,3 +465,117 @@ def test_the_slow_host_readings_are_renewed_by_the_io_thread_not_at_a_phase_edge
     assert readers and threading.get_ident() not in readers  # never on the training thread
     assert len(readers) <= 5  # about once a second (2.8 s), not once a tick (56 ticks)
     assert agent.errors == 0, agent.last_error
+
+
+def _train_until(step, done, timeout_s: float = 20.0) -> int:
+    """Call step() until done() (or the timeout): the derivation's schedule is in seconds, not steps."""
+    deadline = time.monotonic() + timeout_s
+    n = 0
+    while not done() and time.monotonic() < deadline:
+        step()
+        n += 1
+    assert done(), "timed out"
+    return n
+
+
+def test_a_regular_jobs_gradients_are_derived_between_checks_and_equal_the_tensors(list_sink, monkeypatch):
+    """Once every backward for GRAD_CHECK_S found the gradients as the last full read left them, the
+    backward ends between checks take that state without looking at the parameters, and the forward starts
+    after them what the read ones found: freed by zero_grad for the first micro-step, kept by gradient
+    accumulation for the later ones. For a regular job that is the exact value at every edge; samples and
+    steps say which were derived."""
+    from conftest import ListSink
+    from helpers import storage_bytes
+
+    from vramtop_agent.accounting import Accountant
+
+    monkeypatch.setattr(Accountant, "GRAD_CHECK_S", 0.05)
+    for micro in (1, 3):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        params = list(model.parameters())
+        opt = torch.optim.SGD(params, lr=0.01)
+        x = torch.randn(8, 16)
+        sink = ListSink()
+        agent = vramtop_agent.watch(model, opt, publish=False, sinks=[sink], sample_hz=50, track_every=1000)
+        acct = agent.acct
+        expected: list[tuple[str, int]] = []  # (edge, gradient bytes of the tensors there), in order
+
+        def grads_now() -> int:
+            return storage_bytes([p.grad for p in params if p.grad is not None])  # noqa: B023
+
+        def step() -> None:
+            for _ in range(micro):  # noqa: B023
+                expected.append(("forward start", grads_now()))  # noqa: B023
+                model(x).sum().backward()  # noqa: B023
+                expected.append(("backward end", grads_now()))  # noqa: B023
+                assert acct.grads.totals().get("cpu", 0) == grads_now()  # noqa: B023 (the ledger there)
+            opt.step()  # noqa: B023
+            opt.zero_grad(set_to_none=True)  # noqa: B023
+
+        _train_until(step, lambda: acct.derived_reads >= 300)  # noqa: B023 (a few edge samples among them)
+        agent.stop()
+        assert not acct._grads_irregular
+        edges = {("forward", "start"): "forward start", ("backward", "end"): "backward end"}
+        got = [(edges[m["phase"], m["edge"]], m["blocks"]["gradients"]) for m in sink.of("phase")
+               if (m["phase"], m["edge"]) in edges]
+        assert got == expected, micro
+        assert {s["gradients_source"] for s in sink.of("step")} == {"read", "derived"}
+        assert "derived" in {s["gradients_source"] for s in sink.of("sample")}
+        assert agent.errors == 0, agent.last_error
+
+
+def test_a_check_that_finds_other_gradients_makes_every_later_backward_a_read(list_sink, monkeypatch):
+    """An expert that gets no tokens in some steps (its parameters get no gradient): between two checks the
+    derived block is the last check's, the next check finds the difference, and from then on every backward
+    end is read, exact, until the parameter set changes."""
+    from helpers import storage_bytes
+
+    from vramtop_agent.accounting import Accountant
+
+    monkeypatch.setattr(Accountant, "GRAD_CHECK_S", 0.05)
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.route_b = True
+
+        def forward(self, x):
+            return self.a(x) + (self.b(x) if self.route_b else 0)
+
+    torch.manual_seed(0)
+    model = Experts()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.01)
+    x = torch.randn(4, 8)
+    agent = vramtop_agent.watch(model, opt, publish=False, sinks=[list_sink], sample_hz=0, track_every=1000)
+    acct = agent.acct
+    calls = [0]
+
+    def step(check: bool = False) -> None:
+        calls[0] += 1
+        model.route_b = calls[0] % 2 == 0 or not check_routing[0]
+        model(x).sum().backward()
+        if check:
+            assert acct.grads.totals().get("cpu", 0) == storage_bytes([p.grad for p in params if p.grad is not None])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    check_routing = [False]
+    _train_until(step, lambda: acct.derived_reads >= 10)  # both experts every step: derived
+    check_routing[0] = True  # expert b only every other step
+    _train_until(step, lambda: acct._grads_irregular)
+    derived = acct.derived_reads
+    for _ in range(20):
+        step(check=True)
+    assert acct.derived_reads == derived
+    assert {s["gradients_source"] for s in list(agent.steps)[-20:]} == {"read"}
+    # Another parameter set (an expert added): its gradients are checked again, and derived once regular.
+    model.c = nn.Linear(8, 8)
+    params = list(model.parameters())
+    check_routing[0] = False
+    opt.add_param_group({"params": model.c.parameters()})
+    _train_until(step, lambda: acct.derived_reads > derived + 5)
+    agent.stop()
+    assert agent.errors == 0, agent.last_error

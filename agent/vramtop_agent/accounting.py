@@ -136,6 +136,10 @@ class Accountant:
     PARAM_WALK_S = 10.0  # the module tree is walked again at least this often (writes no hook sees)
     OPT_REFRESH_S = 1.0
     GRAD_FULL_READ_S = 1.0  # re-reads that reuse the last full read's storage sizes, for at most this long
+    # A job whose gradients every backward has found as the last full read left them, for this long, has
+    # them derived between checks this far apart (read_grads): each look at every parameter costs a
+    # launch-bound step about 0.3 % (bench/bench_agent.py).
+    GRAD_CHECK_S = 1.0
 
     def __init__(self, model=None, optimizer=None, saved=None):
         self._model_ref = None
@@ -165,6 +169,17 @@ class Accountant:
         self._grad_slots: tuple[list, list, list] = ([], [], [])
         self._grad_devices: frozenset = frozenset()
         self._plain_grads: tuple | None = None  # what read_grads may reuse from its last full read
+        # Derived gradients (read_grads): since when every check found them as the last full read left them
+        # (None: not regular, or not yet checked), and the last check (the state it found, its time).
+        self._grads_regular_since: float | None = None
+        self._grads_checked: tuple | None = None
+        self._grads_irregular = False  # a check found them otherwise: read at every backward from then on
+        self._bwd_derived = False  # the last backward end was derived: no weak references for sync_grads
+        # What a forward start found after a read backward, for the first micro-step of an optimizer step
+        # (True) and for the later ones (False): "freed" (zero_grad(set_to_none)) or "kept".
+        self._forward_start_found: dict[bool, str] = {}
+        self.grads_derived = False  # the gradient block now comes from a derived backward end
+        self.derived_reads = 0  # backward ends derived (tests, bench)
         self.reused_reads = 0  # gradient reads that reused the last full read's sizes (tests, bench)
         self._grads_named_version = -1  # the gradient ledger's version when a re-read filled it with names
         self._params_version = 0  # bumped when refresh_params found another parameter set or layout
@@ -264,6 +279,8 @@ class Accountant:
         self._grad_params = {}
         self._grad_refs = None
         self._plain_grads = None
+        self._not_regular(irregular=False)
+        self._forward_start_found = {}
         for key, (ledger, _, _, _) in list(self._opt_ledgers.items()):
             self._opt_ledgers[key] = (ledger, -1, -1e9, None)
 
@@ -382,6 +399,7 @@ class Accountant:
             self.param_keys = keys
             self._buffer_entries = entries
             self._params_version += 1
+            self._not_regular(irregular=False)  # (another parameter set: its gradients are checked again)
         if self.saved is not None:
             self.saved.exclude = self.param_keys
         self._params_dirty = gen != self._params_gen
@@ -399,6 +417,7 @@ class Accountant:
         """Post-accumulate-grad hook (tracked steps): runs on the thread that just wrote param.grad."""
         g = param.grad
         pid = id(param)
+        self._bwd_derived = self.grads_derived = False
         if g is None:
             self._owned_grad_params().pop(pid, None)
             self.grads.drop(pid)
@@ -409,7 +428,7 @@ class Accountant:
         self.grads.set(pid, s._cdata, s.nbytes(), device_name(g.device))
 
     def read_grads(self, full: bool = False) -> None:
-        """Read every watched parameter's .grad once, in one pass.
+        """Read every watched parameter's .grad once, in one pass, or derive them (below).
 
         At the end of a backward (autograd's final callback: no node of it is
         running) or on the training thread with no backward running. Builds
@@ -430,8 +449,33 @@ class Accountant:
         (autograd and the `.grad` setter refuse others), so its size changes
         only with the model, which the parameter walk re-reads (at least once
         a second, and that ends the reuse). Anything else takes the full read.
+
+        Derived: once every backward for GRAD_CHECK_S has found the gradients
+        as the last full read left them (a dense model's do, step after step),
+        a backward end between checks (GRAD_CHECK_S apart, and every full read)
+        takes that state without looking at the parameters (`grads_derived`:
+        samples and steps say so). A check that finds them otherwise (an MoE
+        expert that got no tokens, a gradient dropped or made a view by the
+        job) makes every later backward a read, until the parameter set
+        changes. Tracked steps and `full` always read.
         """
         refs, pids, devs = self._grad_slots
+        checked = self._grads_checked
+        plain = self._plain_grads
+        if not full and checked is not None and plain is not None and checked[0] is plain:
+            now = time.monotonic()
+            since = self._grads_regular_since
+            if since is not None and now - checked[1] < self.GRAD_CHECK_S and now - since >= self.GRAD_CHECK_S:
+                self._grad_params = self._grad_params_shared = plain[3]
+                self._grad_refs = None
+                self._bwd_derived = self.grads_derived = True
+                self.derived_reads += 1
+                if self.grads.version != plain[6]:
+                    owners, keys, sizes, devices, totals, keyset = plain[5]
+                    self.grads.replace_bulk(owners, keys, sizes, devices, totals, keyset, version=plain[6])
+                    self._grads_named_version = self.grads.version
+                return
+        self._bwd_derived = self.grads_derived = False
         try:
             grads = list(map(_get_grad, map(_call, refs)))  # (one C-level pass)
         except AttributeError:  # a parameter died since the last walk (its weakref gave None): skip it
@@ -440,7 +484,9 @@ class Accountant:
             refs, pids, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
             grads = list(map(_get_grad, [params[i] for i in keep]))
         plain = self._plain_grads
-        if plain is not None and not full and plain[0] is pids and time.monotonic() - plain[4] < self.GRAD_FULL_READ_S:
+        if plain is not None and plain[0] is not pids:
+            plain = None  # (another parameter set: not comparable)
+        if plain is not None and not full and time.monotonic() - plain[4] < self.GRAD_FULL_READ_S:
             # Which parameters have a gradient, and that none is a view (of a bucket: its storage, not its
             # size, counts), is checked here; not the sizes: a gradient's shape and dtype are its parameter's
             # (autograd and the .grad setter refuse others), and each attribute read per gradient costs a
@@ -472,7 +518,9 @@ class Accountant:
                         owners, keys, sizes, devs, totals, keyset = plain[5]
                         self.grads.replace_bulk(owners, keys, sizes, devs, totals, keyset, version=plain[6])
                     self._grads_named_version = self.grads.version
+                self._checked_regular()
                 return
+            self._not_regular(irregular=True)  # (the same parameters, other gradients: read from now on)
         if any(map(_is, grads, _NONES)):  # (not `None in grads`: that would compare tensors with ==)
             keep = [i for i, g in enumerate(grads) if g is not None]
             refs, pids_kept, devs = [refs[i] for i in keep], [pids[i] for i in keep], [devs[i] for i in keep]
@@ -495,6 +543,27 @@ class Accountant:
                     totals[d] = totals.get(d, 0) + n
             self.grads.replace_bulk(pids_kept, keys, sizes, devs, totals)
         self._plain_grads = self._plain_read(pids, grads, pids_kept, keys, devs)
+        if plain is not None and (list(map(_is_not, grads, _NONES)) != plain[1]
+                                  or any(map(_is_not, map(_get_base, grads_kept), _NONES))):
+            self._not_regular(irregular=True)  # (a full read found other gradients than the last one)
+
+    def _checked_regular(self) -> None:
+        """A re-read found the gradients as the last full read left them."""
+        now = time.monotonic()
+        if self._grads_irregular:
+            return
+        if self._grads_regular_since is None:
+            self._grads_regular_since = now
+        self._grads_checked = (self._plain_grads, now)
+
+    def _not_regular(self, irregular: bool) -> None:
+        """Stop deriving gradients: for good (`irregular`: a check found them other than derived) or until
+        the next checks (another parameter set, model or optimizer)."""
+        self._grads_regular_since = None
+        self._grads_checked = None
+        self._grads_irregular = irregular
+        if irregular:
+            self._forward_start_found = {}
 
     def _plain_read(self, pids: list, grads: list, pids_kept: list, keys: list, devs: list) -> tuple | None:
         """What a later re-read may reuse from this full read, or None when these gradients are not each
@@ -513,19 +582,36 @@ class Accountant:
         present = list(map(_is_not, grads, _NONES))
         return (pids, present, nbytes, dict(self._grad_params), time.monotonic(), state, -1, all(present))
 
-    def sync_grads(self) -> None:
+    def sync_grads(self, first_micro_step: bool = True) -> None:
         """Drop the gradients that are gone (zero_grad(set_to_none)); training thread only, no backward running.
 
         Looks only at the parameters that have a gradient entry: after `zero_grad()` all of them are gone
         and the ledger is emptied at once. That case, every step's, is told without touching a parameter:
         the weak references to the gradient tensors the last read found are all dead (zero_grad freed
         them). A gradient assigned by hand between zero_grad and this forward (`p.grad = t`) is then seen
-        at the next read, as one assigned after a backward is."""
+        at the next read, as one assigned after a backward is.
+
+        After a derived backward end (read_grads: no weak references were made) the forward start is
+        derived too: what the forward starts after read backwards found, for the first micro-step of an
+        optimizer step (`first_micro_step`) or a later one (gradient accumulation keeps them). Found
+        otherwise at a read one (some freed and some kept, or not as before), the job's gradients are read
+        from then on."""
         held = self._grad_params
         if not held:
             return
+        if self._bwd_derived:
+            self._bwd_derived = False
+            found = self._forward_start_found.get(first_micro_step)
+            if found == "freed":
+                self._grad_params = {}
+                self._grad_refs = None
+                self.grads.clear()
+                return
+            if found == "kept":
+                return
         refs = self._grad_refs
         if refs is not None and len(refs[1]) == len(refs[0]):  # every one died: nothing touched but two lists
+            self._found_at_forward_start(first_micro_step, "freed")
             self._grad_params = {}
             self._grad_refs = None
             self.grads.clear()
@@ -536,17 +622,28 @@ class Accountant:
             grads = [None if p is None else p.grad for p in map(_call, held.values())]
         gone_n = sum(map(_is, grads, _NONES))
         if not gone_n:
+            self._found_at_forward_start(first_micro_step, "kept")
             return
         if gone_n == len(grads):
+            self._found_at_forward_start(first_micro_step, "freed")
             self._grad_params = {}
             self._grad_refs = None
             self.grads.clear()
             return
+        self._found_at_forward_start(first_micro_step, None)
         held = self._owned_grad_params()
         for pid, g in zip(list(held), grads):
             if g is None:
                 held.pop(pid, None)
                 self.grads.drop(pid)
+
+    def _found_at_forward_start(self, first_micro_step: bool, found: str | None) -> None:
+        """What a forward start found of the gradients (None: some freed, some kept)."""
+        before = self._forward_start_found.get(first_micro_step)
+        if found is None or (before is not None and before != found):
+            self._not_regular(irregular=True)
+        else:
+            self._forward_start_found[first_micro_step] = found
 
     def _owned_grad_params(self) -> dict:
         """`_grad_params` to change in place (a re-read shares the full read's dict with later re-reads)."""

@@ -621,6 +621,7 @@ class Agent:
             "last_error": self.last_error,
             "source": source,  # edge: taken on the training thread; tick: the I/O thread's fallback
             "activations_source": "tracked" if self.tracking.tracked else "derived",
+            "gradients_source": "derived" if self.acct.grads_derived else "read",
         })
         if self.tracking.tracked:
             by_module = self.attribution.live()
@@ -683,7 +684,7 @@ class Agent:
         acct = self.acct
         if _get_ident() == self._train_thread:
             if where is _FORWARD_START:
-                acct.sync_grads()
+                acct.sync_grads(self._this_step.micro_steps == 0)
             elif where is _OPTIMIZER_END:
                 acct.sync_optimizers()
             if acct._params_dirty:
@@ -998,6 +999,7 @@ class Agent:
             "peak_blocks": blocks,
             "eof_blocks": this.forward_end_blocks or dict.fromkeys(BLOCK_KEYS, 0),
             "activations_source": "tracked" if self.tracking.step_tracked else "derived",
+            "gradients_source": "derived" if self.acct.grads_derived else "read",  # (at its last backward end)
         }
         if this.forward_end_by_module:
             summary["eof_activations_by_module"] = this.forward_end_by_module

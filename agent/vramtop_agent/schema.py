@@ -226,6 +226,7 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "last_error": (_OPT_STR, False),
         "source": (_STR, False),        # edge: taken on the training thread | tick: the 1 Hz fallback
         "activations_source": (_STR, False),  # tracked (saved-tensor hooks) | derived (tracking.py)
+        "gradients_source": (_STR, False),  # read (every .grad) | derived (accounting.read_grads)
         "activations_by_module": (_MAP, False),  # top-level module -> bytes saved, on tracked steps
     },
     "hello": {
@@ -271,6 +272,7 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "eof_blocks": (_MAP, False),     # BLOCK_KEYS when the forward ended (end_of_forward)
         "eof_activations_by_module": (_MAP, False),  # top-level module -> activation bytes then (tracked steps)
         "activations_source": (_STR, False),  # tracked | derived, as in samples
+        "gradients_source": (_STR, False),  # read | derived, at the step's last backward end
         "derived_check": (_MAP, False),  # tracked vs derived activations, on a tracked step that checked them
     },
     "error": {

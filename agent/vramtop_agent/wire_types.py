@@ -45,6 +45,7 @@ class SampleMsg(_SampleRequired, total=False):
     last_error: str | None
     source: str
     activations_source: str
+    gradients_source: str
     activations_by_module: dict[str, int]
 
 
@@ -99,6 +100,7 @@ class StepMsg(_StepRequired, total=False):
     eof_blocks: Blocks
     eof_activations_by_module: dict[str, int]
     activations_source: str
+    gradients_source: str
     derived_check: dict[str, Any]
 
 
