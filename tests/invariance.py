@@ -222,12 +222,19 @@ class Launched:
         return res
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launch(tmp_path: Path, script: Path | str, args=(), mode: str = "bare", watch_options: dict | None = None,
            env: dict | None = None, allow_files=(), stdin=subprocess.DEVNULL, tag: str = "",
            new_session: bool = False) -> Launched:
     """Start one run of `script` (a path from write_script, or the script's text) in `mode`.
 
-    new_session: start it in a session of its own, without a controlling terminal (as under a supervisor).
+    new_session: start it in a session of its own, without a controlling terminal (as under a supervisor),
+    with SIGINT's default action: a shell's background job (`cmd &` without job control, as a CI runner's
+    may be) ignores SIGINT, every process under it inherits that, and a supervisor's SIGINT would then
+    reach no one, with or without vramtop.
     """
     tmp_path = Path(tmp_path)
     if not isinstance(script, Path):
@@ -239,7 +246,7 @@ def launch(tmp_path: Path, script: Path | str, args=(), mode: str = "bare", watc
     e = job_env(mode, workdir, runtime_dir, tmpdir, watch_options, env)
     proc = subprocess.Popen(command(mode, script, args, workdir), cwd=workdir, env=e, stdin=stdin,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                            start_new_session=new_session)
+                            start_new_session=new_session, preexec_fn=_default_sigint if new_session else None)
     return Launched(mode, proc, workdir, runtime_dir, tmpdir, tuple(allow_files))
 
 
