@@ -470,10 +470,7 @@ class Accountant:
                 self._grad_refs = None
                 self._bwd_derived = self.grads_derived = True
                 self.derived_reads += 1
-                if self.grads.version != plain[6]:
-                    owners, keys, sizes, devices, totals, keyset = plain[5]
-                    self.grads.replace_bulk(owners, keys, sizes, devices, totals, keyset, version=plain[6])
-                    self._grads_named_version = self.grads.version
+                self._take_plain(plain)
                 return
         self._bwd_derived = self.grads_derived = False
         try:
@@ -510,14 +507,7 @@ class Accountant:
                 self._grad_params = self._grad_params_shared = plain[3]
                 self._grad_refs = weak
                 self.reused_reads += 1
-                if self.grads.version != plain[6]:  # (unchanged since that read: nothing to do)
-                    if plain[6] < 0:  # the first re-read of this full read's state: a new version for it
-                        self.grads.replace_bulk(*plain[5])
-                        self._plain_grads = (*plain[:6], self.grads.version, plain[7])
-                    else:  # the same state again: its version again (the cached breakdown still holds)
-                        owners, keys, sizes, devs, totals, keyset = plain[5]
-                        self.grads.replace_bulk(owners, keys, sizes, devs, totals, keyset, version=plain[6])
-                    self._grads_named_version = self.grads.version
+                self._take_plain(plain)
                 self._checked_regular()
                 return
             self._not_regular(irregular=True)  # (the same parameters, other gradients: read from now on)
@@ -547,11 +537,23 @@ class Accountant:
                                   or any(map(_is_not, map(_get_base, grads_kept), _NONES))):
             self._not_regular(irregular=True)  # (a full read found other gradients than the last one)
 
+    def _take_plain(self, plain: tuple) -> None:
+        """The gradient ledger as the full read behind `plain` left it (a re-read, or a derived one)."""
+        if self.grads.version == plain[6]:
+            return  # (unchanged since that read: nothing to do)
+        if plain[6] < 0:  # the first re-read of this full read's state: a new version for it
+            self.grads.replace_bulk(*plain[5])
+            self._plain_grads = (*plain[:6], self.grads.version, plain[7])
+        else:  # the same state again: its version again (the cached breakdown still holds)
+            owners, keys, sizes, devs, totals, keyset = plain[5]
+            self.grads.replace_bulk(owners, keys, sizes, devs, totals, keyset, version=plain[6])
+        self._grads_named_version = self.grads.version
+
     def _checked_regular(self) -> None:
         """A re-read found the gradients as the last full read left them."""
-        now = time.monotonic()
         if self._grads_irregular:
             return
+        now = time.monotonic()
         if self._grads_regular_since is None:
             self._grads_regular_since = now
         self._grads_checked = (self._plain_grads, now)
